@@ -1,0 +1,193 @@
+"""Hyperparameters: argparse defaults of the VDVAE release plus named presets.
+
+Resolution order: argparse defaults < presets (``--hps a,b``, applied left to
+right) < explicit command-line flags.  Every value ends up in one strict
+``Hyperparams`` object; looking up a key that does not exist is an error.
+
+    python -c "from hps import *; H = get_hparams(['--hps', 'cifar10']); print(H.width)"
+"""
+import argparse
+
+HPARAMS_REGISTRY = {}
+DEFAULT_PRESET = 'fashion_mnist'
+
+
+class UserError(Exception):
+    """Bad input from the user (flags, files, data).  Entry points print it as one
+    line and exit with status 2 instead of showing a traceback."""
+
+
+class Hyperparams(dict):
+    """A dict with attribute access.  Unlike the release, an unknown key raises
+    AttributeError instead of silently answering None."""
+
+    def __getattr__(self, attr):
+        try:
+            return self[attr]
+        except KeyError:
+            raise AttributeError(f"Hyperparams has no key {attr!r}; known keys: {', '.join(sorted(self))}") from None
+
+    def __setattr__(self, attr, value):
+        self[attr] = value
+
+    def __getstate__(self):
+        return dict(self)
+
+    def __setstate__(self, state):
+        self.update(state)
+
+
+# Input normalisation per dataset: x_in = (x + shift) * scale on uint8 pixels
+# (ffhq_1024: on [0, 1] floats).  The release's constants; fashion_mnist's were
+# computed on its 60000 training images (mean 72.9404, std 90.0212).
+NORMALIZATION = {
+    'cifar10': (-120.63838, 1. / 64.16736),
+    'imagenet32': (-116.2373, 1. / 69.37404),
+    'imagenet64': (-115.92961967, 1. / 69.37404),
+    'ffhq_256': (-112.8666757481, 1. / 69.84780273),
+    'ffhq_1024': (-0.4387, 1. / 0.2743),
+    'fashion_mnist': (-72.9404, 1. / 90.0212),
+}
+# (image_size, image_channels) per dataset, as the release's data.py sets them.
+IMAGE_SHAPE = {
+    'cifar10': (32, 3), 'imagenet32': (32, 3), 'imagenet64': (64, 3),
+    'ffhq_256': (256, 3), 'ffhq_1024': (1024, 3), 'fashion_mnist': (28, 1),
+}
+
+
+def _preset(name, parent=None, **kw):
+    hps = Hyperparams()
+    if parent is not None:
+        hps.update(HPARAMS_REGISTRY[parent])
+    hps.update(kw)
+    if 'dataset' in kw:
+        hps.image_size, hps.image_channels = IMAGE_SHAPE[kw['dataset']]
+    HPARAMS_REGISTRY[name] = hps
+    return hps
+
+
+# --- The release's presets (each starts from the previous one). ---
+_preset('cifar10', dataset='cifar10', width=384, lr=0.0002, zdim=16, wd=0.01, warmup_iters=100,
+        n_batch=16, ema_rate=0.9999,
+        enc_blocks="32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3",
+        dec_blocks="1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21")
+_preset('imagenet32', 'cifar10', dataset='imagenet32', ema_rate=0.999, width=512, n_batch=8,
+        lr=0.00015, grad_clip=200., skip_threshold=300., epochs_per_eval=1, epochs_per_eval_save=1,
+        enc_blocks="32x15,32d2,16x9,16d2,8x8,8d2,4x6,4d4,1x6",
+        dec_blocks="1x2,4m1,4x4,8m4,8x9,16m8,16x19,32m16,32x40")
+_preset('imagenet64', 'imagenet32', dataset='imagenet64', n_batch=4, grad_clip=220., skip_threshold=380.,
+        enc_blocks="64x11,64d2,32x20,32d2,16x9,16d2,8x8,8d2,4x7,4d4,1x5",
+        dec_blocks="1x2,4m1,4x3,8m4,8x7,16m8,16x15,32m16,32x31,64m32,64x12")
+_preset('ffhq256', 'imagenet64', dataset='ffhq_256', n_batch=1, lr=0.00015, epochs_per_eval=1,
+        epochs_per_eval_save=1, num_images_visualize=2, num_variables_visualize=3,
+        num_temperatures_visualize=1, no_bias_above=64, grad_clip=130., skip_threshold=180.,
+        enc_blocks="256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4",
+        dec_blocks="1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128")
+_preset('ffhq1024', 'ffhq256', dataset='ffhq_1024', data_root='./ffhq_images1024x1024', epochs_per_eval=1,
+        epochs_per_eval_save=1, num_images_visualize=1, iters_per_images=25000, num_variables_visualize=0,
+        num_temperatures_visualize=4, grad_clip=360., skip_threshold=500., num_mixtures=2, width=16,
+        lr=0.00007,
+        enc_blocks="1024x1,1024d2,512x3,512d2,256x5,256d2,128x7,128d2,64x10,64d2,32x14,32d2,16x7,16d2,"
+                   "8x5,8d2,4x5,4d4,1x4",
+        dec_blocks="1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x20,64m32,64x14,128m64,128x7,256m128,256x2,"
+                   "512m256,1024m512",
+        custom_width_str='512:32,256:64,128:512,64:512,32:512,16:512,8:512,4:512,1:512')
+
+# --- Fashion-MNIST, 28x28x1 at native resolution: 28 -> 14 -> 7 -> 1. ---
+# Full size, meant for a GPU (cifar10-sized network).
+_preset('fashion_mnist', dataset='fashion_mnist', width=384, zdim=16, lr=0.0002, wd=0.01, warmup_iters=100,
+        n_batch=32, ema_rate=0.9999, num_mixtures=10, grad_clip=200., skip_threshold=400.,
+        epochs_per_eval=1, epochs_per_eval_save=1,
+        enc_blocks="28x11,28d2,14x6,14d2,7x6,7d7,1x3",
+        dec_blocks="1x1,7m1,7x6,14m7,14x10,28m14,28x21")
+# Small, for a laptop CPU: learns a clearly-better-than-uniform model in minutes
+# (widths and depths chosen by measurement, see README).
+_preset('fashion_mnist_quick', 'fashion_mnist', width=48, zdim=8, lr=0.001, n_batch=32, ema_rate=0.999,
+        warmup_iters=50, num_mixtures=5, grad_clip=200., skip_threshold=2000.,
+        iters_per_print=50, iters_per_save=500, iters_per_ckpt=100000, iters_per_images=1000000,
+        epochs_per_eval=1, num_images_visualize=8, num_variables_visualize=4, num_temperatures_visualize=3,
+        enc_blocks="28x2,28d2,14x2,14d2,7x2,7d7,1x1",
+        dec_blocks="1x1,7m1,7x2,14m7,14x3,28m14,28x3",
+        max_iters=2000)
+
+
+def add_vae_arguments(parser):
+    """Every flag of the release (dead ones removed or made to work) plus ours."""
+    a = parser.add_argument
+    a('--seed', type=int, default=0, help='random seed (offset by rank for data and sampling noise)')
+    a('--port', type=int, default=29500, help='rendezvous port for mpiexec launches')
+    a('--save_dir', type=str, default='./saved_models', help='root folder of all runs')
+    a('--data_root', type=str, default='./', help='folder that holds the dataset files')
+    a('--desc', type=str, default='test', help='run name: outputs go to {save_dir}/{desc}/')
+    a('--hparam_sets', '--hps', type=str, default=None,
+      help=f'comma-separated presets applied in order (default: {DEFAULT_PRESET}); one of: '
+           + ', '.join(HPARAMS_REGISTRY))
+    a('--restore_path', type=str, default=None, help='model state dict (-model.th) to start from')
+    a('--restore_ema_path', type=str, default=None, help='EMA model state dict (-model-ema.th)')
+    a('--restore_log_path', type=str, default=None, help='run log (-log.jsonl): resumes step and epoch')
+    a('--restore_optimizer_path', type=str, default=None, help='optimizer state (-opt.th; apex or torch format)')
+    a('--resume', action='store_true', help='continue from the newest complete checkpoint in {save_dir}/{desc}')
+    a('--dataset', type=str, default='fashion_mnist', help='dataset name (set by the presets)')
+    a('--image_size', type=int, default=28, help='image height and width (set by the presets)')
+    a('--image_channels', type=int, default=1, help='1 (grayscale) or 3 (RGB) (set by the presets)')
+    a('--ema_rate', type=float, default=0.999, help='EMA decay of the evaluation model')
+    a('--enc_blocks', type=str, default=None, help='encoder layer string, e.g. 32x11,32d2,...')
+    a('--dec_blocks', type=str, default=None, help='decoder layer string, e.g. 1x1,4m1,...')
+    a('--zdim', type=int, default=16, help='latent channels per decoder block')
+    a('--width', type=int, default=512, help='channels at every resolution unless custom_width_str says otherwise')
+    a('--custom_width_str', type=str, default='', help='per-resolution widths, e.g. "512:32,256:64"')
+    a('--bottleneck_multiple', type=float, default=0.25, help='bottleneck width of a block = width * this')
+    a('--no_bias_above', type=int, default=64, help='learned decoder state biases only up to this resolution')
+    a('--test_eval', action='store_true', help='evaluate the EMA model on the test split and exit')
+    a('--warmup_iters', type=float, default=0, help='linear lr warm-up length (0 = no warm-up)')
+    a('--num_mixtures', type=int, default=10, help='logistic mixture components of the output head')
+    a('--grad_clip', type=float, default=200.0, help='clip the total gradient norm to this')
+    a('--skip_threshold', type=float, default=400.0, help='skip updates whose grad norm reaches this (-1: never)')
+    a('--lr', type=float, default=0.00015, help='peak learning rate')
+    a('--wd', type=float, default=0.0, help='decoupled (AdamW) weight decay')
+    a('--num_epochs', type=int, default=10000, help='epochs to train')
+    a('--max_iters', type=int, default=0, help='stop when the iteration counter reaches this (0 = no limit)')
+    a('--n_batch', type=int, default=32, help='batch size per process')
+    a('--adam_beta1', type=float, default=0.9, help='Adam beta1')
+    a('--adam_beta2', type=float, default=0.9, help='Adam beta2')
+    a('--temperature', type=float, default=1.0, help='prior temperature for unconditional samples')
+    a('--iters_per_ckpt', type=int, default=25000, help='write iter-N checkpoints this often')
+    a('--iters_per_print', type=int, default=1000, help='log averaged training stats this often')
+    a('--iters_per_save', type=int, default=10000, help='write the latest checkpoint this often')
+    a('--iters_per_images', type=int, default=10000, help='write the sample grid this often')
+    a('--epochs_per_eval', type=int, default=10, help='evaluate the EMA model on valid every this many epochs')
+    a('--epochs_per_eval_save', type=int, default=20, help='also write the latest checkpoint every this many epochs')
+    a('--num_images_visualize', type=int, default=8, help='columns of the sample grid')
+    a('--num_variables_visualize', type=int, default=6, help='reconstruction rows of the sample grid')
+    a('--num_temperatures_visualize', type=int, default=3, help='unconditional sample rows of the sample grid')
+    return parser
+
+
+def parse_args_and_update_hparams(H, parser, s=None):
+    """Parse ``s`` (default sys.argv) into H: defaults < presets < explicit flags."""
+    args = parser.parse_args(s)
+    valid_args = set(vars(args))
+    names = [x for x in (args.hparam_sets or DEFAULT_PRESET).split(',') if x]
+    for name in names:
+        if name not in HPARAMS_REGISTRY:
+            raise UserError(f"unknown preset {name!r} in --hps; valid presets: {', '.join(HPARAMS_REGISTRY)}")
+        unknown = [k for k in HPARAMS_REGISTRY[name] if k not in valid_args]
+        if unknown:
+            raise UserError(f"preset {name!r} sets {unknown}, which are not arguments; "
+                         f"valid keys: {', '.join(sorted(valid_args))}")
+        parser.set_defaults(**HPARAMS_REGISTRY[name])
+    H.update(vars(parser.parse_args(s)))
+    H.hparam_sets = ','.join(names)
+    return H
+
+
+def get_hparams(s=None, parser=None):
+    """Build the resolved Hyperparams from a list of flags (sys.argv when None)."""
+    parser = parser or argparse.ArgumentParser(description='VDVAE')
+    add_vae_arguments(parser)
+    return parse_args_and_update_hparams(Hyperparams(), parser, s)
+
+
+def preset(name, **overrides):
+    """Hyperparams of one preset without touching the command line, e.g. ``VAE(preset('cifar10'))``."""
+    return get_hparams(['--hps', name] + [f'--{k}={v}' for k, v in overrides.items()])
