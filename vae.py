@@ -1,0 +1,348 @@
+"""The Very Deep VAE (Child 2021, arXiv 2011.10650), parameter-for-parameter the release.
+
+A bottom-up ``Encoder`` of residual ``Block``s collects activations at every
+resolution; a top-down ``Decoder`` of ``DecBlock``s turns them into posteriors
+q(z_i | z_<i, x), priors p(z_i | z_<i) and the final state, which the DMoL head
+(``vae_helpers.DmolNet``) turns into p(x | z).  Layer strings (SPEC §1) decide the
+blocks; parameter names and order match the released checkpoints.
+
+    from hps import preset; from vae import VAE; import torch
+    with torch.device('meta'): print(VAE(preset('cifar10')).num_params())   # 39145700
+"""
+import itertools
+import math
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from hps import UserError
+from vae_helpers import DmolNet, draw_gaussian_diag_samples, gaussian_analytical_kl, get_1x1, get_3x3
+
+
+def parse_layer_string(s):
+    """'32x2,32d2,4m1,1' -> [(32, None), (32, None), (32, 2), (4, 1), (1, None)].
+
+    The second entry is the down rate (``RdK``, encoder), the mixin resolution
+    (``RmS``, decoder) or None.
+    """
+    layers = []
+    for ss in s.split(','):
+        try:
+            if 'x' in ss:
+                res, num = ss.split('x')
+                layers += [(int(res), None) for _ in range(int(num))]
+            elif 'm' in ss:
+                res, mixin = [int(a) for a in ss.split('m')]
+                layers.append((res, mixin))
+            elif 'd' in ss:
+                res, down_rate = [int(a) for a in ss.split('d')]
+                layers.append((res, down_rate))
+            else:
+                layers.append((int(ss), None))
+        except ValueError:
+            raise UserError(f"bad token {ss!r} in layer string {s!r}: expected RxN, RdK, RmS or R "
+                            "(R, N, K, S integers)") from None
+    return layers
+
+
+def get_width_settings(width, s):
+    """Channels per resolution: ``width`` unless ``s`` ('512:32,256:64') says otherwise."""
+    mapping = defaultdict(lambda: width)
+    if s:
+        for ss in s.split(','):
+            k, v = ss.split(':')
+            mapping[int(k)] = int(v)
+    return mapping
+
+
+def pad_channels(t, width):
+    """Zero-pad (B,C,H,W) to (B,width,H,W)."""
+    return F.pad(t, (0, 0, 0, 0, 0, width - t.shape[1]))
+
+
+class Block(nn.Module):
+    """Bottleneck residual block: GELU before each of c1 (1x1), c2, c3 (3x3, or 1x1 at
+    resolution <= 2) and c4 (1x1); optional residual; optional average pooling."""
+
+    def __init__(self, in_width, middle_width, out_width, down_rate=None, residual=False, use_3x3=True,
+                 zero_last=False):
+        super().__init__()
+        self.down_rate = down_rate
+        self.residual = residual
+        conv = get_3x3 if use_3x3 else get_1x1
+        self.c1 = get_1x1(in_width, middle_width)
+        self.c2 = conv(middle_width, middle_width)
+        self.c3 = conv(middle_width, middle_width)
+        self.c4 = get_1x1(middle_width, out_width, zero_weights=zero_last)
+
+    def forward(self, x):
+        xhat = self.c1(F.gelu(x))
+        xhat = self.c2(F.gelu(xhat))
+        xhat = self.c3(F.gelu(xhat))
+        xhat = self.c4(F.gelu(xhat))
+        out = x + xhat if self.residual else xhat
+        if self.down_rate is not None:
+            out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
+        return out
+
+
+def _maybe_checkpoint(enabled, fn, *args):
+    """Activation checkpointing (recompute in backward) when enabled and training."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+class Encoder(nn.Module):
+    """Bottom-up pass: x (B,H,W,C) -> {resolution: activation (B,width[res],res,res)}."""
+
+    def __init__(self, H):
+        super().__init__()
+        self.H = H
+        self.grad_checkpoint = False
+        self.in_conv = get_3x3(H.image_channels, H.width)
+        self.widths = get_width_settings(H.width, H.custom_width_str)
+        blockstr = parse_layer_string(H.enc_blocks)
+        enc_blocks = []
+        for res, down_rate in blockstr:
+            use_3x3 = res > 2  # no 3x3 convs on 1x1 and 2x2 maps
+            enc_blocks.append(Block(self.widths[res], int(self.widths[res] * H.bottleneck_multiple),
+                                    self.widths[res], down_rate=down_rate, residual=True, use_3x3=use_3x3))
+        for b in enc_blocks:
+            b.c4.weight.data *= math.sqrt(1 / len(blockstr))
+        self.enc_blocks = nn.ModuleList(enc_blocks)
+
+    def forward(self, x):
+        x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW
+        x = x.contiguous(memory_format=_memory_format(self))
+        x = self.in_conv(x)
+        activations = {x.shape[2]: x}
+        for block in self.enc_blocks:
+            x = _maybe_checkpoint(self.grad_checkpoint, block, x)
+            res = x.shape[2]
+            x = x if x.shape[1] == self.widths[res] else pad_channels(x, self.widths[res])
+            activations[res] = x
+        return activations
+
+
+def _memory_format(module):
+    return torch.channels_last if getattr(module, 'channels_last', False) else torch.contiguous_format
+
+
+class DecBlock(nn.Module):
+    """One top-down step at resolution ``res`` (SPEC §4): posterior ``enc``, ``prior``,
+    latent projection ``z_proj`` and residual ``resnet``."""
+
+    def __init__(self, H, res, mixin, n_blocks):
+        super().__init__()
+        self.base = res
+        self.mixin = mixin
+        self.H = H
+        self.widths = get_width_settings(H.width, H.custom_width_str)
+        width = self.widths[res]
+        use_3x3 = res > 2
+        cond_width = int(width * H.bottleneck_multiple)
+        self.zdim = H.zdim
+        self.grad_checkpoint = False
+        self.enc = Block(width * 2, cond_width, H.zdim * 2, residual=False, use_3x3=use_3x3)
+        self.prior = Block(width, cond_width, H.zdim * 2 + width, residual=False, use_3x3=use_3x3, zero_last=True)
+        self.z_proj = get_1x1(H.zdim, width)
+        self.z_proj.weight.data *= math.sqrt(1 / n_blocks)
+        self.resnet = Block(width, cond_width, width, residual=True, use_3x3=use_3x3)
+        self.resnet.c4.weight.data *= math.sqrt(1 / n_blocks)
+
+    def _prior(self, x):
+        """x (B,w,R,R) -> prior mean, prior log-std (B,zdim,R,R) and residual xpp (B,w,R,R)."""
+        feats = self.prior(x)
+        return feats[:, :self.zdim], feats[:, self.zdim:self.zdim * 2], feats[:, self.zdim * 2:]
+
+    def _mix(self, xs, x):
+        """Add the nearest-upsampled state of the mixin resolution (first w channels)."""
+        if self.mixin is not None:
+            x = x + F.interpolate(xs[self.mixin][:, :x.shape[1]], scale_factor=self.base // self.mixin)
+        return x
+
+    def _step(self, x, acts, eps):
+        """Posterior step at this resolution.  x, acts: (B,w,R,R); eps: (B,zdim,R,R) standard
+        normal noise.  Returns the new state, z = qm + exp(qv) * eps, and the posterior and prior
+        means and log-stds (B,zdim,R,R)."""
+        qm, qv = self.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
+        pm, pv, xpp = self._prior(x)
+        z = torch.exp(qv) * eps + qm
+        x = self.resnet(x + xpp + self.z_proj(z))
+        return x, z, qm, qv, pm, pv
+
+    def forward(self, xs, activations, get_latents=False, get_dists=False):
+        """Posterior pass.  xs: {res: state}.  Returns xs and a dict with the per-element
+        ``kl`` (B,zdim,R,R), plus ``z`` (get_latents) and q/p parameters (get_dists)."""
+        acts = activations[self.base]
+        x = xs[self.base] if self.base in xs else torch.zeros_like(acts)
+        if acts.shape[0] != x.shape[0]:
+            x = x.repeat(acts.shape[0], 1, 1, 1)  # a learned bias (1,w,R,R)
+        x = self._mix(xs, x)
+        # one standard-normal draw per block, top-down, as the release; drawn outside the
+        # (optionally checkpointed) step so that recomputation sees the same noise
+        eps = torch.empty((x.shape[0], self.zdim, self.base, self.base), device=x.device).normal_(0., 1.)
+        x, z, qm, qv, pm, pv = _maybe_checkpoint(self.grad_checkpoint, self._step, x, acts, eps)
+        xs[self.base] = x
+        stats = dict(kl=gaussian_analytical_kl(qm, pm, qv, pv))
+        if get_latents:
+            stats['z'] = z.detach()
+        if get_dists:
+            stats.update(qm=qm, qv=qv, pm=pm, pv=pv, z=z)
+        return xs, stats
+
+    def forward_uncond(self, xs, t=None, lvs=None):
+        """Prior pass: z ~ p(z | state) at temperature t (log t added to the log-std),
+        or z = lvs when a latent is given."""
+        if self.base in xs:
+            x = xs[self.base]
+        else:
+            ref = next(iter(xs.values()))
+            x = torch.zeros((ref.shape[0], self.widths[self.base], self.base, self.base),
+                            dtype=ref.dtype, device=ref.device)
+        x = self._mix(xs, x)
+        pm, pv, xpp = self._prior(x)
+        x = x + xpp
+        if lvs is not None:
+            z = lvs
+        else:
+            if t is not None:
+                pv = pv + math.log(t)
+            z = draw_gaussian_diag_samples(pm, pv)
+        xs[self.base] = self.resnet(x + self.z_proj(z))
+        return xs
+
+
+class Decoder(nn.Module):
+    """Top-down pass: activations -> final state (B,width,H,W) and per-block stats."""
+
+    def __init__(self, H):
+        super().__init__()
+        self.H = H
+        self.widths = get_width_settings(H.width, H.custom_width_str)
+        blocks = parse_layer_string(H.dec_blocks)
+        self.dec_blocks = nn.ModuleList([DecBlock(H, res, mixin, n_blocks=len(blocks)) for res, mixin in blocks])
+        self.resolutions = sorted({res for res, _ in blocks})
+        self.bias_xs = nn.ParameterList([nn.Parameter(torch.zeros(1, self.widths[res], res, res))
+                                         for res in self.resolutions if res <= H.no_bias_above])
+        self.out_net = DmolNet(H)
+        self.gain = nn.Parameter(torch.ones(1, H.width, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, H.width, 1, 1))
+
+    def final_fn(self, x):
+        return x * self.gain + self.bias
+
+    def _initial_states(self, n=None):
+        """{res: learned bias}, repeated to batch size n when given."""
+        return {b.shape[2]: (b if n is None else b.repeat(n, 1, 1, 1)) for b in self.bias_xs}
+
+    def forward(self, activations, get_latents=False, get_dists=False):
+        stats = []
+        xs = self._initial_states()
+        for block in self.dec_blocks:
+            xs, block_stats = block(xs, activations, get_latents=get_latents, get_dists=get_dists)
+            stats.append(block_stats)
+        return self.final_fn(xs[self.H.image_size]), stats
+
+    def forward_uncond(self, n, t=None, y=None):
+        xs = self._initial_states(n)
+        for idx, block in enumerate(self.dec_blocks):
+            temp = t[idx] if isinstance(t, (list, tuple)) else t
+            xs = block.forward_uncond(xs, temp)
+        return self.final_fn(xs[self.H.image_size])
+
+    def forward_manual_latents(self, n, latents, t=None):
+        """Blocks with a given latent use it; the rest sample from the prior at t."""
+        xs = self._initial_states(n)
+        for block, lvs in itertools.zip_longest(self.dec_blocks, latents):
+            xs = block.forward_uncond(xs, t, lvs=lvs)
+        return self.final_fn(xs[self.H.image_size])
+
+
+class VAE(nn.Module):
+    """Encoder + decoder.  Inputs are NHWC floats: ``x`` normalised for the encoder,
+    ``x_target`` in [-1, 1] for the likelihood (see data.preprocess)."""
+
+    def __init__(self, H):
+        super().__init__()
+        check_hparams(H)
+        self.H = H
+        self.encoder = Encoder(H)
+        self.decoder = Decoder(H)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def set_grad_checkpoint(self, enabled):
+        """Recompute block activations in backward (less memory, ~1/3 more compute)."""
+        self.encoder.grad_checkpoint = enabled
+        for block in self.decoder.dec_blocks:
+            block.grad_checkpoint = enabled
+
+    def set_channels_last(self, enabled):
+        """Run the convolutions in NHWC memory layout (faster on tensor cores)."""
+        self.encoder.channels_last = enabled
+        if enabled:
+            self.to(memory_format=torch.channels_last)
+        else:
+            self.to(memory_format=torch.contiguous_format)
+
+    def forward_per_image(self, x, x_target):
+        """Per-image losses in nats/dim: ``distortion``, ``rate``, ``elbo`` (B,) and
+        ``kl_per_block`` (B, n_dec_blocks) (nats, summed over c,h,w, not divided)."""
+        activations = self.encoder(x)
+        px_z, stats = self.decoder(activations)
+        distortion = self.decoder.out_net.nll(px_z, x_target)
+        ndims = math.prod(x.shape[1:])
+        kl_per_block = torch.stack([s['kl'].float().sum(dim=(1, 2, 3)) for s in stats], dim=1)
+        rate = torch.zeros_like(distortion)
+        for s in stats:  # accumulate block by block, in the release's order
+            rate += s['kl'].float().sum(dim=(1, 2, 3))
+        rate /= ndims
+        return dict(elbo=distortion + rate, distortion=distortion, rate=rate, kl_per_block=kl_per_block)
+
+    def forward(self, x, x_target):
+        """The release's API: batch means of elbo, distortion and rate (nats/dim)."""
+        out = self.forward_per_image(x, x_target)
+        return dict(elbo=out['elbo'].mean(), distortion=out['distortion'].mean(), rate=out['rate'].mean())
+
+    def forward_get_latents(self, x):
+        """Per decoder block: dict(z, kl) for posterior samples z ~ q(z | x)."""
+        _, stats = self.decoder(self.encoder(x), get_latents=True)
+        return stats
+
+    def forward_uncond_samples(self, n_batch, t=None):
+        """uint8 samples (n,H,W,C); t a number or a list with one entry per decoder block."""
+        return self.decoder.out_net.sample(self.decoder.forward_uncond(n_batch, t=t))
+
+    def forward_samples_set_latents(self, n_batch, latents, t=None):
+        """uint8 samples with the first len(latents) blocks' latents fixed."""
+        return self.decoder.out_net.sample(self.decoder.forward_manual_latents(n_batch, latents, t=t))
+
+
+def check_hparams(H):
+    """Refuse configurations the architecture cannot build, with a message saying why."""
+    widths = get_width_settings(H.width, H.custom_width_str)
+    if widths[H.image_size] != H.width:
+        raise UserError(f"width at the image resolution {H.image_size} is {widths[H.image_size]} "
+                        f"(custom_width_str={H.custom_width_str!r}) but --width is {H.width}; in_conv, gain/bias "
+                        "and the output head use --width, so the two must be equal")
+    enc = parse_layer_string(H.enc_blocks)
+    dec = parse_layer_string(H.dec_blocks)
+    enc_res = {H.image_size}
+    for res, down in enc:
+        if res not in enc_res:
+            raise UserError(f"enc_blocks {H.enc_blocks!r} uses resolution {res}, which the encoder never reaches "
+                            f"(reached so far: {sorted(enc_res)})")
+        if down:
+            enc_res.add(res // down)
+    for res, mixin in dec:
+        if res not in enc_res:
+            raise UserError(f"dec_blocks {H.dec_blocks!r} has a block at resolution {res}, but the encoder "
+                            f"provides only {sorted(enc_res)}")
+    if dec[-1][0] != H.image_size:
+        raise UserError(f"dec_blocks {H.dec_blocks!r} must end at the image resolution {H.image_size}")
