@@ -1,0 +1,347 @@
+"""Plumbing shared by train.py, sample.py, evaluate.py and bench.py: distributed
+setup (single process, torchrun or mpiexec), rank-0 logging (jsonl + txt, the
+release's format), all-reduce of statistics, atomic checkpoint files, safe state-dict
+loading with useful mismatch messages, and apex-optimizer conversion.
+"""
+import json
+import os
+import pickle
+import socket
+import sys
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hps import HPARAMS_REGISTRY, UserError, preset
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device('cpu')
+    launcher: str = 'single'
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def _mpi_launched():
+    return any(k in os.environ for k in ('OMPI_COMM_WORLD_SIZE', 'PMI_SIZE', 'PMIX_RANK', 'MPI_LOCALNRANKS'))
+
+
+def setup_distributed(port=29500, device=None):
+    """Detect the launcher and join the process group.
+
+    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; mpiexec sets its own
+    variables, and rank 0's address is broadcast over MPI (mpi4py is imported only then);
+    otherwise one process.  NCCL on GPUs, gloo on CPU.  ``device`` forces 'cpu' or 'cuda'.
+    """
+    use_cuda = torch.cuda.is_available() if device is None else device == 'cuda'
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        local_rank, launcher, init = int(os.environ.get('LOCAL_RANK', 0)), 'torchrun', 'env://'
+    elif _mpi_launched():
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise UserError("launched under mpiexec but mpi4py is missing: pip install mpi4py mpich") from None
+        comm = MPI.COMM_WORLD
+        rank, world = comm.Get_rank(), comm.Get_size()
+        local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        addr = comm.bcast(socket.gethostbyname(socket.gethostname()) if rank == 0 else None, root=0)
+        launcher, init = 'mpiexec', f'tcp://{addr}:{port}'
+    else:
+        rank, world, local_rank, launcher, init = 0, 1, 0, 'single', None
+    dev = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1:
+        dist.init_process_group('nccl' if use_cuda else 'gloo', init_method=init, rank=rank, world_size=world,
+                                **({'device_id': dev} if use_cuda else {}))
+    return Dist(rank, world, local_rank, dev, launcher)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def allreduce(t, op='sum'):
+    """In-place all-reduce of a tensor when distributed; identity otherwise."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op={'sum': dist.ReduceOp.SUM, 'max': dist.ReduceOp.MAX}[op])
+    return t
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def stats_over_ranks(stats):
+    """{name: scalar tensor} -> {name: float} averaged over ranks, with ONE host sync."""
+    keys = sorted(stats)
+    t = torch.stack([torch.as_tensor(stats[k]).detach().float().reshape(()) for k in keys])
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    t = allreduce(t.to(_collective_device())).cpu() / world
+    return {k: t[i].item() for i, k in enumerate(keys)}
+
+
+def _collective_device():
+    if dist.is_initialized() and dist.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def gather_objects(obj):
+    """List of ``obj`` from every rank (on every rank)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------- logging
+
+def logger(log_prefix, is_main=True):
+    """The release's logger: ``log(*msg, **fields)`` prints a line and appends it to
+    ``{log_prefix}.txt`` and, as one JSON object with "time" first, to ``{log_prefix}.jsonl``.
+    Only the main rank writes."""
+    jsonl_path, txt_path = f'{log_prefix}.jsonl', f'{log_prefix}.txt'
+
+    def log(*args, pprint=False, **kwargs):
+        if not is_main:
+            return
+        argdict = {'time': time.ctime()}
+        if args:
+            argdict['message'] = ' '.join(str(x) for x in args)
+        argdict.update(kwargs)
+        txt = []
+        for k in (sorted(argdict) if pprint else list(argdict)):
+            val = argdict[k]
+            if isinstance(val, np.ndarray):
+                val = val.tolist()
+            elif isinstance(val, np.integer):
+                val = int(val)
+            elif isinstance(val, np.floating):
+                val = float(val)
+            argdict[k] = val
+            txt.append(f'{k}: {val:.5f}' if isinstance(val, float) else f'{k}: {val}')
+        txt_str = ', '.join(txt)
+        json_str = json.dumps(argdict, sort_keys=pprint)
+        print(txt_str, flush=True)
+        with open(txt_path, 'a+') as f:
+            print(txt_str, file=f, flush=True)
+        with open(jsonl_path, 'a+') as f:
+            print(json_str, file=f, flush=True)
+
+    log.jsonl_path = jsonl_path
+    return log
+
+
+def read_log(path):
+    """All JSON objects of a jsonl log (a torn last line from a crash is ignored)."""
+    if not os.path.exists(path):
+        raise UserError(f"log file {path} does not exist; check --restore_log_path")
+    out = []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{path} line {i + 1} is not JSON; is this a run log (log.jsonl)?") from None
+    return out
+
+
+def restore_log(path):
+    """The release's log-based restore: (best eval elbo, step, epoch) from its
+    eval_loss and train_loss lines."""
+    loaded = read_log(path)
+    train = [z for z in loaded if z.get('type') == 'train_loss']
+    if not train:
+        raise UserError(f"{path} has no train_loss lines, so step and epoch cannot be restored from it")
+    evals = [z['elbo'] for z in loaded if z.get('type') == 'eval_loss']
+    return (min(evals) if evals else float('inf')), max(z['step'] for z in train), max(z['epoch'] for z in train)
+
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_save(obj, path):
+    """torch.save to a temporary name in the same folder, fsync, then rename: a crash
+    leaves either the old file or the new one, never a torn file."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_copy(src, dst):
+    tmp = f'{dst}.tmp.{os.getpid()}'
+    try:
+        with open(src, 'rb') as fi, open(tmp, 'wb') as fo:
+            fo.write(fi.read())
+            fo.flush()
+            os.fsync(fo.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def file_crc(path):
+    crc = 0
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 24), b''):
+            crc = zlib.crc32(chunk, crc)
+    return os.path.getsize(path), crc
+
+
+def safe_torch_load(path, what='checkpoint'):
+    """torch.load with weights_only=True onto the CPU; no code inside the file can run.
+    Anything unreadable is a one-line UserError naming the file."""
+    if not path or not os.path.exists(path):
+        raise UserError(f"{what} file {path!r} does not exist")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else 'unpickling error'
+        raise UserError(f"refusing to load {path}: it is not a plain tensor {what} "
+                        f"(weights_only load failed: {first[:200]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"cannot read {what} {path}: the file is truncated or corrupt "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+
+
+def load_state_dict_file(path):
+    """A plain {name: tensor} state dict from ``path``, ``module.`` prefixes stripped."""
+    sd = safe_torch_load(path, 'state dict')
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise UserError(f"{path} is not a model state dict (expected a dict of parameter name -> tensor, "
+                        f"got {type(sd).__name__}); pass a -model.th or -model-ema.th file")
+    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in sd.items()}
+
+
+def _block_count(keys, prefix):
+    idx = {int(k[len(prefix):].split('.')[0]) for k in keys if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def guess_preset(sd):
+    """Name of the registry preset whose model has exactly these keys and shapes (or None)."""
+    from vae import VAE  # only needed on this error path
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    for name in HPARAMS_REGISTRY:
+        with torch.device('meta'):
+            ref = VAE(preset(name)).state_dict()
+        if {k: tuple(v.shape) for k, v in ref.items()} == shapes:
+            return name
+    return None
+
+
+def describe_mismatch(model, sd, path, H):
+    """A message that says how ``sd`` differs from ``model`` and what to do about it."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    wrong = [f'{k} {tuple(sd[k].shape)} vs {tuple(want[k].shape)}' for k in want
+             if k in sd and sd[k].shape != want[k].shape]
+    lines = [f"{path} does not fit the model built from --hps {H.hparam_sets} "
+             f"({len(sd)} tensors in the file, {len(want)} in the model)."]
+    guess = guess_preset(sd)
+    if guess:
+        lines.append(f"It looks like a checkpoint of the {guess!r} preset: run with --hps {guess}.")
+    for kind, prefix, flag in [('encoder', 'encoder.enc_blocks.', '--enc_blocks'),
+                               ('decoder', 'decoder.dec_blocks.', '--dec_blocks')]:
+        n_file, n_model = _block_count(sd, prefix), _block_count(want, prefix)
+        if n_file != n_model:
+            lines.append(f"The file has {n_file} {kind} blocks, {flag} {H[flag[2:]]!r} builds {n_model}: "
+                         f"pass {flag} with a layer string of {n_file} blocks that matches the file.")
+    if missing:
+        lines.append(f"Missing from the file ({len(missing)}): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        lines.append(f"Not in the model ({len(unexpected)}): {', '.join(unexpected[:5])}"
+                     f"{' ...' if len(unexpected) > 5 else ''}")
+    if wrong:
+        lines.append(f"Shape differs ({len(wrong)}): {'; '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}")
+    return '\n'.join(lines)
+
+
+def restore_params(model, path, H):
+    """Load a -model.th / -model-ema.th file into ``model`` (any device), strictly."""
+    sd = load_state_dict_file(path)
+    want = model.state_dict()
+    if set(sd) != set(want) or any(sd[k].shape != want[k].shape for k in want):
+        raise UserError(describe_mismatch(model, sd, path, H))
+    model.load_state_dict(sd)
+
+
+# ----------------------------------------------------------------------------- optimizer files
+
+def convert_apex_optimizer_state(sd):
+    """Turn an apex FusedAdam state dict (step per group, no per-parameter step) into
+    torch.optim.AdamW's layout (a float32 0-dim ``step`` per parameter).  torch-format
+    dicts pass through unchanged.  See reference/apex_fusedadam_state.md."""
+    if not isinstance(sd, dict) or 'state' not in sd or 'param_groups' not in sd:
+        raise UserError("optimizer file is not an optimizer state dict (no 'state'/'param_groups')")
+    groups = sd['param_groups']
+    if not any('bias_correction' in g for g in groups):  # apex-only key
+        return sd
+    state = {}
+    for g in groups:
+        step = float(g.get('step', 0))
+        for p in g['params']:
+            if p in sd['state'] and sd['state'][p]:
+                s = dict(sd['state'][p])
+                s.setdefault('step', torch.tensor(step, dtype=torch.float32))
+                state[p] = s
+    new_groups = [{k: v for k, v in g.items() if k not in ('bias_correction', 'step')} for g in groups]
+    return {'state': state, 'param_groups': new_groups}
+
+
+def load_optimizer_file(optimizer, path):
+    sd = convert_apex_optimizer_state(safe_torch_load(path, 'optimizer state'))
+    n_file = sum(len(g['params']) for g in sd['param_groups'])
+    n_model = sum(len(g['params']) for g in optimizer.param_groups)
+    if n_file != n_model:
+        raise UserError(f"{path} holds optimizer state for {n_file} parameter tensors, the model has {n_model}; "
+                        "is it from another preset?")
+    try:
+        optimizer.load_state_dict(sd)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"cannot load optimizer state {path}: {e}") from None
+    # the decoupled-decay flag must stay AdamW's even if the file says otherwise
+    for g in optimizer.param_groups:
+        g['decoupled_weight_decay'] = True
+
+
+def print_once(*args, dist_info=None):
+    if dist_info is None or dist_info.is_main:
+        print(*args, flush=True)
+
+
+def die(msg, code=2):
+    """Print a one-line error and exit (for UserError at entry points)."""
+    print(f'error: {msg}', file=sys.stderr, flush=True)
+    sys.exit(code)
