@@ -148,6 +148,7 @@ def add_vae_arguments(parser):
     a('--num_epochs', type=int, default=10000, help='epochs to train')
     a('--max_iters', type=int, default=0, help='stop when the iteration counter reaches this (0 = no limit)')
     a('--n_batch', type=int, default=32, help='batch size per process')
+    a('--n_batch_eval', type=int, default=0, help='evaluation batch size per process (0: 4 x n_batch)')
     a('--adam_beta1', type=float, default=0.9, help='Adam beta1')
     a('--adam_beta2', type=float, default=0.9, help='Adam beta2')
     a('--temperature', type=float, default=1.0, help='prior temperature for unconditional samples')
@@ -160,6 +161,22 @@ def add_vae_arguments(parser):
     a('--num_images_visualize', type=int, default=8, help='columns of the sample grid')
     a('--num_variables_visualize', type=int, default=6, help='reconstruction rows of the sample grid')
     a('--num_temperatures_visualize', type=int, default=3, help='unconditional sample rows of the sample grid')
+    # --- beyond the release: speed, precision, launch and robustness options ---
+    a('--device', type=str, default='auto', choices=['auto', 'cpu', 'cuda'], help='auto: CUDA when available')
+    a('--precision', type=str, default='fp32', choices=['fp32', 'bf16', 'fp16'],
+      help='training precision: fp32 (as released), bf16 autocast, or fp16 autocast with a gradient scaler; '
+           'evaluation always runs in fp32')
+    a('--compile', action='store_true', help='torch.compile the model (faster steps after a slow first one)')
+    a('--channels_last', action='store_true', help='NHWC memory layout for the convolutions (tensor cores)')
+    a('--grad_checkpoint', action='store_true', help='recompute block activations in backward to save memory')
+    a('--num_workers', type=int, default=2, help='data-loading worker processes per rank')
+    a('--threads', type=int, default=0, help='CPU threads per process (0: cores / local processes)')
+    a('--rank_invariant_noise', action='store_true',
+      help='draw posterior noise for the global batch on every rank and keep this rank\'s slice, so that N '
+           'processes compute exactly what one process does with the combined batch')
+    a('--warn_skipped', type=int, default=50,
+      help='warn when this many consecutive updates were skipped (grad norm >= skip_threshold)')
+    a('--no_progress', action='store_true', help='no progress bars')
     return parser
 
 

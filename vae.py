@@ -147,6 +147,7 @@ class DecBlock(nn.Module):
         cond_width = int(width * H.bottleneck_multiple)
         self.zdim = H.zdim
         self.grad_checkpoint = False
+        self.noise_slice = None
         self.enc = Block(width * 2, cond_width, H.zdim * 2, residual=False, use_3x3=use_3x3)
         self.prior = Block(width, cond_width, H.zdim * 2 + width, residual=False, use_3x3=use_3x3, zero_last=True)
         self.z_proj = get_1x1(H.zdim, width)
@@ -185,7 +186,7 @@ class DecBlock(nn.Module):
         x = self._mix(xs, x)
         # one standard-normal draw per block, top-down, as the release; drawn outside the
         # (optionally checkpointed) step so that recomputation sees the same noise
-        eps = torch.empty((x.shape[0], self.zdim, self.base, self.base), device=x.device).normal_(0., 1.)
+        eps = self._noise(x.shape[0], x.device)
         x, z, qm, qv, pm, pv = _maybe_checkpoint(self.grad_checkpoint, self._step, x, acts, eps)
         xs[self.base] = x
         stats = dict(kl=gaussian_analytical_kl(qm, pm, qv, pv))
@@ -194,6 +195,13 @@ class DecBlock(nn.Module):
         if get_dists:
             stats.update(qm=qm, qv=qv, pm=pm, pv=pv, z=z)
         return xs, stats
+
+    def _noise(self, n, device):
+        """Standard normal (n,zdim,R,R).  With a noise slice (rank, world) the draw is for the
+        global batch of world*n images and this rank keeps its rows (see --rank_invariant_noise)."""
+        rank, world = self.noise_slice or (0, 1)
+        eps = torch.empty((n * world, self.zdim, self.base, self.base), device=device).normal_(0., 1.)
+        return eps if world == 1 else eps[rank * n:(rank + 1) * n]
 
     def forward_uncond(self, xs, t=None, lvs=None):
         """Prior pass: z ~ p(z | state) at temperature t (log t added to the log-std),
@@ -283,6 +291,11 @@ class VAE(nn.Module):
         for block in self.decoder.dec_blocks:
             block.grad_checkpoint = enabled
 
+    def set_noise_slice(self, rank, world_size):
+        """Make posterior noise independent of how the batch is split over processes."""
+        for block in self.decoder.dec_blocks:
+            block.noise_slice = (rank, world_size)
+
     def set_channels_last(self, enabled):
         """Run the convolutions in NHWC memory layout (faster on tensor cores)."""
         self.encoder.channels_last = enabled
@@ -304,6 +317,14 @@ class VAE(nn.Module):
             rate += s['kl'].float().sum(dim=(1, 2, 3))
         rate /= ndims
         return dict(elbo=distortion + rate, distortion=distortion, rate=rate, kl_per_block=kl_per_block)
+
+    def forward_with_dists(self, x, x_target):
+        """One posterior pass exposing everything an evaluation needs: per-image
+        ``distortion`` (B,) in nats/dim and, per decoder block, a dict with ``z``, the
+        posterior ``qm``/``qv`` and prior ``pm``/``pv`` means and log-stds, and ``kl``
+        (all (B,zdim,R,R))."""
+        px_z, stats = self.decoder(self.encoder(x), get_dists=True)
+        return self.decoder.out_net.nll(px_z, x_target), stats
 
     def forward(self, x, x_target):
         """The release's API: batch means of elbo, distortion and rate (nats/dim)."""

@@ -1,0 +1,532 @@
+"""Train a VDVAE, or evaluate one on the test split.
+
+    python train.py --hps cifar10                              # one process (CUDA if present)
+    torchrun --nproc_per_node 8 train.py --hps imagenet32      # DDP via environment variables
+    mpiexec -n 16 python train.py --hps imagenet64             # DDP via MPI, across nodes
+    python train.py --hps cifar10 --test_eval --restore_ema_path cifar10-seed0-iter-1050000-model-ema.th
+
+Everything of a run goes to {save_dir}/{desc}/: log.jsonl/log.txt, hparams.json,
+checkpoints (latest-* and iter-N-*: -model.th, -model-ema.th, -opt.th, -log.jsonl as
+released, plus -state.th for exact resume), samples-N.png and loss.png.  Re-running the
+same command continues from the newest complete checkpoint.
+"""
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import data
+from hps import UserError, get_hparams
+from utils import (atomic_copy, atomic_save, barrier, cleanup_distributed, die, file_crc, gather_objects,
+                   load_optimizer_file, logger, read_log, restore_log, restore_params, safe_torch_load,
+                   setup_distributed, stats_over_ranks, allreduce)
+from vae import VAE
+
+LN2 = math.log(2)
+CHECKPOINT_FILES = ['-model.th', '-model-ema.th', '-opt.th', '-log.jsonl']
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def set_up(argv=None):
+    """Resolve H, join the process group, make the run folder and the logger."""
+    H = get_hparams(argv)
+    d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device)
+    if d.device.type == 'cpu':
+        local = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('MPI_LOCALNRANKS', 1)))
+        torch.set_num_threads(H.threads or max(1, (os.cpu_count() or 1) // local))
+    H.run_dir = os.path.join(H.save_dir, H.desc)
+    if d.is_main:
+        os.makedirs(H.run_dir, exist_ok=True)
+    barrier()
+    log = logger(os.path.join(H.run_dir, 'log'), is_main=d.is_main)
+    return H, d, log
+
+
+def precision_context(H, device):
+    """One autocast context for the whole training forward (nanoGPT's ``ctx``)."""
+    if H.precision == 'fp32':
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if H.precision == 'bf16' else torch.float16
+    if device.type == 'cpu' and H.precision == 'fp16':
+        raise UserError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def build_models(H, d):
+    """Training model (DDP-wrapped when distributed) and its EMA copy, both on d.device."""
+    torch.manual_seed(H.seed)  # identical initialisation on every rank
+    model = VAE(H)
+    ema = VAE(H)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    model.to(d.device)
+    ema.to(d.device)
+    if H.channels_last:
+        model.set_channels_last(True)
+        ema.set_channels_last(True)
+    if H.grad_checkpoint:
+        model.set_grad_checkpoint(True)
+    if H.rank_invariant_noise:
+        model.set_noise_slice(d.rank, d.world_size)
+    # posterior noise: offset by rank unless every rank draws the global batch's noise
+    torch.manual_seed(H.seed if H.rank_invariant_noise else H.seed + d.rank)
+    return model, ema
+
+
+def wrap_for_training(H, model, d):
+    net = model
+    if d.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == 'cuda' else None)
+    if H.compile:
+        net = torch.compile(net)
+    return net
+
+
+def make_optimizer(H, model, device):
+    kw = dict(fused=True) if device.type == 'cuda' else {}
+    return torch.optim.AdamW(model.parameters(), weight_decay=H.wd, lr=H.lr, betas=(H.adam_beta1, H.adam_beta2),
+                             eps=1e-8, **kw)
+
+
+def learning_rate(H, it):
+    """Linear warm-up multiplier min(1, it / warmup_iters); no warm-up when warmup_iters is 0."""
+    return H.lr * (min(1.0, it / H.warmup_iters) if H.warmup_iters > 0 else 1.0)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def rng_state(device):
+    st = {'cpu': torch.get_rng_state()}
+    if device.type == 'cuda':
+        st['cuda'] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def set_rng_state(st, device):
+    torch.set_rng_state(st['cpu'])
+    if device.type == 'cuda' and 'cuda' in st:
+        torch.cuda.set_rng_state(st['cuda'], device)
+
+
+def save_checkpoint(H, d, name, model, ema, optimizer, scaler, log, progress):
+    """Write {run_dir}/{name}-*.  Collective (every rank calls it); rank 0 writes.
+
+    Each file is written atomically; -state.th, written last, records the size and CRC of
+    the other four, so a set torn by a crash between renames is recognised and skipped."""
+    rngs = gather_objects(rng_state(d.device))
+    if d.is_main:
+        prefix = os.path.join(H.run_dir, name)
+        log(f'Saving model@ {progress["step"]} to {prefix}')
+        atomic_save(model.state_dict(), prefix + '-model.th')
+        atomic_save(ema.state_dict(), prefix + '-model-ema.th')
+        atomic_save(optimizer.state_dict(), prefix + '-opt.th')
+        atomic_copy(log.jsonl_path, prefix + '-log.jsonl')
+        files = {suffix: file_crc(prefix + suffix) for suffix in CHECKPOINT_FILES}
+        atomic_save(dict(progress, rng=rngs, scaler=scaler.state_dict() if scaler else None, H=dict(H),
+                         files=files, world_size=d.world_size), prefix + '-state.th')
+    barrier()
+
+
+def find_checkpoint(run_dir):
+    """(prefix, state) of the newest complete checkpoint in run_dir, or (None, None)."""
+    if not os.path.isdir(run_dir):
+        return None, None
+    found = []
+    for f in os.listdir(run_dir):
+        if not f.endswith('-state.th'):
+            continue
+        prefix = os.path.join(run_dir, f[:-len('-state.th')])
+        try:
+            st = safe_torch_load(prefix + '-state.th', 'training state')
+            complete = all(os.path.exists(prefix + s) and file_crc(prefix + s) == tuple(st['files'][s])
+                           for s in CHECKPOINT_FILES)
+        except (UserError, KeyError, TypeError):
+            complete = False
+        if complete:
+            found.append((st['step'], prefix, st))
+        else:
+            print(f'warning: ignoring incomplete checkpoint {prefix}-* (torn or partly written)', flush=True)
+    if not found:
+        return None, None
+    _, prefix, st = max(found, key=lambda t: t[0])
+    return prefix, st
+
+
+def restore(H, d, model, ema, optimizer, scaler, log):
+    """Apply --resume / the run folder's newest checkpoint, or the release's four restore
+    flags.  Returns progress: step, epoch, batch (next batch within the epoch), best_eval."""
+    progress = dict(step=0, epoch=0, batch=0, best_eval=float('inf'))
+    prefix, st = find_checkpoint(H.run_dir)
+    if H.resume and prefix is None:
+        raise UserError(f"--resume: no complete checkpoint in {H.run_dir}; start without --resume "
+                        "(or check --save_dir/--desc)")
+    if prefix is not None:
+        log(f'resuming from {prefix} (step {st["step"]}, epoch {st["epoch"]})')
+        restore_params(model, prefix + '-model.th', H)
+        restore_params(ema, prefix + '-model-ema.th', H)
+        load_optimizer_file(optimizer, prefix + '-opt.th')
+        if scaler is not None and st.get('scaler'):
+            scaler.load_state_dict(st['scaler'])
+        rngs = st['rng']
+        if len(rngs) == d.world_size:
+            set_rng_state(rngs[d.rank], d.device)
+        else:
+            log(f'note: checkpoint written by {len(rngs)} processes, now {d.world_size}: '
+                'data order is kept, posterior noise is reseeded')
+        return {k: st[k] for k in progress}
+    for path in [H.restore_path, H.restore_ema_path, H.restore_log_path, H.restore_optimizer_path]:
+        if path and not os.path.exists(path):
+            raise UserError(f"restore file {path} does not exist")
+    if H.restore_path:
+        restore_params(model, H.restore_path, H)
+        log(f'restored model from {H.restore_path}')
+    if H.restore_ema_path:
+        restore_params(ema, H.restore_ema_path, H)
+        log(f'restored EMA model from {H.restore_ema_path}')
+    elif H.restore_path:
+        ema.load_state_dict(model.state_dict())
+    if H.restore_optimizer_path:
+        load_optimizer_file(optimizer, H.restore_optimizer_path)
+        log(f'restored optimizer from {H.restore_optimizer_path}')
+    if H.restore_log_path:
+        best, step, epoch = restore_log(H.restore_log_path)
+        # the release restarts at the beginning of the epoch its log reached
+        progress.update(step=step, epoch=epoch, batch=0, best_eval=best)
+        log(f'restored log {H.restore_log_path}: starting at epoch {epoch}, step {step}, best eval elbo {best}')
+    return progress
+
+
+# ----------------------------------------------------------------------------- one step
+
+def training_step(H, x_in, x_target, net, model, ema, optimizer, scaler, ctx, lr, stop_flag):
+    """Forward, backward, clip, and (unless skipped) update + EMA.  Returns stats averaged
+    over ranks with one host synchronisation; every rank takes the same skip decision."""
+    t0 = time.time()
+    for g in optimizer.param_groups:
+        g['lr'] = lr
+    optimizer.zero_grad(set_to_none=True)
+    with ctx:
+        stats = net(x_in, x_target)
+    loss = stats['elbo']
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), H.grad_clip)  # pre-clip norm
+    stats = stats_over_ranks(dict(
+        elbo=stats['elbo'], distortion=stats['distortion'], rate=stats['rate'],
+        distortion_nans=torch.isnan(stats['distortion']).float(), rate_nans=torch.isnan(stats['rate']).float(),
+        grad_norm=grad_norm, stop=torch.tensor(float(stop_flag))))
+    stats['distortion_nans'] = int(stats['distortion_nans'] > 0)
+    stats['rate_nans'] = int(stats['rate_nans'] > 0)
+    stop = stats.pop('stop') > 0
+    gn = stats['grad_norm']
+    update = (stats['distortion_nans'] == 0 and stats['rate_nans'] == 0 and math.isfinite(gn)
+              and (H.skip_threshold == -1 or gn < H.skip_threshold))
+    if update:
+        if scaler:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+        update_ema(model, ema, H.ema_rate)
+    if scaler:
+        scaler.update()
+    stats.update(skipped_updates=0 if update else 1, iter_time=time.time() - t0)
+    return stats, stop
+
+
+@torch.no_grad()
+def update_ema(model, ema, rate):
+    """ema = ema * rate + param * (1 - rate), with 1 - rate in float32 as the release."""
+    rate32 = torch.tensor(rate, dtype=torch.float32)
+    one_minus = (1 - rate32).item()
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    torch._foreach_mul_(ema_params, rate32.item())
+    torch._foreach_add_(ema_params, torch._foreach_mul(params, one_minus))
+
+
+def accumulate_stats(stats, frequency):
+    """The release's summary of the last ``frequency`` steps."""
+    window = stats[-frequency:]
+    z = {}
+    for k in stats[-1]:
+        vals = np.array([a[k] for a in window], dtype=float)
+        finite = vals[np.isfinite(vals)]
+        if k in ('distortion_nans', 'rate_nans', 'skipped_updates'):
+            z[k] = int(vals.sum())
+        elif k == 'grad_norm':
+            z[k] = float(finite.max()) if len(finite) else 0.0
+        elif k == 'elbo':
+            z['elbo'] = float(vals.mean())
+            z['elbo_filtered'] = float(finite.mean()) if len(finite) else float('nan')
+        elif k == 'iter_time':
+            z[k] = stats[-1][k] if len(stats) < frequency else float(vals.mean())
+        else:
+            z[k] = float(vals.mean())
+    z['elbo_bpd'] = z['elbo'] / LN2
+    return z
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(H, d, ema, source, desc='eval'):
+    """Exact per-image averages over every image of ``source`` (each visited once across
+    ranks), in fp32.  Posterior noise comes from a fixed seed, so a checkpoint always gets
+    the same number, and the training RNG stream is left untouched."""
+    ema.eval()
+    sums = torch.zeros(6, dtype=torch.float64, device=d.device)  # n, elbo, distortion, rate, n_finite, finite elbo
+    loader = data.eval_loader(source, H.n_batch_eval or 4 * H.n_batch, rank=d.rank, world_size=d.world_size,
+                              num_workers=min(H.num_workers, 1), pin_memory=d.device.type == 'cuda')
+    devices = [d.device] if d.device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(H.seed + 1_000_003 * (d.rank + 1))
+        for x in tqdm(loader, desc=desc, disable=not d.is_main or H.no_progress, leave=False):
+            x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
+            out = ema.forward_per_image(x_in, x_target)
+            elbo = out['elbo'].double()
+            finite = torch.isfinite(elbo)
+            sums += torch.stack([torch.full_like(elbo[0], len(elbo)), elbo.sum(), out['distortion'].double().sum(),
+                                 out['rate'].double().sum(), finite.double().sum(),
+                                 torch.where(finite, elbo, 0.).sum()])
+    n, elbo, distortion, rate, n_finite, finite_elbo = allreduce(sums).tolist()
+    if n == 0:
+        raise UserError(f"the evaluation split ({getattr(source, 'path', source)}) is empty")
+    return dict(n_images=int(n), elbo=elbo / n, distortion=distortion / n, rate=rate / n,
+                elbo_bpd=elbo / n / LN2, filtered_elbo=finite_elbo / max(n_finite, 1), n_nonfinite=int(n - n_finite))
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def visualization_batch(H, source):
+    n = min(H.num_images_visualize, len(source))
+    return torch.from_numpy(source[np.arange(n)])
+
+
+@torch.no_grad()
+def sample_grid(H, ema, x_uint8, device):
+    """The release's grid (SPEC §10) as a uint8 array (rows*H, cols*W, C): originals;
+    reconstructions keeping the first k posterior latents (rest from the prior at t=0.1)
+    for num_variables_visualize values of k; unconditional samples at t = 1.0, 0.9, ..."""
+    ema.eval()
+    x_in, _ = data.preprocess(H, x_uint8.to(device))
+    zs = [s['z'] for s in ema.forward_get_latents(x_in)]
+    mb = x_uint8.shape[0]
+    rows = [x_uint8.numpy()]
+    lv_points = np.floor(np.linspace(0, 1, H.num_variables_visualize + 2) * len(zs)).astype(int)[1:-1]
+    for i in lv_points:
+        rows.append(ema.forward_samples_set_latents(mb, zs[:i], t=0.1))
+    for t in [1.0, 0.9, 0.8, 0.7][:H.num_temperatures_visualize]:
+        rows.append(ema.forward_uncond_samples(mb, t=t))
+    return tile(np.stack(rows))
+
+
+def tile(batches):
+    """(rows, cols, H, W, C) uint8 -> one (rows*H, cols*W, C) image."""
+    r, c, h, w, ch = batches.shape
+    return batches.transpose(0, 2, 1, 3, 4).reshape(r * h, c * w, ch)
+
+
+def write_png(im, path):
+    """Write a uint8 (H, W, C) array as PNG, atomically."""
+    im = im[..., 0] if im.shape[-1] == 1 else im
+    tmp = f'{path}.tmp.png'
+    Image.fromarray(im).save(tmp)
+    os.replace(tmp, path)
+
+
+def write_images(H, d, ema, viz_batch, fname, log):
+    """Rank 0 only; uses its own RNG stream so training noise is unaffected."""
+    devices = [d.device] if d.device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(H.seed)
+        write_png(sample_grid(H, ema, viz_batch, d.device), fname)
+    log(f'printing samples to {fname}')
+
+
+def write_loss_plot(log_path, png_path):
+    """Train and valid bits/dim against step, from the run log."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    lines = read_log(log_path)
+    tr = [(z['step'], z['elbo'] / LN2) for z in lines if z.get('type') == 'train_loss' and 'lr' in z]
+    va = [(z['step'], z['elbo'] / LN2) for z in lines if z.get('type') == 'eval_loss']
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    if tr:
+        ax.plot(*zip(*tr), label='train (batch average)', lw=1)
+    if va:
+        ax.plot(*zip(*va), 'o-', label='valid (EMA model)', lw=1.5)
+    ax.set_xlabel('step')
+    ax.set_ylabel('negative ELBO (bits/dim)')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path + '.tmp.png'
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+# ----------------------------------------------------------------------------- loops
+
+class StopSignal:
+    """SIGTERM/SIGINT: finish the current step, write latest, exit.  A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handler)
+        signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f'\nreceived {signal.Signals(signum).name}: finishing this step, then writing latest', flush=True)
+
+
+def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
+    net = wrap_for_training(H, model, d)
+    ctx = precision_context(H, d.device)
+    stopper = StopSignal()
+    viz_batch = visualization_batch(H, splits.valid)
+    early_evals = set([1] + [2 ** exp for exp in range(3, 14)])
+    n_batches = data.train_batches_per_epoch(len(splits.train), H.n_batch, d.world_size)
+    if n_batches == 0:
+        raise UserError(f"the training split has {len(splits.train)} images, fewer than one batch of "
+                        f"{H.n_batch} per process x {d.world_size} processes")
+    stats, consecutive_skips, since_start = [], 0, 0
+    it, epoch, start_batch = progress['step'], progress['epoch'], progress['batch']
+    if start_batch >= n_batches:
+        epoch, start_batch = epoch + 1, 0
+    total = H.max_iters if H.max_iters else H.num_epochs * n_batches
+    bar = tqdm(total=total, initial=min(it, total), desc='train', unit='it', dynamic_ncols=True,
+               disable=not d.is_main or H.no_progress)
+
+    def checkpoint(name, ep, batch):
+        progress.update(step=it, epoch=ep, batch=batch)
+        save_checkpoint(H, d, name, model, ema, optimizer, scaler, log, progress)
+
+    done = H.max_iters and it >= H.max_iters
+    while not done and epoch < H.num_epochs:
+        model.train()
+        loader = data.train_loader(splits.train, H.n_batch, seed=H.seed, epoch=epoch, rank=d.rank,
+                                   world_size=d.world_size, start_batch=start_batch, num_workers=H.num_workers,
+                                   pin_memory=d.device.type == 'cuda')
+        for b, x in enumerate(loader, start=start_batch):
+            x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
+            st, stop = training_step(H, x_in, x_target, net, model, ema, optimizer, scaler, ctx,
+                                     learning_rate(H, it), stopper.requested)
+            stats.append(st)
+            consecutive_skips = consecutive_skips + 1 if st['skipped_updates'] else 0
+            if consecutive_skips and consecutive_skips % H.warn_skipped == 0:
+                log(f'WARNING: the last {consecutive_skips} updates were all skipped (grad norm '
+                    f'{st["grad_norm"]:.1f} >= skip_threshold {H.skip_threshold}). Training is stalled: '
+                    'raise --skip_threshold (or -1 to never skip).', type='warning', step=it)
+            if it % H.iters_per_print == 0 or since_start in early_evals:
+                log(model=H.desc, type='train_loss', lr=learning_rate(H, it), epoch=epoch, step=it,
+                    total_skipped=sum(s['skipped_updates'] for s in stats), **accumulate_stats(stats, H.iters_per_print))
+            if d.is_main and (it % H.iters_per_images == 0 or (since_start in early_evals and H.dataset != 'ffhq_1024')):
+                write_images(H, d, ema, viz_batch, os.path.join(H.run_dir, f'samples-{it}.png'), log)
+            it += 1
+            since_start += 1
+            bar.update(1)
+            bar.set_postfix(elbo_bpd=f'{st["elbo"] / LN2:.3f}', skipped=sum(s['skipped_updates'] for s in stats))
+            done = bool(H.max_iters) and it >= H.max_iters
+            if it % H.iters_per_save == 0 or stop or done:
+                if np.isfinite(stats[-1]['elbo']) or stop or done:
+                    log(model=H.desc, type='train_loss', epoch=epoch, step=it, **accumulate_stats(stats, H.iters_per_print))
+                    checkpoint('latest', epoch, b + 1)
+            if it % H.iters_per_ckpt == 0:
+                checkpoint(f'iter-{it}', epoch, b + 1)
+            if stop:
+                bar.close()
+                log(f'stopped by signal at step {it}; continue with the same command')
+                return
+            if done:
+                break
+        else:
+            start_batch = 0
+            if epoch % H.epochs_per_eval == 0:
+                ev = evaluate(H, d, ema, splits.valid, desc='valid')
+                progress['best_eval'] = min(progress['best_eval'], ev['elbo'])
+                log(model=H.desc, type='eval_loss', epoch=epoch, step=it, **ev)
+                if d.is_main:
+                    write_loss_plot(log.jsonl_path, os.path.join(H.run_dir, 'loss.png'))
+                if epoch % H.epochs_per_eval_save == 0:
+                    checkpoint('latest', epoch + 1, 0)
+            epoch += 1
+            continue
+        break
+    bar.close()
+    ev = evaluate(H, d, ema, splits.valid, desc='valid')
+    log(model=H.desc, type='eval_loss', epoch=epoch, step=it, **ev)
+    if d.is_main:
+        write_images(H, d, ema, viz_batch, os.path.join(H.run_dir, f'samples-{it}.png'), log)
+        write_loss_plot(log.jsonl_path, os.path.join(H.run_dir, 'loss.png'))
+    log(f'finished at step {it}: valid elbo {ev["elbo"]:.4f} nats/dim = {ev["elbo_bpd"]:.4f} bits/dim')
+
+
+def load_for_evaluation(H, d, model, ema, optimizer, scaler, log):
+    """Weights for --test_eval: an explicit file wins, else the run folder's newest checkpoint."""
+    if H.restore_ema_path:
+        restore_params(ema, H.restore_ema_path, H)
+        log(f'evaluating EMA weights {H.restore_ema_path}')
+    elif H.restore_path:
+        restore_params(ema, H.restore_path, H)
+        log(f'evaluating {H.restore_path} (not an EMA file: pass --restore_ema_path for the paper\'s numbers)')
+    elif find_checkpoint(H.run_dir)[0]:
+        restore(H, d, model, ema, optimizer, scaler, log)
+    else:
+        raise UserError(f"--test_eval needs trained weights: pass --restore_ema_path FILE, or the --desc of a run "
+                        f"whose folder ({H.run_dir}) holds checkpoints")
+
+
+def run_test_eval(H, d, splits, ema, log):
+    stats = evaluate(H, d, ema, splits.test, desc='test')
+    log(type='test_loss', **stats)
+    if d.is_main:
+        print(f'test elbo over {stats["n_images"]} images: {stats["elbo"]:.5f} nats/dim = '
+              f'{stats["elbo_bpd"]:.5f} bits/dim', flush=True)
+    return stats
+
+
+def main(argv=None):
+    H, d, log = set_up(argv)
+    try:
+        splits = data.load_data(H)
+        model, ema = build_models(H, d)
+        optimizer = make_optimizer(H, model, d.device)
+        scaler = torch.amp.GradScaler(d.device.type) if H.precision == 'fp16' else None
+        if H.test_eval:
+            load_for_evaluation(H, d, model, ema, optimizer, scaler, log)
+            return run_test_eval(H, d, splits, ema, log)
+        progress = restore(H, d, model, ema, optimizer, scaler, log)
+        if d.is_main:
+            with open(os.path.join(H.run_dir, 'hparams.json'), 'w') as f:
+                json.dump(dict(H), f, indent=1, sort_keys=True)
+        for k in sorted(H):
+            log(type='hparam', key=k, value=H[k])
+        n = model.num_params()
+        log(total_params=n, readable=f'{n:,}')
+        log(f'{n:,} parameters | {d.world_size} process(es) via {d.launcher} | device {d.device} | '
+            f'precision {H.precision} | batch {H.n_batch}/process | logs and checkpoints in {H.run_dir}')
+        log('starting at epoch', progress['epoch'], 'iterate', progress['step'], 'eval loss', progress['best_eval'])
+        train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log)
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except UserError as e:
+        die(str(e))
