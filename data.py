@@ -1,0 +1,750 @@
+"""Data of the VDVAE presets: loaders, split rules, preprocessing and batching.
+
+Each dataset reads the files its ``setup_*.sh`` script puts under ``H.data_root``
+(README, "Data"):
+
+    cifar10        cifar-10-batches-py/data_batch_1..5, test_batch         ./setup_cifar10.sh
+    imagenet32     imagenet32-train.npy, imagenet32-valid.npy              ./setup_imagenet.sh imagenet32
+    imagenet64     imagenet64-train.npy, imagenet64-valid.npy              ./setup_imagenet.sh imagenet64
+    ffhq_256       ffhq-256.npy                                            ./setup_ffhq256.sh
+    ffhq_1024      ffhq1024/train/0/*.png, ffhq1024/valid/0/*.png          ./setup_ffhq1024.sh PATH
+    fashion_mnist  fashion_mnist/train-images-idx3-ubyte.gz, t10k-...     ./setup_fashion_mnist.sh
+
+Splits follow the release exactly (``split_indices``).  Unlike the release, which
+copies the permuted training set into RAM, ``.npy`` files stay memory-mapped and
+every batch is gathered with one indexing operation, so a process holds a few
+batches, never the data set.  Nothing here seeds a global RNG or moves data to a
+device; torch is imported where it is used, so the setup scripts' conversions run
+without it.  Typical use (train.py):
+
+    splits = load_data(H)                                   # Splits(train, valid, test)
+    for x in train_loader(splits.train, H.n_batch, seed=H.seed, epoch=epoch, rank=r, world_size=w,
+                          num_workers=2, pin_memory=True):
+        x_in, x_target = preprocess(H, x.to(device, non_blocking=True))
+
+Command line (also used by the setup scripts):
+
+    python data.py check --hps cifar10 [--data_root DIR]     # split sizes and files
+    python data.py convert-imagenet --split train --size 32 OUT.npy ZIP [ZIP ...]
+    python data.py pngs-to-npy --size 256 [--expect 70000] FOLDER OUT.npy
+    python data.py check-npy --dataset ffhq_256 FILE.npy
+    python data.py link-ffhq1024 [--partial] IMAGES_FOLDER DATA_ROOT
+"""
+import argparse
+import collections
+import gzip
+import io
+import mmap
+import os
+import pickle
+import re
+import struct
+import sys
+import zlib
+
+import numpy as np
+
+from hps import HPARAMS_REGISTRY, IMAGE_SHAPE, NORMALIZATION, UserError
+
+# --- Split rules (the release's data.py). ---
+# Datasets whose validation set is the last `holdout` entries of
+# np.random.RandomState(seed).permutation(n) over the training file's rows (the
+# release wrote np.random.seed(seed); np.random.permutation(n): the same stream).
+# fashion_mnist is ours: last 5000 of a RandomState(0) permutation of its 60000
+# training images; its test set is the 10000 t10k images.
+PERMUTATION_SPLITS = {'imagenet32': (42, 5000), 'imagenet64': (42, 5000), 'ffhq_256': (5, 7000),
+                      'fashion_mnist': (0, 5000)}
+# cifar10: sklearn.model_selection.train_test_split(trX, test_size=5000, random_state=11172018).
+CIFAR10_HOLDOUT, CIFAR10_SPLIT_SEED = 5000, 11172018
+# Targets: (x + SHIFT_LOSS) * SCALE_LOSS, in [-1, 1]; ffhq_1024 works on [0, 1] floats.
+LOSS_NORMALIZATION = {'ffhq_1024': (-0.5, 2.0)}
+DEFAULT_LOSS_NORMALIZATION = (-127.5, 1. / 127.5)
+LOW_BIT_DATASETS = ('ffhq_256',)  # 5-bit targets: floor(x / 8) * 8 before normalising
+FFHQ1024_TRAIN = 65000  # images 00000..64999.png train, 65000..69999.png valid (release)
+
+Splits = collections.namedtuple('Splits', 'train valid test')
+Splits.__doc__ = """ImageSources of one dataset; `test` is `valid` where the release evaluates on valid."""
+
+
+def dataset_name(preset_or_dataset):
+    """'cifar10', 'ffhq256', 'fashion_mnist_quick', ... -> the dataset name ('ffhq_256', ...)."""
+    if preset_or_dataset in IMAGE_SHAPE:
+        return preset_or_dataset
+    if preset_or_dataset in HPARAMS_REGISTRY and 'dataset' in HPARAMS_REGISTRY[preset_or_dataset]:
+        return HPARAMS_REGISTRY[preset_or_dataset]['dataset']
+    raise UserError(f"unknown dataset {preset_or_dataset!r}; known: {', '.join(IMAGE_SHAPE)}")
+
+
+def split_indices(preset_or_dataset, n):
+    """The release's train/valid split of a training file with n rows.
+
+    Returns (train_idx, valid_idx): int64 index arrays into the file's rows, in the
+    order the release's split returns them (that order is the order of the valid set,
+    whose first images the sample grid shows).  ffhq_1024 has no split inside a
+    folder (its valid images are a folder of their own): all rows train, none valid.
+    """
+    dataset = dataset_name(preset_or_dataset)
+    if dataset == 'ffhq_1024':
+        return np.arange(n, dtype=np.int64), np.arange(0, dtype=np.int64)
+    holdout = CIFAR10_HOLDOUT if dataset == 'cifar10' else PERMUTATION_SPLITS[dataset][1]
+    if n <= holdout:
+        raise UserError(f"{dataset}: the training file has {n} images, but its split holds out {holdout} "
+                        f"for validation, so it needs more than {holdout}")
+    if dataset == 'cifar10':
+        from sklearn.model_selection import train_test_split
+        train, valid = train_test_split(np.arange(n, dtype=np.int64), test_size=CIFAR10_HOLDOUT,
+                                        random_state=CIFAR10_SPLIT_SEED)
+        return train, valid
+    perm = np.random.RandomState(PERMUTATION_SPLITS[dataset][0]).permutation(n).astype(np.int64)
+    return perm[:-holdout], perm[-holdout:]
+
+
+# --- Image sources. ---
+
+class ImageSource:
+    """N images of one shape, read a batch at a time.
+
+    len(src) = N; src.shape = (N, H, W, C); src.path names the file or folder (for
+    messages).  src[idx] with idx a 1-D integer array of positions in [0, N) returns
+    uint8 (len(idx), H, W, C) in the order of idx.  A source may be a view of rows
+    `rows` of a file (the release's train/valid split of one file).
+    """
+
+    def __init__(self, path, image_shape, n_rows, rows=None):
+        self.path, self.image_shape, self.n_rows, self.rows = path, tuple(image_shape), n_rows, rows
+
+    def __len__(self):
+        return self.n_rows if self.rows is None else len(self.rows)
+
+    @property
+    def shape(self):
+        return (len(self),) + self.image_shape
+
+    def view(self, rows):
+        """The images at positions `rows` of this source, as a source of their own."""
+        rows = np.asarray(rows, dtype=np.int64)
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.rows = rows if self.rows is None else self.rows[rows]
+        return clone
+
+    def __getitem__(self, idx):
+        idx = np.asarray(idx)
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in 'iu'):
+            raise TypeError(f"index an ImageSource with a 1-D integer array, not {idx.dtype} {idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"index out of range [0, {len(self)}) for {self.path}")
+        rows = idx.astype(np.int64) if self.rows is None else self.rows[idx]
+        return self._gather(rows)
+
+    def _gather(self, rows):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.path!r}, shape={self.shape})"
+
+
+# Linux maps up to this many bytes of already-cached neighbouring pages on each page
+# fault ("fault-around"), so pages are released in windows of this size.
+FAULT_AROUND_BYTES = 65536
+
+
+class ArraySource(ImageSource):
+    """Images in a uint8 NHWC array: a read-only memory map of a .npy file, or an array
+    in RAM (cifar10, fashion_mnist, which are small)."""
+
+    def __init__(self, array, path, mm=None, offset=0, rows=None):
+        super().__init__(path, array.shape[1:], array.shape[0], rows)
+        self.array, self.mm, self.offset = array, mm, offset  # offset: bytes before row 0 in the file
+
+    def _gather(self, rows):
+        if self.mm is None:
+            return self.array[rows]
+        # Sort for locality, gather with one fancy-index op, then restore the order.
+        order = np.argsort(rows, kind='stable')
+        srt = rows[order]
+        out = np.empty((len(rows),) + self.image_shape, np.uint8)
+        out[order] = self.array[srt]
+        self._release(srt)
+        return out
+
+    def _release(self, sorted_rows):
+        """Unmap the pages just read (MADV_DONTNEED): they stay in the page cache, but
+        not in this process's resident set, which would otherwise grow towards the
+        file's size over an epoch."""
+        if not len(sorted_rows) or not hasattr(mmap, 'MADV_DONTNEED'):
+            return
+        row_bytes, page = int(np.prod(self.image_shape)), max(mmap.PAGESIZE, FAULT_AROUND_BYTES)
+        start = self.offset + sorted_rows * row_bytes
+        starts, ends = start // page * page, -(-(start + row_bytes) // page) * page
+        new_run = np.flatnonzero(starts[1:] > ends[:-1]) + 1  # merge touching ranges
+        for a, b in zip(np.r_[0, new_run], np.r_[new_run, len(starts)]):
+            self.mm.madvise(mmap.MADV_DONTNEED, int(starts[a]), int(ends[b - 1] - starts[a]))
+
+    def __getstate__(self):  # for spawned DataLoader workers: reopen the map, don't copy it
+        state = dict(self.__dict__)
+        if self.mm is not None:
+            state['array'] = state['mm'] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.array is None:
+            self.array, self.mm, self.offset = _map_npy(self.path)
+
+
+class PngFolderSource(ImageSource):
+    """The .png files of one folder, in sorted file-name order, decoded with Pillow
+    on each read (ffhq_1024; the release read them with torchvision's ImageFolder)."""
+
+    def __init__(self, folder, image_shape, hint, rows=None):
+        if not os.path.isdir(folder):
+            raise UserError(f"{folder} not found (a folder of .png images); {hint}")
+        names = sorted(os.listdir(folder))
+        others = [x for x in names if not (x.lower().endswith('.png') and os.path.isfile(os.path.join(folder, x)))]
+        if others:
+            raise UserError(f"{folder} must hold only .png images, but it holds {others[0]!r}"
+                            f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}")
+        if not names:
+            raise UserError(f"{folder} holds no .png images; {hint}")
+        super().__init__(folder, image_shape, len(names), rows)
+        self.files = [os.path.join(folder, x) for x in names]
+        _read_png(self.files[0], self.image_shape, header_only=True)
+
+    def _gather(self, rows):
+        return np.stack([_read_png(self.files[r], self.image_shape) for r in rows])
+
+
+def _read_png(path, image_shape, header_only=False):
+    """Decode one PNG into uint8 (H, W, C); UserError naming the file if it is not
+    a readable PNG of that size and channel count."""
+    from PIL import Image
+    h, w, c = image_shape
+    mode = {1: 'L', 3: 'RGB'}[c]
+    try:
+        with Image.open(path) as im:
+            if im.format != 'PNG' or im.mode != mode or im.size != (w, h):
+                raise UserError(f"{path}: expected a {w}x{h} {mode} PNG, found a {im.size[0]}x{im.size[1]} "
+                                f"{im.mode} {im.format}")
+            if header_only:
+                return None
+            return np.asarray(im, dtype=np.uint8).reshape(h, w, c)
+    except UserError:
+        raise
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad files
+        raise UserError(f"{path}: cannot decode it as a PNG image ({type(e).__name__}: {e})") from None
+
+
+# --- Readers of the on-disk formats. ---
+
+def _map_npy(path):
+    """Memory-map a .npy file read-only: (array, mmap, data offset)."""
+    with open(path, 'rb') as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+        except Exception as e:
+            raise UserError(f"{path}: not a readable .npy file ({e})") from None
+        offset = f.tell()
+        size = os.fstat(f.fileno()).st_size
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if dtype != np.uint8 or fortran or len(shape) != 4:
+            raise UserError(f"{path}: expected a uint8 array of shape (N, H, W, C) in C order, "
+                            f"found {dtype} {shape}{' (Fortran order)' if fortran else ''}")
+        if size != offset + nbytes:
+            raise UserError(f"{path}: the header says {shape} ({offset + nbytes} bytes) but the file has "
+                            f"{size} bytes ({'truncated' if size < offset + nbytes else 'trailing data'})")
+        if nbytes == 0:
+            raise UserError(f"{path}: holds no images (shape {shape})")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.ndarray(shape, np.uint8, buffer=mm, offset=offset), mm, offset
+
+
+def open_npy(path, dataset, hint='see README, "Data"'):
+    """A .npy file of `dataset` images (N, H, W, C) uint8 as a memory-mapped ArraySource."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; {hint}")
+    array, mm, offset = _map_npy(path)
+    size, channels = IMAGE_SHAPE[dataset]
+    if array.shape[1:] != (size, size, channels):
+        raise UserError(f"{path}: expected {dataset} images of shape (N, {size}, {size}, {channels}), "
+                        f"found {array.shape}")
+    return ArraySource(array, path, mm, offset)
+
+
+# Pickles hold numpy arrays, lists, dicts and strings; anything else is refused, so a
+# tampered download cannot run code while it is loaded.
+def _numpy_pickle_globals():
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray, numeric
+    found = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype}
+    for module in ('numpy.core', 'numpy._core'):
+        found[module + '.multiarray', '_reconstruct'] = multiarray._reconstruct
+        found[module + '.multiarray', 'scalar'] = multiarray.scalar
+        found[module + '.numeric', '_frombuffer'] = numeric._frombuffer
+    import _codecs
+    found['_codecs', 'encode'] = _codecs.encode  # bytes in protocol-2 pickles
+    return found
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    allowed = None
+
+    def find_class(self, module, name):
+        if _ArrayUnpickler.allowed is None:
+            _ArrayUnpickler.allowed = _numpy_pickle_globals()
+        if (module, name) not in self.allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return self.allowed[module, name]
+
+
+def _load_pickled_batch(f, where, columns):
+    """One pickled batch (CIFAR-10 or downsampled ImageNet): a dict whose 'data' is
+    (N, columns) uint8, rows = flattened CHW images.  Returns that array."""
+    try:
+        # latin1 reads Python 2 pickles (CIFAR-10's) as well as Python 3 ones.
+        batch = _ArrayUnpickler(f, encoding='latin1').load()
+    except Exception as e:
+        raise UserError(f"{where}: not a readable pickled batch ({type(e).__name__}: {e})") from None
+    if isinstance(batch, dict):
+        batch = {k.decode('latin1') if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    data = batch.get('data') if isinstance(batch, dict) else None
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == columns):
+        found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise UserError(f"{where}: expected a dict whose 'data' is uint8 (N, {columns}) (flattened CHW images), "
+                        f"found {found if isinstance(batch, dict) else type(batch).__name__}")
+    return data
+
+
+def _chw_rows_to_nhwc(data, size):
+    return data.reshape(-1, 3, size, size).transpose(0, 2, 3, 1)
+
+
+def _read_idx_images(path, hint):
+    """An idx3-ubyte(.gz) image file (MNIST format) as uint8 (N, 28, 28, 1)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; {hint}")
+    try:
+        with gzip.open(path, 'rb') as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: not a readable gzip file ({e}); {hint}") from None
+    magic, n, h, w = struct.unpack('>4i', raw[:16]) if len(raw) >= 16 else (None,) * 4
+    if magic != 0x803 or (h, w) != (28, 28):
+        raise UserError(f"{path}: expected an idx3-ubyte file of 28x28 images (magic 2051), "
+                        f"found magic {magic} and image size {h}x{w}")
+    if len(raw) != 16 + n * h * w:
+        raise UserError(f"{path}: the header says {n} images ({16 + n * h * w} bytes) but it holds {len(raw)} bytes")
+    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, h, w, 1)
+
+
+# --- Loaders, one per dataset. ---
+
+def _hint(dataset, data_root):
+    script = {'cifar10': './setup_cifar10.sh', 'imagenet32': './setup_imagenet.sh imagenet32',
+              'imagenet64': './setup_imagenet.sh imagenet64', 'ffhq_256': './setup_ffhq256.sh',
+              'ffhq_1024': './setup_ffhq1024.sh /path/to/images1024x1024',
+              'fashion_mnist': './setup_fashion_mnist.sh'}[dataset]
+    return f"run `{script} {data_root}` first (README, \"Data\")"
+
+
+def _split_file(source, dataset):
+    train, valid = split_indices(dataset, len(source))
+    return source.view(train), source.view(valid)
+
+
+def load_cifar10(data_root):
+    folder = os.path.join(data_root, 'cifar-10-batches-py')
+    hint = _hint('cifar10', data_root)
+
+    def batch(name):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise UserError(f"{path} not found; {hint}")
+        with open(path, 'rb') as f:
+            return _chw_rows_to_nhwc(_load_pickled_batch(f, path, 3 * 32 * 32), 32)
+
+    train = ArraySource(np.concatenate([batch(f'data_batch_{i}') for i in range(1, 6)]), folder)
+    test = ArraySource(np.ascontiguousarray(batch('test_batch')), os.path.join(folder, 'test_batch'))
+    return Splits(*_split_file(train, 'cifar10'), test)
+
+
+def load_imagenet(data_root, dataset):
+    hint = _hint(dataset, data_root)
+    train = open_npy(os.path.join(data_root, f'{dataset}-train.npy'), dataset, hint)
+    test = open_npy(os.path.join(data_root, f'{dataset}-valid.npy'), dataset, hint)  # the release's test set
+    return Splits(*_split_file(train, dataset), test)
+
+
+def load_ffhq256(data_root):
+    train, valid = _split_file(open_npy(os.path.join(data_root, 'ffhq-256.npy'), 'ffhq_256',
+                                        _hint('ffhq_256', data_root)), 'ffhq_256')
+    return Splits(train, valid, valid)
+
+
+def load_ffhq1024(data_root):
+    hint, shape = _hint('ffhq_1024', data_root), (1024, 1024, 3)
+    train = PngFolderSource(os.path.join(data_root, 'ffhq1024', 'train', '0'), shape, hint)
+    valid = PngFolderSource(os.path.join(data_root, 'ffhq1024', 'valid', '0'), shape, hint)
+    return Splits(train, valid, valid)
+
+
+def load_fashion_mnist(data_root):
+    folder, hint = os.path.join(data_root, 'fashion_mnist'), _hint('fashion_mnist', data_root)
+    train_path = os.path.join(folder, 'train-images-idx3-ubyte.gz')
+    test_path = os.path.join(folder, 't10k-images-idx3-ubyte.gz')
+    train = ArraySource(_read_idx_images(train_path, hint), train_path)
+    test = ArraySource(_read_idx_images(test_path, hint), test_path)
+    return Splits(*_split_file(train, 'fashion_mnist'), test)
+
+
+LOADERS = {'cifar10': load_cifar10, 'imagenet32': lambda root: load_imagenet(root, 'imagenet32'),
+           'imagenet64': lambda root: load_imagenet(root, 'imagenet64'), 'ffhq_256': load_ffhq256,
+           'ffhq_1024': load_ffhq1024, 'fashion_mnist': load_fashion_mnist}
+
+
+def load_data(H):
+    """Splits(train, valid, test) of H.dataset under H.data_root, as ImageSources.
+
+    Reads headers (and the small cifar10 / fashion_mnist files); big files stay on
+    disk.  Raises UserError, naming the file and the setup script, when data is
+    missing or malformed.  No device moves, no global seeding.
+    """
+    if H.dataset not in LOADERS:
+        raise UserError(f"unknown dataset {H.dataset!r}; known: {', '.join(LOADERS)}")
+    size, channels = IMAGE_SHAPE[H.dataset]
+    if (H.image_size, H.image_channels) != (size, channels):
+        raise UserError(f"{H.dataset} images are {size}x{size}x{channels}, but image_size={H.image_size} and "
+                        f"image_channels={H.image_channels}; leave these to the preset")
+    return LOADERS[H.dataset](H.data_root)
+
+
+# --- Preprocessing (the release's float32 math, in its order). ---
+
+_constant_cache = {}
+
+
+def _constants(dataset, device):
+    """shift, scale, shift_loss, scale_loss as float32 (1,1,1,1) tensors on `device`,
+    made once per device like the release's .cuda() constants."""
+    import torch
+    key = (dataset, str(device))
+    if key not in _constant_cache:
+        values = NORMALIZATION[dataset] + LOSS_NORMALIZATION.get(dataset, DEFAULT_LOSS_NORMALIZATION)
+        _constant_cache[key] = tuple(torch.tensor([v], device=device).view(1, 1, 1, 1) for v in values)
+    return _constant_cache[key]
+
+
+def preprocess(H, batch):
+    """uint8 (B, H, W, C) images on any device -> (x_in, x_target), float32 NHWC there.
+
+    x_in = (x + shift) * scale with H.dataset's NORMALIZATION (never quantised);
+    x_target = (x - 127.5) / 127.5 in [-1, 1], computed as (x + -127.5) * (1/127.5);
+    ffhq_256 quantises the target to 5 bits first: floor(x / 8) * 8.  ffhq_1024
+    works on x = uint8 / 255 (torchvision's ToTensor): target (x - 0.5) * 2.
+    """
+    import torch
+    if batch.dtype != torch.uint8 or batch.dim() != 4:
+        raise ValueError(f"preprocess expects uint8 (B, H, W, C) images, got {batch.dtype} {tuple(batch.shape)}")
+    shift, scale, shift_loss, scale_loss = _constants(H.dataset, batch.device)
+    x_in = batch.float().div(255) if H.dataset == 'ffhq_1024' else batch.float()
+    x_target = x_in.clone()
+    x_in.add_(shift).mul_(scale)
+    if H.dataset in LOW_BIT_DATASETS:
+        x_target.mul_(1. / 8.).floor_().mul_(8.)
+    x_target.add_(shift_loss).mul_(scale_loss)
+    return x_in, x_target
+
+
+# --- Batching and distributed sharding. ---
+
+class _Batches:  # a map-style dataset for torch's DataLoader
+    """Item i = the whole batch source[batches[i]], as a uint8 tensor (B, H, W, C)."""
+
+    def __init__(self, source, batches):
+        self.source, self.batches = source, batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        import torch
+        return torch.from_numpy(self.source[self.batches[i]])
+
+
+def _loader(source, batches, num_workers, pin_memory):
+    import torch
+    # batch_size=None: no collation; each worker holds at most prefetch_factor batches.
+    return torch.utils.data.DataLoader(
+        _Batches(source, batches), batch_size=None, shuffle=False, num_workers=num_workers,
+        pin_memory=pin_memory and torch.cuda.is_available(), prefetch_factor=2 if num_workers else None)
+
+
+def _check_rank(rank, world_size):
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+
+
+def train_batches_per_epoch(n, batch_size, world_size):
+    """Training steps per epoch on every rank: each rank gets n // world_size images
+    (the remainder is dropped) and drops its last partial batch."""
+    return (n // world_size) // batch_size
+
+
+def train_batch_indices(n, batch_size, *, seed, epoch, rank=0, world_size=1):
+    """(steps, batch_size) positions into a source of n images for one rank and epoch.
+
+    A permutation from np.random.default_rng((seed, epoch)) (no global state; the
+    same `seed` on every rank) is cut into world_size equal, disjoint, contiguous
+    shards; rank r takes shard r and cuts it into whole batches.
+    """
+    _check_rank(rank, world_size)
+    steps, per_rank = train_batches_per_epoch(n, batch_size, world_size), n // world_size
+    perm = np.random.default_rng((seed, epoch)).permutation(n)
+    return perm[rank * per_rank:rank * per_rank + steps * batch_size].reshape(steps, batch_size)
+
+
+def train_loader(source, batch_size, *, seed, epoch, rank=0, world_size=1, start_batch=0, num_workers=0,
+                 pin_memory=False):
+    """Training batches of one epoch for one rank: uint8 tensors (batch_size, H, W, C).
+
+    Order from train_batch_indices (reshuffled every epoch from `seed`, which must be
+    the same on every rank); `start_batch` skips the batches already trained on this
+    epoch, for an exact resume.  pin_memory pins batches (when CUDA is present) so
+    that `.to(device, non_blocking=True)` overlaps the copy.
+    """
+    steps = train_batches_per_epoch(len(source), batch_size, world_size)
+    if steps == 0:
+        raise UserError(f"{source.path}: {len(source)} training images give no batch of {batch_size} per rank "
+                        f"with {world_size} ranks")
+    batches = train_batch_indices(len(source), batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    return _loader(source, batches[start_batch:], num_workers, pin_memory)
+
+
+def eval_shard(n, rank, world_size):
+    """Positions rank r evaluates: a contiguous block of range(n).  Over all ranks
+    every position appears exactly once; block sizes differ by at most one."""
+    _check_rank(rank, world_size)
+    return np.arange(n * rank // world_size, n * (rank + 1) // world_size, dtype=np.int64)
+
+
+def eval_loader(source, batch_size, *, rank=0, world_size=1, num_workers=0, pin_memory=False):
+    """Evaluation batches of rank r's shard in order, uint8 (B, H, W, C); the last batch
+    may be smaller, so ranks may run different numbers of batches (by at most one):
+    sum per-image statistics locally and all-reduce once after the loop."""
+    shard = eval_shard(len(source), rank, world_size)
+    return _loader(source, [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)],
+                   num_workers, pin_memory)
+
+
+# --- Building the release's .npy layout (used by the setup scripts). ---
+
+class NpyWriter:
+    """Streams uint8 rows of one shape into a .npy file whose row count is known only
+    at the end.  Writes to PATH.tmp-PID and renames it to PATH on success, so a failed
+    or interrupted run never leaves a half-written PATH behind."""
+    HEADER_BYTES = 128  # a 4-D uint8 header, padded to 64-byte alignment, always fits
+
+    def __init__(self, path, row_shape, chunk=4096):
+        self.path, self.row_shape, self.chunk, self.n = path, tuple(row_shape), chunk, 0
+        self.tmp = f"{path}.tmp-{os.getpid()}"
+        self.f = open(self.tmp, 'wb')
+        self.f.seek(self.HEADER_BYTES)
+
+    def write(self, rows):
+        assert rows.dtype == np.uint8 and rows.shape[1:] == self.row_shape, (rows.dtype, rows.shape)
+        for i in range(0, len(rows), self.chunk):
+            self.f.write(np.ascontiguousarray(rows[i:i + self.chunk]).data)
+        self.n += len(rows)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is None:
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(
+                header, {'descr': '|u1', 'fortran_order': False, 'shape': (self.n,) + self.row_shape})
+            assert len(header.getvalue()) == self.HEADER_BYTES, len(header.getvalue())
+            self.f.seek(0)
+            self.f.write(header.getvalue())
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.tmp, self.path)
+        else:
+            self.f.close()
+            os.remove(self.tmp)
+
+
+def convert_imagenet(zip_paths, out_path, split, size):
+    """Downsampled ImageNet zips (Imagenet{32,64}_train*.zip / _val.zip from the
+    image-net.org download page) -> the release's .npy layout (N, size, size, 3) uint8.
+
+    The zips hold pickled batches `train_data_batch_1..10` (imagenet64: 1-5 in
+    _part1.zip, 6-10 in _part2.zip) or `val_data`, each a dict whose 'data' is
+    (N, 3*size*size) flattened CHW uint8.  Batches are written in numeric order
+    (1, 2, ..., 10), rows in their stored order.  Returns the number of images.
+    """
+    import zipfile
+    pattern = re.compile(r'train_data_batch_(\d+)' if split == 'train' else r'val_data')
+    members = []  # (batch number, zip, member name)
+    for zip_path in zip_paths:
+        if not os.path.isfile(zip_path):
+            raise UserError(f"{zip_path} not found")
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise UserError(f"{zip_path}: not a readable zip file ({e})") from None
+        for name in names:
+            match = pattern.fullmatch(name.rsplit('/', 1)[-1])
+            if match:
+                members.append((int(match.group(1)) if split == 'train' else 0, zip_path, name))
+    members.sort()
+    numbers = [m[0] for m in members]
+    wanted = 'train_data_batch_N' if split == 'train' else 'val_data'
+    if not members:
+        raise UserError(f"no {wanted} in {', '.join(zip_paths)}; expected the Imagenet{size}_"
+                        f"{'train' if split == 'train' else 'val'} zip(s) of Downsampled ImageNet")
+    if numbers != (list(range(1, 11)) if split == 'train' else [0]):
+        raise UserError(f"{', '.join(zip_paths)}: expected {'train_data_batch_1..10' if split == 'train' else wanted} "
+                        f"once each, found {[m[2].rsplit('/', 1)[-1] for m in members]} "
+                        f"(imagenet64: pass both _part1.zip and _part2.zip)")
+    with NpyWriter(out_path, (size, size, 3)) as writer:
+        for number, zip_path, name in members:
+            with zipfile.ZipFile(zip_path) as zf, zf.open(name) as f:
+                data = _load_pickled_batch(f, f"{zip_path}:{name}", 3 * size * size)
+            writer.write(_chw_rows_to_nhwc(data, size))
+            print(f"{zip_path}:{name}: {len(data)} images", flush=True)
+    print(f"wrote {out_path}: {writer.n} images of {size}x{size}x3", flush=True)
+    return writer.n
+
+
+def pngs_to_npy(folder, out_path, size, expect=None):
+    """All *.png under `folder` (recursively), sorted by relative path, -> one .npy of
+    (N, size, size, 3) uint8.  Every file must decode as a size x size RGB PNG."""
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder} not found (a folder of .png images)")
+    files = sorted(os.path.relpath(os.path.join(root, x), folder)
+                   for root, _, names in os.walk(folder, followlinks=True) for x in names if x.lower().endswith('.png'))
+    if not files or (expect is not None and len(files) != expect):
+        raise UserError(f"{folder}: expected {expect or 'some'} .png images, found {len(files)}")
+    with NpyWriter(out_path, (size, size, 3)) as writer:
+        for i, name in enumerate(files):
+            writer.write(_read_png(os.path.join(folder, name), (size, size, 3))[None])
+            if (i + 1) % 10000 == 0:
+                print(f"{i + 1} / {len(files)} images", flush=True)
+    print(f"wrote {out_path}: {writer.n} images of {size}x{size}x3 from {folder} (sorted by file name)", flush=True)
+    return writer.n
+
+
+def link_ffhq1024(images_folder, data_root, partial=False):
+    """Link FFHQ's 1024x1024 images (NNNNN.png, anywhere under images_folder, e.g. in
+    its 00000/, 01000/, ... subfolders) into the release's layout:
+    data_root/ffhq1024/train/0/00000..64999.png and valid/0/65000..69999.png.
+    Builds the tree under a temporary name and renames it into place."""
+    import shutil
+    out = os.path.join(data_root, 'ffhq1024')
+    if os.path.isdir(out):
+        counts = [len(os.listdir(os.path.join(out, s, '0'))) for s in ('train', 'valid')]
+        print(f"{out} already exists ({counts[0]} train, {counts[1]} valid images); nothing to do")
+        return
+    if not os.path.isdir(images_folder):
+        raise UserError(f"{images_folder} not found; pass the folder of FFHQ's images1024x1024")
+    found, ignored = {}, 0
+    for root, dirs, names in os.walk(images_folder):
+        dirs[:] = sorted(d for d in dirs if d != 'ffhq1024')
+        for name in sorted(names):
+            match = re.fullmatch(r'(\d{5})\.png', name)
+            if not match:
+                ignored += 1
+                continue
+            number = int(match.group(1))
+            if number in found:
+                raise UserError(f"{name} found twice: {found[number]} and {os.path.join(root, name)}")
+            found[number] = os.path.abspath(os.path.join(root, name))
+    missing = sorted(set(range(70000)) - set(found))
+    extra = sorted(set(found) - set(range(70000)))
+    if extra or (missing and not partial) or not found:
+        raise UserError(f"{images_folder}: expected FFHQ's 70000 images 00000.png..69999.png, found {len(found)}"
+                        f" ({len(missing)} missing{f', first {missing[0]:05d}.png' if missing else ''}"
+                        f"{f'; unexpected {extra[0]:05d}.png' if extra else ''})")
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        for split in ('train', 'valid'):
+            os.makedirs(os.path.join(tmp, split, '0'))
+        for number, path in sorted(found.items()):
+            split = 'train' if number < FFHQ1024_TRAIN else 'valid'
+            os.symlink(path, os.path.join(tmp, split, '0', f'{number:05d}.png'))
+        PngFolderSource(os.path.join(tmp, 'train' if min(found) < FFHQ1024_TRAIN else 'valid', '0'),
+                        (1024, 1024, 3), '')
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n_train = sum(k < FFHQ1024_TRAIN for k in found)
+    print(f"linked {n_train} train and {len(found) - n_train} valid images into {out}"
+          f"{f' (ignored {ignored} files not named NNNNN.png)' if ignored else ''}")
+
+
+# --- Command line. ---
+
+def _check(args):
+    from hps import get_hparams
+    H = get_hparams(['--hps', args.hps] + (['--data_root', args.data_root] if args.data_root else []))
+    splits = load_data(H)
+    for name, source in splits._asdict().items():
+        print(f"{H.dataset} {name:5s} {len(source):8d} images {source.shape[1:]} from {source.path}")
+
+
+def _check_npy(args):
+    source = open_npy(args.file, args.dataset)
+    print(f"{args.file}: {len(source)} {args.dataset} images of {source.shape[1:]} uint8, complete")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    sub = parser.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('check', help='load a preset\'s data and print its split sizes')
+    p.add_argument('--hps', default='fashion_mnist', help='preset name')
+    p.add_argument('--data_root', default=None, help='data folder (default: the preset\'s)')
+    p.set_defaults(run=_check)
+    p = sub.add_parser('check-npy', help='check that a .npy file holds complete images of a dataset')
+    p.add_argument('--dataset', required=True, choices=sorted(IMAGE_SHAPE))
+    p.add_argument('file')
+    p.set_defaults(run=_check_npy)
+    p = sub.add_parser('convert-imagenet', help='Downsampled ImageNet zips -> the release\'s .npy layout')
+    p.add_argument('--split', required=True, choices=['train', 'val'])
+    p.add_argument('--size', required=True, type=int, choices=[32, 64])
+    p.add_argument('out')
+    p.add_argument('zips', nargs='+')
+    p.set_defaults(run=lambda a: convert_imagenet(a.zips, a.out, a.split, a.size))
+    p = sub.add_parser('pngs-to-npy', help='a folder of PNGs (sorted by name) -> one .npy')
+    p.add_argument('--size', required=True, type=int)
+    p.add_argument('--expect', type=int, default=None, help='required number of images')
+    p.add_argument('folder')
+    p.add_argument('out')
+    p.set_defaults(run=lambda a: pngs_to_npy(a.folder, a.out, a.size, a.expect))
+    p = sub.add_parser('link-ffhq1024', help='link FFHQ 1024 images into DATA_ROOT/ffhq1024/{train,valid}/0')
+    p.add_argument('--partial', action='store_true', help='allow a subset of the 70000 images')
+    p.add_argument('images_folder')
+    p.add_argument('data_root')
+    p.set_defaults(run=lambda a: link_ffhq1024(a.images_folder, a.data_root, a.partial))
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()
