@@ -148,6 +148,8 @@ def add_vae_arguments(parser):
     a('--num_epochs', type=int, default=10000, help='epochs to train')
     a('--max_iters', type=int, default=0, help='stop when the iteration counter reaches this (0 = no limit)')
     a('--n_batch', type=int, default=32, help='batch size per process')
+    a('--valid_images', type=int, default=0,
+      help='evaluate on only the first N validation images during training (0: all); --test_eval always uses all')
     a('--n_batch_eval', type=int, default=0, help='evaluation batch size per process (0: 4 x n_batch)')
     a('--adam_beta1', type=float, default=0.9, help='Adam beta1')
     a('--adam_beta2', type=float, default=0.9, help='Adam beta2')

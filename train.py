@@ -26,7 +26,7 @@ from tqdm import tqdm
 import data
 from hps import UserError, get_hparams
 from utils import (atomic_copy, atomic_save, barrier, cleanup_distributed, die, file_crc, gather_objects,
-                   load_optimizer_file, logger, read_log, restore_log, restore_params, safe_torch_load,
+                   load_optimizer_file, logger, param_spread_across_ranks, read_log, restore_log, restore_params, safe_torch_load,
                    setup_distributed, stats_over_ranks, allreduce)
 from vae import VAE
 
@@ -44,9 +44,7 @@ def set_up(argv=None):
         local = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('MPI_LOCALNRANKS', 1)))
         torch.set_num_threads(H.threads or max(1, (os.cpu_count() or 1) // local))
     H.run_dir = os.path.join(H.save_dir, H.desc)
-    if d.is_main:
-        os.makedirs(H.run_dir, exist_ok=True)
-    barrier()
+    check_restore_paths(H)
     log = logger(os.path.join(H.run_dir, 'log'), is_main=d.is_main)
     return H, d, log
 
@@ -161,6 +159,12 @@ def find_checkpoint(run_dir):
     return prefix, st
 
 
+def check_restore_paths(H):
+    for flag in ['restore_path', 'restore_ema_path', 'restore_log_path', 'restore_optimizer_path']:
+        if H[flag] and not os.path.isfile(H[flag]):
+            raise UserError(f"--{flag} {H[flag]}: no such file")
+
+
 def restore(H, d, model, ema, optimizer, scaler, log):
     """Apply --resume / the run folder's newest checkpoint, or the release's four restore
     flags.  Returns progress: step, epoch, batch (next batch within the epoch), best_eval."""
@@ -183,25 +187,26 @@ def restore(H, d, model, ema, optimizer, scaler, log):
             log(f'note: checkpoint written by {len(rngs)} processes, now {d.world_size}: '
                 'data order is kept, posterior noise is reseeded')
         return {k: st[k] for k in progress}
-    for path in [H.restore_path, H.restore_ema_path, H.restore_log_path, H.restore_optimizer_path]:
-        if path and not os.path.exists(path):
-            raise UserError(f"restore file {path} does not exist")
+    check_restore_paths(H)
+    # load everything before logging anything, so a bad file leaves no trace in the run folder
     if H.restore_path:
         restore_params(model, H.restore_path, H)
-        log(f'restored model from {H.restore_path}')
     if H.restore_ema_path:
         restore_params(ema, H.restore_ema_path, H)
-        log(f'restored EMA model from {H.restore_ema_path}')
     elif H.restore_path:
         ema.load_state_dict(model.state_dict())
     if H.restore_optimizer_path:
         load_optimizer_file(optimizer, H.restore_optimizer_path)
-        log(f'restored optimizer from {H.restore_optimizer_path}')
     if H.restore_log_path:
         best, step, epoch = restore_log(H.restore_log_path)
         # the release restarts at the beginning of the epoch its log reached
         progress.update(step=step, epoch=epoch, batch=0, best_eval=best)
-        log(f'restored log {H.restore_log_path}: starting at epoch {epoch}, step {step}, best eval elbo {best}')
+    for flag in ['restore_path', 'restore_ema_path', 'restore_optimizer_path', 'restore_log_path']:
+        if H[flag]:
+            log(f'restored --{flag} {H[flag]}')
+    if H.restore_log_path:
+        log(f'starting at epoch {progress["epoch"]}, step {progress["step"]} (from the log); '
+            f'best eval elbo so far {progress["best_eval"]}')
     return progress
 
 
@@ -398,6 +403,7 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
     ctx = precision_context(H, d.device)
     stopper = StopSignal()
     viz_batch = visualization_batch(H, splits.valid)
+    valid = splits.valid if not H.valid_images else splits.valid.view(np.arange(min(H.valid_images, len(splits.valid))))
     early_evals = set([1] + [2 ** exp for exp in range(3, 14)])
     n_batches = data.train_batches_per_epoch(len(splits.train), H.n_batch, d.world_size)
     if n_batches == 0:
@@ -456,7 +462,7 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
         else:
             start_batch = 0
             if epoch % H.epochs_per_eval == 0:
-                ev = evaluate(H, d, ema, splits.valid, desc='valid')
+                ev = evaluate(H, d, ema, valid, desc='valid')
                 progress['best_eval'] = min(progress['best_eval'], ev['elbo'])
                 log(model=H.desc, type='eval_loss', epoch=epoch, step=it, **ev)
                 if d.is_main:
@@ -467,7 +473,10 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
             continue
         break
     bar.close()
-    ev = evaluate(H, d, ema, splits.valid, desc='valid')
+    if d.world_size > 1:
+        spread = param_spread_across_ranks(model)
+        log(f'parameters differ across ranks by at most {spread}', type='rank_check', step=it, param_spread=spread)
+    ev = evaluate(H, d, ema, valid, desc='valid')
     log(model=H.desc, type='eval_loss', epoch=epoch, step=it, **ev)
     if d.is_main:
         write_images(H, d, ema, viz_batch, os.path.join(H.run_dir, f'samples-{it}.png'), log)
@@ -511,6 +520,7 @@ def main(argv=None):
             return run_test_eval(H, d, splits, ema, log)
         progress = restore(H, d, model, ema, optimizer, scaler, log)
         if d.is_main:
+            os.makedirs(H.run_dir, exist_ok=True)
             with open(os.path.join(H.run_dir, 'hparams.json'), 'w') as f:
                 json.dump(dict(H), f, indent=1, sort_keys=True)
         for k in sorted(H):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from hps import HPARAMS_REGISTRY, UserError, preset
 
@@ -103,6 +104,15 @@ def _collective_device():
     return torch.device('cpu')
 
 
+@torch.no_grad()
+def param_spread_across_ranks(model):
+    """Largest difference between ranks of any parameter tensor's sum (0.0 when the
+    replicas are in sync, as DDP promises)."""
+    fp = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(_collective_device())
+    hi, lo = allreduce(fp.clone(), 'max'), -allreduce(-fp, 'max')
+    return (hi - lo).abs().max().item()
+
+
 def gather_objects(obj):
     """List of ``obj`` from every rank (on every rank)."""
     if not dist.is_initialized():
@@ -140,7 +150,8 @@ def logger(log_prefix, is_main=True):
             txt.append(f'{k}: {val:.5f}' if isinstance(val, float) else f'{k}: {val}')
         txt_str = ', '.join(txt)
         json_str = json.dumps(argdict, sort_keys=pprint)
-        print(txt_str, flush=True)
+        tqdm.write(txt_str)
+        os.makedirs(os.path.dirname(jsonl_path) or '.', exist_ok=True)
         with open(txt_path, 'a+') as f:
             print(txt_str, file=f, flush=True)
         with open(jsonl_path, 'a+') as f:
