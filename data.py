@@ -203,8 +203,8 @@ class PngFolderSource(ImageSource):
         names = sorted(os.listdir(folder))
         others = [x for x in names if not (x.lower().endswith('.png') and os.path.isfile(os.path.join(folder, x)))]
         if others:
-            raise UserError(f"{folder} must hold only .png images, but it holds {others[0]!r}"
-                            f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}")
+            raise UserError(f"{folder} must hold only .png image files, but {others[0]!r}"
+                            f"{f' and {len(others) - 1} more entries' if len(others) > 1 else ''} is not one")
         if not names:
             raise UserError(f"{folder} holds no .png images; {hint}")
         super().__init__(folder, image_shape, len(names), rows)

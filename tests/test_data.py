@@ -8,7 +8,6 @@ Debian's dataset-fashion-mnist package); CI must have it, elsewhere that test sk
 when the package is neither installed nor installable.
 """
 import gzip
-import io
 import os
 import pickle
 import shutil
@@ -188,6 +187,9 @@ def test_imagenet_npy_files(tmp_path):
     np.testing.assert_array_equal(splits.train[idx], train[tr_idx[idx]])
     with pytest.raises(IndexError):
         splits.valid[np.array([5000])]
+    clone = pickle.loads(pickle.dumps(splits.valid))  # as a spawned DataLoader worker gets it
+    assert clone.mm is not splits.valid.mm
+    np.testing.assert_array_equal(clone[np.array([4999, 0])], train[va_idx[[4999, 0]]])
 
 
 def test_ffhq256_npy_sparse_file(tmp_path):
@@ -524,7 +526,7 @@ def test_bad_pickles_idx_and_pngs(tmp_path):
     with pytest.raises(UserError, match='00001.png: cannot decode'):
         splits.train[np.array([0, 1])]
     (train / 'notes.txt').write_text('x')
-    expect_user_error(hparams('ffhq1024', tmp_path), 'notes.txt', 'only .png')
+    expect_user_error(hparams('ffhq1024', tmp_path), 'notes.txt', 'only .png image files')
 
 
 def test_check_command_prints_split_sizes(tmp_path):
