@@ -482,9 +482,12 @@ class _Batches:  # a map-style dataset for torch's DataLoader
 def _loader(source, batches, num_workers, pin_memory):
     import torch
     # batch_size=None: no collation; each worker holds at most prefetch_factor batches.
+    # Its own generator: starting an iterator must not draw from the global torch RNG
+    # (that would make a resumed run's noise differ from an uninterrupted one's).
     return torch.utils.data.DataLoader(
         _Batches(source, batches), batch_size=None, shuffle=False, num_workers=num_workers,
-        pin_memory=pin_memory and torch.cuda.is_available(), prefetch_factor=2 if num_workers else None)
+        pin_memory=pin_memory and torch.cuda.is_available(), prefetch_factor=2 if num_workers else None,
+        generator=torch.Generator().manual_seed(0))
 
 
 def _check_rank(rank, world_size):
@@ -493,22 +496,25 @@ def _check_rank(rank, world_size):
 
 
 def train_batches_per_epoch(n, batch_size, world_size):
-    """Training steps per epoch on every rank: each rank gets n // world_size images
-    (the remainder is dropped) and drops its last partial batch."""
-    return (n // world_size) // batch_size
+    """Training steps per epoch on every rank: the epoch is cut into global batches of
+    batch_size * world_size images and the last partial global batch is dropped."""
+    return n // (batch_size * world_size)
 
 
 def train_batch_indices(n, batch_size, *, seed, epoch, rank=0, world_size=1):
     """(steps, batch_size) positions into a source of n images for one rank and epoch.
 
     A permutation from np.random.default_rng((seed, epoch)) (no global state; the
-    same `seed` on every rank) is cut into world_size equal, disjoint, contiguous
-    shards; rank r takes shard r and cuts it into whole batches.
+    same `seed` on every rank) is cut into global batches of batch_size * world_size
+    images; rank r takes rows [r * batch_size, (r + 1) * batch_size) of each.  The
+    ranks' shards are disjoint, and step i of N processes sees exactly the images of
+    step i of one process with batch_size * N, so the two train identically.
     """
     _check_rank(rank, world_size)
-    steps, per_rank = train_batches_per_epoch(n, batch_size, world_size), n // world_size
+    steps = train_batches_per_epoch(n, batch_size, world_size)
     perm = np.random.default_rng((seed, epoch)).permutation(n)
-    return perm[rank * per_rank:rank * per_rank + steps * batch_size].reshape(steps, batch_size)
+    global_batches = perm[:steps * batch_size * world_size].reshape(steps, world_size, batch_size)
+    return np.ascontiguousarray(global_batches[:, rank])
 
 
 def train_loader(source, batch_size, *, seed, epoch, rank=0, world_size=1, start_batch=0, num_workers=0,

@@ -393,6 +393,19 @@ def test_train_shards_are_disjoint_equal_and_reshuffled_per_epoch():
     np.testing.assert_array_equal(again, shards[1])
     other_epoch = data.train_batch_indices(n, b, seed=7, epoch=4, rank=1, world_size=w)
     assert not np.array_equal(other_epoch, shards[1])
+    # step i of w ranks = step i of one process with a w-times larger batch, rank by rank
+    single = data.train_batch_indices(n, b * w, seed=7, epoch=3)
+    np.testing.assert_array_equal(np.concatenate(shards, axis=1), single)
+
+
+def test_starting_a_loader_does_not_touch_the_global_rng():
+    source = data.ArraySource(random_images(np.random.default_rng(3), 40, 4), 'mem')
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    next(iter(data.train_loader(source, 8, seed=1, epoch=0)))
+    next(iter(data.eval_loader(source, 8)))
+    assert torch.equal(torch.rand(3), want)
 
 
 def test_train_loader_batches_and_exact_resume():
