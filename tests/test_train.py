@@ -64,10 +64,10 @@ def cifar_root(tmp_path_factory):
 
 
 def run(args, launcher=(), timeout=300, check=True, env=None):
-    cmd = list(launcher) + ([sys.executable] if not launcher or launcher[0] != 'torchrun' else []) + \
-        ['train.py'] + list(args)
     if launcher and launcher[0] == 'torchrun':
         cmd = [os.path.join(os.path.dirname(sys.executable), 'torchrun'), *launcher[1:], 'train.py', *args]
+    else:
+        cmd = [*launcher, sys.executable, 'train.py', *args]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                        env=dict(os.environ, **(env or {})))
     if check and p.returncode != 0:
@@ -152,7 +152,7 @@ def test_torchrun_two_processes_equal_one_process(fmnist_root, tmp_path):
 def test_mpiexec_two_processes_equal_one_process(fmnist_root, tmp_path):
     mpiexec = shutil.which('mpiexec', path=os.path.dirname(sys.executable)) or shutil.which('mpiexec')
     assert mpiexec, 'mpiexec not found: pip install mpich mpi4py'
-    _distributed_matches_single(fmnist_root, tmp_path, [mpiexec, '-n', '2', sys.executable], 'mpi')
+    _distributed_matches_single(fmnist_root, tmp_path, [mpiexec, '-n', '2'], 'mpi')
 
 
 def test_restore_official_bundle_and_continue(cifar_root, tmp_path):
