@@ -1,0 +1,740 @@
+"""Evaluate a trained VDVAE beyond the ELBO: importance-weighted NLL, per-layer KL,
+latent export, reconstructions and interpolations.  One mode per run:
+
+    python evaluate.py --hps cifar10 --restore_ema_path cifar10-seed0-iter-1050000-model-ema.th --n_importance 1000
+    python evaluate.py --hps cifar10 --restore_ema_path FILE --kl_stats [--inactive_threshold 0.01]
+    python evaluate.py --hps cifar10 --restore_ema_path FILE --encode [--encode_what both] [--encode_blocks 0-9]
+    python evaluate.py --hps cifar10 --restore_ema_path FILE --reconstruct --indices 0 1 2 3 [--keep 0,4,10,43]
+    python evaluate.py --hps cifar10 --restore_ema_path FILE --interpolate --images a.png b.png [--interp_layers 4,10]
+    torchrun --nproc_per_node 8 evaluate.py ...      # or mpiexec: each rank a shard, rank 0 writes
+
+Dataset modes read --split (test|valid|train) of the preset's data under --data_root,
+optionally only its first --n_images images.  Weights: --restore_ema_path (a released or
+our -model-ema.th), --restore_path, or else the newest checkpoint of {save_dir}/{desc}, whose
+saved config then decides the architecture.  Outputs go to --out_dir (default
+{save_dir}/{desc}), next to a log evaluate.jsonl/.txt.  Evaluation runs in float32, with
+posterior noise seeded from --seed and the position of each image in the split.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+from hps import UserError, add_vae_arguments, Hyperparams, parse_args_and_update_hparams
+from train import find_checkpoint, tile, write_png
+from utils import (Dist, allreduce, barrier, cleanup_distributed, die, gather_objects, logger, restore_params,
+                   setup_distributed)
+from vae import VAE, parse_layer_string
+from vae_helpers import gaussian_log_density
+
+LN2 = math.log(2)
+MODES = ('n_importance', 'kl_stats', 'encode', 'reconstruct', 'interpolate')
+# The keys that decide the network's shape and data; taken from a run folder's saved config.
+ARCH_KEYS = ('dataset', 'image_size', 'image_channels', 'width', 'zdim', 'custom_width_str', 'bottleneck_multiple',
+             'no_bias_above', 'num_mixtures', 'enc_blocks', 'dec_blocks')
+# Tags that keep the posterior / prior noise of different modes apart (see _seed).
+TAG_IWAE, TAG_KL, TAG_ENCODE, TAG_RECON, TAG_INTERP = range(1, 6)
+
+
+# ----------------------------------------------------------------------------- flags
+
+def add_eval_arguments(parser):
+    g = parser.add_argument_group('evaluation modes (exactly one)')
+    a = g.add_argument
+    a('--n_importance', type=int, default=None, metavar='K',
+      help='importance-weighted NLL bound with K posterior samples per image (K=1: the ELBO)')
+    a('--kl_stats', action='store_true', help='average KL per decoder block and per resolution (JSON + PNG)')
+    a('--encode', action='store_true', help='export per-block latents of a split to a compressed .npz')
+    a('--reconstruct', action='store_true', help='reconstructions keeping the first k latent layers (PNG grid)')
+    a('--interpolate', action='store_true', help='interpolate two images in the latents of the top layers')
+    g = parser.add_argument_group('evaluation options')
+    a = g.add_argument
+    a('--split', choices=['test', 'valid', 'train'], default='test', help='dataset split to read')
+    a('--n_images', type=int, default=0, help='use only the first N images of the split (0: all)')
+    a('--out_dir', type=str, default=None, help='output folder (default {save_dir}/{desc})')
+    a('--iw_batch', type=int, default=0,
+      help='posterior samples per decoder pass for --n_importance (0: --n_batch_eval, else 4 x n_batch); '
+           'K is streamed in chunks of this size, several images share a pass when K is smaller')
+    a('--inactive_threshold', type=float, default=0.01,
+      help='--kl_stats: a block whose average KL is below this many nats per image is flagged inactive')
+    a('--encode_what', choices=['dist', 'sample', 'both'], default='dist',
+      help='--encode: posterior means and log-stds (dist), posterior samples z (sample), or all three')
+    a('--encode_blocks', type=str, default='all', help='--encode: decoder blocks to export, e.g. "0-9,12" (all)')
+    a('--images', type=str, nargs='+', default=None, help='image files for --reconstruct/--interpolate')
+    a('--indices', type=int, nargs='+', default=None,
+      help='positions in --split for --reconstruct/--interpolate (instead of --images)')
+    a('--keep', type=str, default=None,
+      help='--reconstruct: comma-separated k values, each a row keeping the first k posterior latents '
+           '(default: num_variables_visualize values spread over the blocks, then all of them)')
+    a('--rest_temperature', type=float, default=0.1,
+      help='prior temperature of the latents not kept (--reconstruct) or not interpolated (--interpolate)')
+    a('--interp_layers', type=str, default=None,
+      help='--interpolate: comma-separated L values, each a row interpolating the top L blocks '
+           '(default: a quarter, half and all of the blocks)')
+    a('--interp_steps', type=int, default=8, help='--interpolate: interpolation points, end points included')
+    return parser
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Evaluate a VDVAE: IW bound, KL per layer, latents, pictures')
+    add_eval_arguments(parser)
+    add_vae_arguments(parser)
+    return parse_args_and_update_hparams(Hyperparams(), parser, argv)
+
+
+def _flag(name):
+    return f'--{name}' if name != 'n_importance' else '--n_importance K'
+
+
+def check_args(H):
+    """Errors that need neither the model nor the data, as one-line UserErrors."""
+    modes = [m for m in MODES if (H[m] is not None if m == 'n_importance' else H[m])]
+    if len(modes) != 1:
+        got = f"got {' and '.join('--' + m for m in modes)}" if modes else 'got none'
+        raise UserError(f"choose exactly one mode: --n_importance K, --kl_stats, --encode, --reconstruct or "
+                        f"--interpolate ({got}); run them one after the other")
+    H.mode = modes[0]
+    if H.mode == 'n_importance' and H.n_importance < 1:
+        raise UserError(f"--n_importance must be at least 1 (got {H.n_importance})")
+    for name in ('iw_batch', 'n_images'):
+        if H[name] < 0:
+            raise UserError(f"--{name} must be >= 0 (got {H[name]})")
+    if H.inactive_threshold < 0:
+        raise UserError(f"--inactive_threshold must be >= 0 (got {H.inactive_threshold})")
+    if H.rest_temperature < 0:
+        raise UserError(f"--rest_temperature must be >= 0 (got {H.rest_temperature})")
+    pictures = H.mode in ('reconstruct', 'interpolate')
+    if H.images is not None and H.indices is not None:
+        raise UserError("pass either --images or --indices, not both")
+    if not pictures:
+        for name in ('images', 'indices', 'keep', 'interp_layers'):
+            if H[name] is not None:
+                raise UserError(f"--{name} applies to --reconstruct/--interpolate, not to {_flag(H.mode)}")
+    else:
+        if H.images is None and H.indices is None:
+            raise UserError(f"--{H.mode} needs input images: --images FILE ... or --indices I ... (positions in "
+                            f"--split {H.split})")
+        n = len(H.images if H.images is not None else H.indices)
+        if H.mode == 'interpolate' and n != 2:
+            raise UserError(f"--interpolate needs exactly two images, got {n}")
+        if H.mode == 'interpolate' and H.interp_steps < 2:
+            raise UserError(f"--interp_steps must be at least 2 (got {H.interp_steps})")
+        for path in H.images or []:
+            if not os.path.isfile(path):
+                raise UserError(f"--images: {path}: no such file")
+        for i in H.indices or []:
+            if i < 0:
+                raise UserError(f"--indices must be >= 0 (got {i})")
+    for flag in ('restore_ema_path', 'restore_path'):
+        if H[flag] and not os.path.isfile(H[flag]):
+            raise UserError(f"--{flag} {H[flag]}: no such file")
+
+
+def _int_list(s, flag, lo, hi, n_blocks):
+    """'0,3,7' -> [0, 3, 7]; ranges like '2-5' allowed; every value in [lo, hi]."""
+    out = []
+    for tok in s.split(','):
+        try:
+            a, b = tok.split('-', 1) if '-' in tok else (tok, tok)
+            vals = list(range(int(a), int(b) + 1))
+        except ValueError:
+            raise UserError(f"{flag} {s!r}: expected comma-separated integers or ranges like 2-5") from None
+        bad = [v for v in vals if not lo <= v <= hi]
+        if bad or not vals:
+            raise UserError(f"{flag} {s!r}: {bad[0] if bad else tok} is out of range [{lo}, {hi}] (the model has "
+                            f"{n_blocks} decoder blocks)")
+        out += vals
+    return sorted(set(out), key=out.index)
+
+
+def check_model_args(H, n_blocks):
+    """Checks that need the number of decoder blocks; fills H.keep_list etc."""
+    if H.mode == 'reconstruct':
+        if H.keep is None:
+            spread = np.floor(np.linspace(0, 1, H.num_variables_visualize + 2) * n_blocks).astype(int)[1:-1]
+            H.keep_list = sorted(set(spread.tolist()) | {n_blocks})
+        else:
+            H.keep_list = _int_list(H.keep, '--keep', 0, n_blocks, n_blocks)
+    if H.mode == 'interpolate':
+        if H.interp_layers is None:
+            H.interp_list = sorted({max(1, n_blocks // 4), max(1, n_blocks // 2), n_blocks})
+        else:
+            H.interp_list = _int_list(H.interp_layers, '--interp_layers', 1, n_blocks, n_blocks)
+    if H.mode == 'encode':
+        H.encode_list = (list(range(n_blocks)) if H.encode_blocks == 'all'
+                         else sorted(_int_list(H.encode_blocks, '--encode_blocks', 0, n_blocks - 1, n_blocks)))
+
+
+# ----------------------------------------------------------------------------- model
+
+def resolve_weights(H):
+    """(path of the weights, notes).  A run folder's checkpoint brings its architecture."""
+    if H.restore_ema_path:
+        return H.restore_ema_path, [f'evaluating EMA weights {H.restore_ema_path}']
+    if H.restore_path:
+        return H.restore_path, [f"evaluating {H.restore_path} (not an EMA file: pass --restore_ema_path for the "
+                                "paper's numbers)"]
+    prefix, st = find_checkpoint(H.run_dir)
+    if prefix is None:
+        raise UserError(f"no weights to evaluate: pass --restore_ema_path FILE, or the --save_dir/--desc of a run "
+                        f"whose folder ({H.run_dir}) holds checkpoints")
+    saved = st.get('H') or {}
+    changed = {k: saved[k] for k in ARCH_KEYS if k in saved and saved[k] != H[k]}
+    H.update(changed)
+    notes = [f'evaluating EMA weights {prefix}-model-ema.th (step {st.get("step")})']
+    if changed:
+        notes.append(f'architecture from the run\'s saved config: {changed}')
+    return prefix + '-model-ema.th', notes
+
+
+def build_model(H, d, path):
+    model = VAE(H)
+    restore_params(model, path, H)
+    model.requires_grad_(False)
+    model.eval()
+    model.to(d.device)
+    if H.channels_last:
+        model.set_channels_last(True)
+    return model
+
+
+def _seed(H, tag, *key):
+    """A torch seed from --seed, the mode and a key (an image's position in the split, a
+    chunk): the noise an image sees does not depend on the process that evaluates it."""
+    return int(np.random.SeedSequence([H.seed % 2 ** 32, tag, *[int(k) + 1 for k in key]])
+               .generate_state(1, np.uint64)[0])
+
+
+# ----------------------------------------------------------------------------- importance weights
+
+def _log_ratio_hook(module, inputs, output):
+    """Forward hook on a DecBlock: replace the block's stats (z, q and p parameters, all
+    (N, zdim, R, R)) by their per-sample log-densities, so K samples never hold every
+    layer's parameters at once.  Densities in float64 (cheap next to the convolutions)."""
+    xs, st = output
+    z = st['z'].double()
+    log_q = gaussian_log_density(z, st['qm'].double(), st['qv'].double()).sum(dim=(1, 2, 3))
+    log_p = gaussian_log_density(z, st['pm'].double(), st['pv'].double()).sum(dim=(1, 2, 3))
+    return xs, dict(log_q=log_q, log_p=log_p)
+
+
+def _repeat(t, n):
+    """t repeated n times along the batch, in t's memory layout (the encoder's activations
+    are channels-last views; a layout change would change the convolutions' rounding)."""
+    fmt = torch.channels_last if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    return t.repeat(n, 1, 1, 1).contiguous(memory_format=fmt)
+
+
+@torch.no_grad()
+def log_weights(model, activations, x_target, n_samples):
+    """log w = log p(x|z) + log p(z) - log q(z|x) in nats, float64 (n_samples, B).
+
+    activations: the encoder's output for B images; z ~ q(z|x) is drawn top-down from the
+    hierarchical posterior (one decoder pass with every image repeated n_samples times,
+    row k*B + i = sample k of image i), p(z) = prod_i p(z_i | z_<i) and q(z|x) = prod_i
+    q(z_i | z_<i, x) are the Gaussian densities of every element of every block, and
+    log p(x|z) = -DMoL NLL.  With n_samples = 1 this is the single-sample ELBO of the
+    same noise that ``model.forward_with_dists`` would draw.
+    """
+    b = x_target.shape[0]
+    if n_samples > 1:
+        activations = {res: _repeat(a, n_samples) for res, a in activations.items()}
+        x_target = x_target.repeat(n_samples, 1, 1, 1)
+    hooks = [blk.register_forward_hook(_log_ratio_hook) for blk in model.decoder.dec_blocks]
+    try:
+        px_z, stats = model.decoder(activations, get_dists=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    ndims = x_target[0].numel()
+    lw = -model.decoder.out_net.nll(px_z, x_target).double() * ndims
+    for s in stats:
+        lw = lw + (s['log_p'] - s['log_q'])
+    return lw.view(n_samples, b)
+
+
+@torch.no_grad()
+def importance_weighted_bound(model, x_in, x_target, K, chunk, seed_fn=None):
+    """Per image: the IWAE bound log (1/K) sum_k w_k in nats (float64, (B,)), the mean of
+    log w_k (a K-sample estimate of the ELBO) and the effective sample size
+    (sum w)^2 / sum w^2.  The K samples are drawn ``chunk`` at a time with a running
+    logsumexp, so memory does not grow with K; ``seed_fn(c0)`` seeds chunk c0."""
+    acts = model.encoder(x_in)
+    b = x_in.shape[0]
+    lse = torch.full((b,), -math.inf, dtype=torch.float64, device=x_in.device)
+    lse2, total = lse.clone(), torch.zeros_like(lse)
+    for c0 in range(0, K, chunk):
+        if seed_fn is not None:
+            torch.manual_seed(seed_fn(c0))
+        lw = log_weights(model, acts, x_target, min(chunk, K - c0))
+        lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
+        lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
+        total += lw.sum(0)
+    return lse - math.log(K), total / K, torch.exp(2 * lse - lse2)
+
+
+def run_iwae(H, d, model, source, bar):
+    K = H.n_importance
+    budget = H.iw_batch or H.n_batch_eval or 4 * H.n_batch
+    chunk = min(K, budget)
+    per_pass = max(1, budget // chunk)  # images sharing a pass when K is small
+    ndims = H.image_size ** 2 * H.image_channels
+    shard = data.eval_shard(len(source), d.rank, d.world_size)
+    rows = []
+    for s in range(0, len(shard), per_pass):
+        idx = shard[s:s + per_pass]
+        x_in, x_target = data.preprocess(H, torch.from_numpy(source[idx]).to(d.device))
+        bound, elbo, ess = importance_weighted_bound(model, x_in, x_target, K, chunk,
+                                                     seed_fn=lambda c0: _seed(H, TAG_IWAE, idx[0], c0))
+        rows.append(np.stack([idx.astype(np.float64), (-bound / ndims).cpu().numpy(),
+                              (-elbo / ndims).cpu().numpy(), (ess / K).cpu().numpy()], 1))
+        bar.update(len(idx))
+    mine = np.concatenate(rows) if rows else np.zeros((0, 4))
+    every = np.concatenate(gather_objects(mine))  # contiguous shards: rank order = split order
+    if not d.is_main:
+        return None
+    index, nll, elbo, ess = every.T
+    ok = np.isfinite(nll) & np.isfinite(elbo)
+    n = int(ok.sum())
+    if n == 0:
+        raise UserError('every image gave a non-finite bound; is the checkpoint broken?')
+
+    def mean_se(v):
+        v = v[ok]
+        return float(v.mean()), float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else float('nan')
+
+    (m, se), (me, see), (mg, seg) = mean_se(nll), mean_se(elbo), mean_se(elbo - nll)
+    summary = dict(mode='iwae', split=H.split, dataset=H.dataset, n_images=n, n_nonfinite=int(len(nll) - n),
+                   n_importance=K, ndims=ndims, seed=H.seed,
+                   iw_nll_nats_per_dim=m, iw_nll_nats_per_dim_stderr=se,
+                   iw_nll_bits_per_dim=m / LN2, iw_nll_bits_per_dim_stderr=se / LN2,
+                   elbo_nats_per_dim=me, elbo_nats_per_dim_stderr=see,
+                   elbo_bits_per_dim=me / LN2, elbo_bits_per_dim_stderr=see / LN2,
+                   iw_gain_nats_per_dim=mg, iw_gain_nats_per_dim_stderr=seg,
+                   mean_ess_fraction=float(ess[ok].mean()))
+    per_image = dict(image_index=index.astype(np.int64), iw_nll_nats_per_dim=nll, elbo_nats_per_dim=elbo,
+                     ess_fraction=ess)
+    return summary, per_image
+
+
+# ----------------------------------------------------------------------------- per-layer KL
+
+def _batches(H, d, source):
+    """(positions, uint8 batch) over this rank's shard, prefetched by eval_loader."""
+    b = H.n_batch_eval or 4 * H.n_batch
+    shard = data.eval_shard(len(source), d.rank, d.world_size)
+    loader = data.eval_loader(source, b, rank=d.rank, world_size=d.world_size, num_workers=min(H.num_workers, 1),
+                              pin_memory=d.device.type == 'cuda')
+    for i, x in enumerate(loader):
+        yield shard[i * b:(i + 1) * b], x
+
+
+def block_resolutions(H):
+    return [res for res, _ in parse_layer_string(H.dec_blocks)]
+
+
+@torch.no_grad()
+def run_kl_stats(H, d, model, source, bar):
+    res = block_resolutions(H)
+    nb = len(res)
+    ndims = H.image_size ** 2 * H.image_channels
+    sums = torch.zeros(4 + 2 * nb, dtype=torch.float64, device=d.device)  # n, distortion, rate, elbo, kl, kl^2
+    for pos, x in _batches(H, d, source):
+        torch.manual_seed(_seed(H, TAG_KL, pos[0]))
+        x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
+        out = model.forward_per_image(x_in, x_target)
+        kl = out['kl_per_block'].double()
+        sums += torch.cat([torch.stack([torch.tensor(float(len(x)), dtype=torch.float64, device=d.device),
+                                        out['distortion'].double().sum(), out['rate'].double().sum(),
+                                        out['elbo'].double().sum()]), kl.sum(0), (kl ** 2).sum(0)])
+        bar.update(len(x))
+    sums = allreduce(sums).cpu().numpy()
+    if not d.is_main:
+        return None
+    n = sums[0]
+    kl_mean = sums[4:4 + nb] / n
+    kl_std = np.sqrt(np.maximum(sums[4 + nb:] / n - kl_mean ** 2, 0))
+    rate = sums[2] / n
+    blocks = []
+    for i, r in enumerate(res):
+        latent_dims = H.zdim * r * r
+        blocks.append(dict(index=i, resolution=r, latent_dims=latent_dims, kl_nats=float(kl_mean[i]),
+                           kl_nats_std=float(kl_std[i]), kl_nats_per_dim=float(kl_mean[i] / ndims),
+                           kl_nats_per_latent_dim=float(kl_mean[i] / latent_dims),
+                           share_of_rate=float(kl_mean[i] / ndims / rate) if rate > 0 else float('nan'),
+                           inactive=bool(kl_mean[i] < H.inactive_threshold)))
+    resolutions = []
+    for r in sorted(set(res)):
+        sel = [b for b in blocks if b['resolution'] == r]
+        kl_r = sum(b['kl_nats'] for b in sel)
+        resolutions.append(dict(resolution=r, n_blocks=len(sel), kl_nats=kl_r, kl_nats_per_dim=kl_r / ndims,
+                                share_of_rate=kl_r / ndims / rate if rate > 0 else float('nan'),
+                                inactive_blocks=sum(b['inactive'] for b in sel)))
+    return dict(mode='kl_stats', split=H.split, dataset=H.dataset, n_images=int(n), ndims=ndims, seed=H.seed,
+                elbo_nats_per_dim=sums[3] / n, distortion_nats_per_dim=sums[1] / n, rate_nats_per_dim=rate,
+                elbo_bits_per_dim=sums[3] / n / LN2, inactive_threshold_nats=H.inactive_threshold,
+                inactive_blocks=[b['index'] for b in blocks if b['inactive']], blocks=blocks,
+                resolutions=resolutions)
+
+
+def plot_kl(stats, path):
+    """Bar charts: KL per block (log scale, coloured by resolution, inactive ones hatched)
+    and the share of the rate per resolution."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    blocks, resolutions = stats['blocks'], stats['resolutions']
+    colours = {r['resolution']: plt.cm.viridis(i / max(1, len(resolutions) - 1)) for i, r in enumerate(resolutions)}
+    floor = max(min([b['kl_nats'] for b in blocks if b['kl_nats'] > 0] + [stats['inactive_threshold_nats']]) / 10,
+                1e-6)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(6.0, 0.14 * len(blocks)) + 3.5, 3.6), dpi=100,
+                                  gridspec_kw=dict(width_ratios=[max(6.0, 0.14 * len(blocks)), 3.5]))
+    for b in blocks:
+        ax.bar(b['index'], max(b['kl_nats'], floor), color=colours[b['resolution']], edgecolor='k',
+               linewidth=0.3, hatch='///' if b['inactive'] else None, alpha=0.45 if b['inactive'] else 1.0)
+    if stats['inactive_threshold_nats'] > 0:
+        ax.axhline(stats['inactive_threshold_nats'], ls='--', color='r', lw=1,
+                   label=f'inactive below {stats["inactive_threshold_nats"]:g} nats')
+        ax.legend(fontsize=8, loc='upper left')
+    ax.set_yscale('log')
+    ax.set_xticks([b['index'] for b in blocks][::max(1, len(blocks) // 20)])
+    ax.set_xlabel('decoder block (top-down)')
+    ax.set_ylabel('KL (nats per image)')
+    ax.set_title(f'{stats["dataset"]} {stats["split"]}, {stats["n_images"]} images: rate '
+                 f'{stats["rate_nats_per_dim"]:.4g} nats/dim, {len(stats["inactive_blocks"])} inactive blocks',
+                 fontsize=9)
+    ax.grid(alpha=0.3, axis='y')
+    xs = np.arange(len(resolutions))
+    ax2.bar(xs, [100 * r['share_of_rate'] for r in resolutions], color=[colours[r['resolution']] for r in resolutions],
+            edgecolor='k', linewidth=0.3)
+    ax2.set_xticks(xs, [f'{r["resolution"]}\n({r["n_blocks"]})' for r in resolutions], fontsize=8)
+    ax2.set_xlabel('resolution (blocks)')
+    ax2.set_ylabel('share of the rate (%)')
+    ax2.grid(alpha=0.3, axis='y')
+    fig.tight_layout()
+    tmp = path + '.tmp.png'
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- latent export
+
+NPZ_NAMES = {'dist': ('qm', 'qlogstd'), 'sample': ('z',), 'both': ('z', 'qm', 'qlogstd')}
+_STAT_KEY = {'z': 'z', 'qm': 'qm', 'qlogstd': 'qv'}
+
+
+@torch.no_grad()
+def run_encode(H, d, model, source, path, bar):
+    """Stream per-block latents of ``source`` into ``path`` (.npz).
+
+    Each rank appends its rows, batch by batch, to one raw float32 file per exported array
+    in a temporary folder next to ``path`` (which must be on a filesystem all ranks share);
+    rank 0 then copies them, 16 MiB at a time, into the entries of one ZIP_DEFLATED .npz
+    (npz entries cannot be appended to, hence the two steps).  Memory holds one batch and
+    one copy buffer, never the split."""
+    res = block_resolutions(H)
+    kinds = NPZ_NAMES[H.encode_what]
+    shard = data.eval_shard(len(source), d.rank, d.world_size)
+    tmp = f'{path}.parts'
+    rank_dir = os.path.join(tmp, f'rank{d.rank}')
+    if d.is_main and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    barrier()
+    os.makedirs(rank_dir, exist_ok=True)
+    files = {(kind, i): open(os.path.join(rank_dir, f'{kind}_{i}.f32'), 'wb') for i in H.encode_list for kind in kinds}
+    small = dict(image_index=[], distortion=[], rate=[], kl_per_block=[])
+    ndims = H.image_size ** 2 * H.image_channels
+    try:
+        for pos, x in _batches(H, d, source):
+            torch.manual_seed(_seed(H, TAG_ENCODE, pos[0]))
+            x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
+            distortion, stats = model.forward_with_dists(x_in, x_target)
+            for (kind, i), f in files.items():  # rows of (zdim, R, R), C order
+                f.write(stats[i][_STAT_KEY[kind]].float().contiguous().cpu().numpy().tobytes())
+            kl = torch.stack([s['kl'].float().sum(dim=(1, 2, 3)) for s in stats], 1)
+            small['image_index'].append(pos)
+            small['distortion'].append(distortion.float().cpu().numpy())
+            small['kl_per_block'].append(kl.cpu().numpy())
+            small['rate'].append((kl.sum(1) / ndims).cpu().numpy())
+            bar.update(len(x))
+    finally:
+        for f in files.values():
+            f.close()
+    with open(os.path.join(rank_dir, 'done.json'), 'w') as f:
+        json.dump(dict(rows=len(shard)), f)
+    small = {k: (np.concatenate(v) if v else np.zeros((0, len(res)) if k == 'kl_per_block' else 0, np.float32))
+             for k, v in small.items()}
+    everything = gather_objects(small)  # small per-image arrays only; also a barrier
+    if d.is_main:
+        try:
+            _pack_npz(H, path, tmp, d.world_size, kinds, res, everything)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    return dict(mode='encode', split=H.split, dataset=H.dataset, n_images=len(source), path=path,
+                encode_what=H.encode_what, blocks=H.encode_list, seed=H.seed) if d.is_main else None
+
+
+def _pack_npz(H, path, tmp, world, kinds, res, everything):
+    """The ranks' raw parts -> one .npz (written under a temporary name, then renamed)."""
+    rank_dirs = [os.path.join(tmp, f'rank{r}') for r in range(world)]
+    for r, rd in enumerate(rank_dirs):
+        if not os.path.exists(os.path.join(rd, 'done.json')):
+            raise UserError(f"--encode: rank {r}'s part ({rd}) is not visible on rank 0; --out_dir must be on a "
+                            "filesystem that every process shares")
+    n = sum(json.load(open(os.path.join(rd, 'done.json')))['rows'] for rd in rank_dirs)
+    part = f'{path}.tmp-{os.getpid()}'
+    descr = np.lib.format.dtype_to_descr(np.dtype(np.float32))
+    try:
+        with zipfile.ZipFile(part, 'w', compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+            for i in H.encode_list:
+                for kind in kinds:
+                    with zf.open(f'{kind}_{i}.npy', 'w', force_zip64=True) as f:
+                        np.lib.format.write_array_header_1_0(
+                            f, dict(descr=descr, fortran_order=False, shape=(n, H.zdim, res[i], res[i])))
+                        for rd in rank_dirs:
+                            with open(os.path.join(rd, f'{kind}_{i}.f32'), 'rb') as src:
+                                shutil.copyfileobj(src, f, 16 << 20)
+            meta = {k: np.concatenate([e[k] for e in everything]) for k in everything[0]}
+            meta['image_index'] = meta['image_index'].astype(np.int64)
+            meta.update(block_index=np.array(H.encode_list, dtype=np.int64),
+                        block_resolution=np.array([res[i] for i in H.encode_list], dtype=np.int64),
+                        split=np.array(H.split), dataset=np.array(H.dataset), encode_what=np.array(H.encode_what))
+            for k, v in meta.items():
+                with zf.open(f'{k}.npy', 'w', force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asarray(v), allow_pickle=False)
+        os.replace(part, path)
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def read_image(path, H):
+    """An image file as uint8 (H, W, C); it must already have the model's size and channels."""
+    from PIL import Image
+    mode = {1: 'L', 3: 'RGB'}[H.image_channels]
+    try:
+        with Image.open(path) as im:
+            im.load()
+            size, found = im.size, im.mode
+            arr = np.asarray(im, dtype=np.uint8) if (size, found) == ((H.image_size,) * 2, mode) else None
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad files
+        raise UserError(f"{path}: cannot read it as an image ({type(e).__name__}: {e})") from None
+    if arr is None:
+        raise UserError(f"{path}: the model takes {H.image_size}x{H.image_size} {mode} images ({H.dataset}), "
+                        f"this one is {size[0]}x{size[1]} {found}; resize or convert it first")
+    return arr.reshape(H.image_size, H.image_size, H.image_channels)
+
+
+def input_images(H):
+    """uint8 (n, H, W, C) and a name per image, from --images or --indices."""
+    if H.images is not None:
+        return np.stack([read_image(p, H) for p in H.images]), list(H.images)
+    source = getattr(data.load_data(H), H.split)
+    bad = [i for i in H.indices if i >= len(source)]
+    if bad:
+        raise UserError(f"--indices {bad[0]} is out of range: --split {H.split} has {len(source)} images")
+    return source[np.array(H.indices)], [f'{H.split}[{i}]' for i in H.indices]
+
+
+@torch.no_grad()
+def posterior_latents(H, model, x_uint8, device, position):
+    """z of every decoder block for one image (batch of 1), seeded by its position."""
+    x_in, _ = data.preprocess(H, torch.from_numpy(x_uint8[None]).to(device))
+    torch.manual_seed(_seed(H, TAG_RECON, position))
+    return [s['z'] for s in model.forward_get_latents(x_in)]
+
+
+@torch.no_grad()
+def run_reconstruct(H, d, model, images, bar):
+    """Rows: originals, then per k: the first k posterior latents kept, the rest drawn
+    from the prior at --rest_temperature.  Each cell is seeded by (image, k)."""
+    cells = {}
+    for j in data.eval_shard(len(images), d.rank, d.world_size):
+        zs = posterior_latents(H, model, images[j], d.device, j)
+        row = []
+        for k in H.keep_list:
+            torch.manual_seed(_seed(H, TAG_RECON, j, k + 1))
+            row.append(model.forward_samples_set_latents(1, zs[:k], t=H.rest_temperature)[0])
+        cells[int(j)] = np.stack(row)
+        bar.update(1)
+    gathered = {k: v for part in gather_objects(cells) for k, v in part.items()}
+    if not d.is_main:
+        return None
+    recon = np.stack([gathered[j] for j in range(len(images))], 1)  # (n_k, n_images, H, W, C)
+    return np.concatenate([images[None], recon])
+
+
+@torch.no_grad()
+def run_interpolate(H, d, model, images, bar):
+    """Rows: one per L; columns: image a, --interp_steps points z = (1-a) z_a + a z_b on the
+    top L blocks' posterior latents (the rest from the prior at --rest_temperature, with
+    the same noise along a row), image b."""
+    za, zb = (posterior_latents(H, model, images[j], d.device, j) for j in (0, 1))
+    alphas = np.linspace(0, 1, H.interp_steps)
+    jobs = [(r, c) for r in range(len(H.interp_list)) for c in range(len(alphas))]
+    cells = {}
+    for j in data.eval_shard(len(jobs), d.rank, d.world_size):
+        r, c = jobs[j]
+        n_top, a = H.interp_list[r], float(alphas[c])
+        zs = [(1 - a) * za[i] + a * zb[i] for i in range(n_top)]
+        torch.manual_seed(_seed(H, TAG_INTERP, n_top))
+        cells[r, c] = model.forward_samples_set_latents(1, zs, t=H.rest_temperature)[0]
+        bar.update(1)
+    gathered = {k: v for part in gather_objects(cells) for k, v in part.items()}
+    if not d.is_main:
+        return None, alphas
+    rows = [np.stack([images[0]] + [gathered[r, c] for c in range(len(alphas))] + [images[1]])
+            for r in range(len(H.interp_list))]
+    return np.stack(rows), alphas
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _write_json(obj, path):
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    """Run one evaluation mode; returns its summary (a dict) on rank 0, None elsewhere."""
+    H = parse_args(argv)
+    check_args(H)
+    H.run_dir = os.path.join(H.save_dir, H.desc)
+    weights, notes = resolve_weights(H)
+    check_model_args(H, len(parse_layer_string(H.dec_blocks)))
+    H.out_dir = H.out_dir or H.run_dir
+    joined = not dist.is_initialized()
+    d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device) if joined else _existing_group()
+    threads = torch.get_num_threads()
+    if d.device.type == 'cpu':
+        local = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('MPI_LOCALNRANKS', 1)))
+        torch.set_num_threads(H.threads or max(1, (os.cpu_count() or 1) // local))
+    try:
+        with torch.random.fork_rng(devices=[d.device] if d.device.type == 'cuda' else []):
+            return _run(H, d, weights, notes)
+    finally:
+        torch.set_num_threads(threads)
+        if joined:
+            cleanup_distributed()
+
+
+def _existing_group():
+    """The caller's process group (main() called from a program that joined one itself):
+    use it and leave it open, so several evaluations can share one launch."""
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if dist.get_backend() == 'nccl':
+        return Dist(dist.get_rank(), dist.get_world_size(), local_rank, torch.device('cuda', local_rank), 'caller')
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, torch.device('cpu'), 'caller')
+
+
+def _run(H, d, weights, notes):
+    source = images = names = None
+    if H.mode in ('n_importance', 'kl_stats', 'encode'):
+        source = getattr(data.load_data(H), H.split)
+        if H.n_images and H.n_images < len(source):
+            source = source.view(np.arange(H.n_images))
+        if len(source) == 0:
+            raise UserError(f"--split {H.split} of {H.dataset} holds no images")
+        todo = len(data.eval_shard(len(source), d.rank, d.world_size))
+    else:
+        images, names = input_images(H)
+        todo = len(images) if H.mode == 'reconstruct' else H.interp_steps * len(H.interp_list)
+    model = build_model(H, d, weights)
+    if d.is_main:
+        os.makedirs(H.out_dir, exist_ok=True)
+    barrier()
+    log = logger(os.path.join(H.out_dir, 'evaluate'), is_main=d.is_main)
+    for note in notes:
+        log(note)
+    log(f'{H.mode}: {model.num_params():,} parameters | {d.world_size} process(es) via {d.launcher} | '
+        f'device {d.device} | outputs in {H.out_dir}')
+    bar = tqdm(total=todo, desc=H.mode, unit='img', dynamic_ncols=True, disable=not d.is_main or H.no_progress)
+    try:
+        return _dispatch(H, d, model, source, images, names, weights, bar, log)
+    finally:
+        bar.close()
+
+
+def _dispatch(H, d, model, source, images, names, weights, bar, log):
+    out = H.out_dir
+    if H.mode == 'n_importance':
+        res = run_iwae(H, d, model, source, bar)
+        if res is None:
+            return None
+        summary, per_image = res
+        stem = os.path.join(out, f'iwae-{H.split}-k{H.n_importance}')
+        summary.update(weights=weights, json=stem + '.json', per_image=stem + '.npz')
+        _write_json(summary, stem + '.json')
+        np.savez(stem + '.npz', **per_image)
+        log(type='iwae', **{k: v for k, v in summary.items() if k != 'mode'})
+        log(f'{H.split}: IW bound (K={H.n_importance}) {summary["iw_nll_nats_per_dim"]:.5f} '
+            f'+- {summary["iw_nll_nats_per_dim_stderr"]:.5f} nats/dim = {summary["iw_nll_bits_per_dim"]:.5f} '
+            f'+- {summary["iw_nll_bits_per_dim_stderr"]:.5f} bits/dim over {summary["n_images"]} images '
+            f'(ELBO {summary["elbo_bits_per_dim"]:.5f} bits/dim)')
+        return summary
+    if H.mode == 'kl_stats':
+        stats = run_kl_stats(H, d, model, source, bar)
+        if stats is None:
+            return None
+        stem = os.path.join(out, f'kl-{H.split}')
+        stats.update(weights=weights, json=stem + '.json', png=stem + '.png')
+        _write_json(stats, stem + '.json')
+        plot_kl(stats, stem + '.png')
+        log(type='kl_stats', split=H.split, n_images=stats['n_images'], rate=stats['rate_nats_per_dim'],
+            inactive_blocks=stats['inactive_blocks'], json=stats['json'])
+        log(f'{H.split}: rate {stats["rate_nats_per_dim"]:.5f} nats/dim over {stats["n_images"]} images; '
+            f'{len(stats["inactive_blocks"])} of {len(stats["blocks"])} blocks below '
+            f'{H.inactive_threshold:g} nats: {stats["inactive_blocks"]}')
+        return stats
+    if H.mode == 'encode':
+        summary = run_encode(H, d, model, source, os.path.join(out, f'latents-{H.split}.npz'), bar)
+        if summary is not None:
+            summary['weights'] = weights
+            log(type='encode', **{k: v for k, v in summary.items() if k != 'mode'})
+        return summary
+    if H.mode == 'reconstruct':
+        grid = run_reconstruct(H, d, model, images, bar)
+        if grid is None:
+            return None
+        stem = os.path.join(out, 'reconstructions')
+        write_png(tile(grid), stem + '.png')
+        summary = dict(mode='reconstruct', rows=['original'] + [f'k={k}' for k in H.keep_list], keep=H.keep_list,
+                       n_blocks=len(block_resolutions(H)), columns=names, rest_temperature=H.rest_temperature,
+                       seed=H.seed, weights=weights, png=stem + '.png')
+        _write_json(summary, stem + '.json')
+        log(f'reconstructions of {len(names)} images keeping k = {H.keep_list} latent layers -> {stem}.png')
+        return summary
+    grid, alphas = run_interpolate(H, d, model, images, bar)
+    if grid is None:
+        return None
+    stem = os.path.join(out, 'interpolation')
+    write_png(tile(grid), stem + '.png')
+    summary = dict(mode='interpolate', rows=[f'top {n} blocks' for n in H.interp_list], interp_layers=H.interp_list,
+                   columns=[names[0]] + [f'alpha={a:.3f}' for a in alphas] + [names[1]],
+                   n_blocks=len(block_resolutions(H)), rest_temperature=H.rest_temperature, seed=H.seed,
+                   weights=weights, png=stem + '.png')
+    _write_json(summary, stem + '.json')
+    log(f'interpolation {names[0]} -> {names[1]} over the top {H.interp_list} blocks -> {stem}.png')
+    return summary
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except UserError as e:
+        die(str(e))
