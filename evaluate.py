@@ -123,6 +123,10 @@ def check_args(H):
             raise UserError(f"--{H.mode} needs input images: --images FILE ... or --indices I ... (positions in "
                             f"--split {H.split})")
         n = len(H.images if H.images is not None else H.indices)
+        other = {'reconstruct': 'interp_layers', 'interpolate': 'keep'}[H.mode]
+        if H[other] is not None:
+            raise UserError(f"--{other} applies to --{'reconstruct' if other == 'keep' else 'interpolate'}, "
+                            f"not to --{H.mode}")
         if H.mode == 'interpolate' and n != 2:
             raise UserError(f"--interpolate needs exactly two images, got {n}")
         if H.mode == 'interpolate' and H.interp_steps < 2:
@@ -207,10 +211,11 @@ def build_model(H, d, path):
 
 
 def _seed(H, tag, *key):
-    """A torch seed from --seed, the mode and a key (an image's position in the split, a
-    chunk): the noise an image sees does not depend on the process that evaluates it."""
-    return int(np.random.SeedSequence([H.seed % 2 ** 32, tag, *[int(k) + 1 for k in key]])
-               .generate_state(1, np.uint64)[0])
+    """A torch seed from --seed, the mode and a key (the position in the split of the first
+    image of a pass, a chunk of samples).  Where a pass holds one image (--n_importance with
+    K >= --iw_batch, --reconstruct, --interpolate, or --n_batch_eval 1), the noise an image
+    sees does not depend on how many processes share the work."""
+    return int(np.random.SeedSequence([H.seed % 2 ** 32, tag, *map(int, key)]).generate_state(1, np.uint64)[0])
 
 
 # ----------------------------------------------------------------------------- importance weights
@@ -566,7 +571,7 @@ def run_reconstruct(H, d, model, images, bar):
         zs = posterior_latents(H, model, images[j], d.device, j)
         row = []
         for k in H.keep_list:
-            torch.manual_seed(_seed(H, TAG_RECON, j, k + 1))
+            torch.manual_seed(_seed(H, TAG_RECON, j, k))
             row.append(model.forward_samples_set_latents(1, zs[:k], t=H.rest_temperature)[0])
         cells[int(j)] = np.stack(row)
         bar.update(1)
@@ -636,10 +641,11 @@ def main(argv=None):
 def _existing_group():
     """The caller's process group (main() called from a program that joined one itself):
     use it and leave it open, so several evaluations can share one launch."""
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if dist.get_backend() == 'nccl':
+        local_rank = torch.cuda.current_device()
         return Dist(dist.get_rank(), dist.get_world_size(), local_rank, torch.device('cuda', local_rank), 'caller')
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, torch.device('cpu'), 'caller')
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0)), torch.device('cpu'),
+                'caller')
 
 
 def _run(H, d, weights, notes):

@@ -357,6 +357,7 @@ def bad_images(tmp_path):
     (['--interpolate', '--indices', 0, 1, 2], 'exactly two images, got 3'),
     (['--interpolate', '--indices', 0, 1, '--interp_layers', '0'], r'--interp_layers.*0 is out of range \[1, 4\]'),
     (['--kl_stats', '--indices', 0], '--indices applies to --reconstruct/--interpolate'),
+    (['--interpolate', '--indices', 0, 1, '--keep', '1'], '--keep applies to --reconstruct, not to --interpolate'),
     (['--encode', '--encode_blocks', '2-7'], r'--encode_blocks.*4 is out of range \[0, 3\]'),
 ])
 def test_bad_arguments_are_one_line_errors(run, bad_images, flags, match):
