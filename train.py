@@ -10,6 +10,7 @@ checkpoints (latest-* and iter-N-*: -model.th, -model-ema.th, -opt.th, -log.json
 released, plus -state.th for exact resume), samples-N.png and loss.png.  Re-running the
 same command continues from the newest complete checkpoint.
 """
+import collections
 import contextlib
 import json
 import math
@@ -168,7 +169,7 @@ def check_restore_paths(H):
 def restore(H, d, model, ema, optimizer, scaler, log):
     """Apply --resume / the run folder's newest checkpoint, or the release's four restore
     flags.  Returns progress: step, epoch, batch (next batch within the epoch), best_eval."""
-    progress = dict(step=0, epoch=0, batch=0, best_eval=float('inf'))
+    progress = dict(step=0, epoch=0, batch=0, best_eval=float('inf'), skipped=0)
     prefix, st = find_checkpoint(H.run_dir)
     if H.resume and prefix is None:
         raise UserError(f"--resume: no complete checkpoint in {H.run_dir}; start without --resume "
@@ -186,7 +187,7 @@ def restore(H, d, model, ema, optimizer, scaler, log):
         else:
             log(f'note: checkpoint written by {len(rngs)} processes, now {d.world_size}: '
                 'data order is kept, posterior noise is reseeded')
-        return {k: st[k] for k in progress}
+        return {k: st.get(k, progress[k]) for k in progress}
     check_restore_paths(H)
     # load everything before logging anything, so a bad file leaves no trace in the run folder
     if H.restore_path:
@@ -260,7 +261,7 @@ def update_ema(model, ema, rate):
 
 def accumulate_stats(stats, frequency):
     """The release's summary of the last ``frequency`` steps."""
-    window = stats[-frequency:]
+    window = list(stats)[-frequency:]
     z = {}
     for k in stats[-1]:
         vals = np.array([a[k] for a in window], dtype=float)
@@ -409,7 +410,8 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
     if n_batches == 0:
         raise UserError(f"the training split has {len(splits.train)} images, fewer than one batch of "
                         f"{H.n_batch} per process x {d.world_size} processes")
-    stats, consecutive_skips, since_start = [], 0, 0
+    stats = collections.deque(maxlen=max(1, H.iters_per_print))  # the window the log lines summarise
+    consecutive_skips, since_start = 0, 0
     it, epoch, start_batch = progress['step'], progress['epoch'], progress['batch']
     if start_batch >= n_batches:
         epoch, start_batch = epoch + 1, 0
@@ -432,6 +434,7 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
             st, stop = training_step(H, x_in, x_target, net, model, ema, optimizer, scaler, ctx,
                                      learning_rate(H, it), stopper.requested)
             stats.append(st)
+            progress['skipped'] += st['skipped_updates']
             consecutive_skips = consecutive_skips + 1 if st['skipped_updates'] else 0
             if consecutive_skips and consecutive_skips % H.warn_skipped == 0:
                 log(f'WARNING: the last {consecutive_skips} updates were all skipped (grad norm '
@@ -439,13 +442,13 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
                     'raise --skip_threshold (or -1 to never skip).', type='warning', step=it)
             if it % H.iters_per_print == 0 or since_start in early_evals:
                 log(model=H.desc, type='train_loss', lr=learning_rate(H, it), epoch=epoch, step=it,
-                    total_skipped=sum(s['skipped_updates'] for s in stats), **accumulate_stats(stats, H.iters_per_print))
+                    total_skipped=progress['skipped'], **accumulate_stats(stats, H.iters_per_print))
             if d.is_main and (it % H.iters_per_images == 0 or (since_start in early_evals and H.dataset != 'ffhq_1024')):
                 write_images(H, d, ema, viz_batch, os.path.join(H.run_dir, f'samples-{it}.png'), log)
             it += 1
             since_start += 1
             bar.update(1)
-            bar.set_postfix(elbo_bpd=f'{st["elbo"] / LN2:.3f}', skipped=sum(s['skipped_updates'] for s in stats))
+            bar.set_postfix(elbo_bpd=f'{st["elbo"] / LN2:.3f}', skipped=progress['skipped'])
             done = bool(H.max_iters) and it >= H.max_iters
             if it % H.iters_per_save == 0 or stop or done:
                 if np.isfinite(stats[-1]['elbo']) or stop or done:
