@@ -19,7 +19,8 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hps import UserError
-from vae_helpers import DmolNet, draw_gaussian_diag_samples, gaussian_analytical_kl, get_1x1, get_3x3
+from vae_helpers import (DmolNet, discretized_mix_logistic_loss, draw_gaussian_diag_samples, gaussian_analytical_kl,
+                         get_1x1, get_3x3)
 
 
 def parse_layer_string(s):
@@ -78,8 +79,10 @@ class Block(nn.Module):
         self.c3 = conv(middle_width, middle_width)
         self.c4 = get_1x1(middle_width, out_width, zero_weights=zero_last)
 
-    def forward(self, x):
-        xhat = self.c1(F.gelu(x))
+    def forward(self, x, activated=False):
+        """x (B,in,R,R) -> (B,out,R/down,R/down).  ``activated``: x is already GELU(input), for
+        non-residual blocks whose caller shares one GELU between blocks (DecBlock)."""
+        xhat = self.c1(x if activated else F.gelu(x))
         xhat = self.c2(F.gelu(xhat))
         xhat = self.c3(F.gelu(xhat))
         xhat = self.c4(F.gelu(xhat))
@@ -155,9 +158,10 @@ class DecBlock(nn.Module):
         self.resnet = Block(width, cond_width, width, residual=True, use_3x3=use_3x3)
         self.resnet.c4.weight.data *= math.sqrt(1 / n_blocks)
 
-    def _prior(self, x):
-        """x (B,w,R,R) -> prior mean, prior log-std (B,zdim,R,R) and residual xpp (B,w,R,R)."""
-        feats = self.prior(x)
+    def _prior(self, x, activated=False):
+        """x (B,w,R,R) -> prior mean, prior log-std (B,zdim,R,R) and residual xpp (B,w,R,R).
+        ``activated``: x is GELU(state) (see Block.forward)."""
+        feats = self.prior(x, activated=activated)
         return feats[:, :self.zdim], feats[:, self.zdim:self.zdim * 2], feats[:, self.zdim * 2:]
 
     def _mix(self, xs, x):
@@ -166,20 +170,32 @@ class DecBlock(nn.Module):
             x = x + F.interpolate(xs[self.mixin][:, :x.shape[1]], scale_factor=self.base // self.mixin)
         return x
 
-    def _step(self, x, acts, eps):
-        """Posterior step at this resolution.  x, acts: (B,w,R,R); eps: (B,zdim,R,R) standard
-        normal noise.  Returns the new state, z = qm + exp(qv) * eps, and the posterior and prior
-        means and log-stds (B,zdim,R,R)."""
-        qm, qv = self.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
-        pm, pv, xpp = self._prior(x)
+    def _step(self, x, gelu_acts, eps):
+        """Posterior step at this resolution.  x: (B,w,R,R) state; gelu_acts: GELU of the encoder
+        activation (B,w,R,R); eps: (B,zdim,R,R) standard normal noise.  Returns the new state,
+        z = qm + exp(qv) * eps, and the posterior and prior means and log-stds (B,zdim,R,R).
+
+        Both ``enc`` and ``prior`` open with a GELU of their input, and GELU is elementwise:
+        enc(cat[x, acts]) = enc.c1..c4(cat[gelu(x), gelu(acts)]).  So gelu(x) is computed once
+        for both, and gelu(acts) once per resolution (Decoder.forward), not once per block.
+        The forward values are bitwise those of the release's formulation."""
+        gx = F.gelu(x)
+        qm, qv = self.enc(torch.cat([gx, gelu_acts], dim=1), activated=True).chunk(2, dim=1)
+        pm, pv, xpp = self._prior(gx, activated=True)
         z = torch.exp(qv) * eps + qm
-        x = self.resnet(x + xpp + self.z_proj(z))
+        h = x + xpp
+        h += self.z_proj(z)  # (x + xpp) + z_proj(z), as the release, without a third buffer
+        x = self.resnet(h)
         return x, z, qm, qv, pm, pv
 
-    def forward(self, xs, activations, get_latents=False, get_dists=False):
+    def forward(self, xs, activations, get_latents=False, get_dists=False, gelu_cache=None):
         """Posterior pass.  xs: {res: state}.  Returns xs and a dict with the per-element
-        ``kl`` (B,zdim,R,R), plus ``z`` (get_latents) and q/p parameters (get_dists)."""
+        ``kl`` (B,zdim,R,R), plus ``z`` (get_latents) and q/p parameters (get_dists).
+        ``gelu_cache``: a dict shared by the blocks of one pass, {res: GELU(activations[res])}."""
         acts = activations[self.base]
+        gelu_cache = {} if gelu_cache is None else gelu_cache
+        if self.base not in gelu_cache:
+            gelu_cache[self.base] = F.gelu(acts)
         x = xs[self.base] if self.base in xs else torch.zeros_like(acts)
         if acts.shape[0] != x.shape[0]:
             x = x.repeat(acts.shape[0], 1, 1, 1)  # a learned bias (1,w,R,R)
@@ -187,7 +203,7 @@ class DecBlock(nn.Module):
         # one standard-normal draw per block, top-down, as the release; drawn outside the
         # (optionally checkpointed) step so that recomputation sees the same noise
         eps = self._noise(x.shape[0], x.device)
-        x, z, qm, qv, pm, pv = _maybe_checkpoint(self.grad_checkpoint, self._step, x, acts, eps)
+        x, z, qm, qv, pm, pv = _maybe_checkpoint(self.grad_checkpoint, self._step, x, gelu_cache[self.base], eps)
         xs[self.base] = x
         stats = dict(kl=gaussian_analytical_kl(qm, pm, qv, pv))
         if get_latents:
@@ -251,8 +267,10 @@ class Decoder(nn.Module):
     def forward(self, activations, get_latents=False, get_dists=False):
         stats = []
         xs = self._initial_states()
+        gelu_cache = {}  # GELU of each encoder activation, computed once for all blocks at its resolution
         for block in self.dec_blocks:
-            xs, block_stats = block(xs, activations, get_latents=get_latents, get_dists=get_dists)
+            xs, block_stats = block(xs, activations, get_latents=get_latents, get_dists=get_dists,
+                                    gelu_cache=gelu_cache)
             stats.append(block_stats)
         return self.final_fn(xs[self.H.image_size]), stats
 
@@ -296,6 +314,27 @@ class VAE(nn.Module):
         for block in self.decoder.dec_blocks:
             block.noise_slice = (rank, world_size)
 
+    def compile_blocks(self, **compile_kwargs):
+        """torch.compile every residual ``Block`` (the encoder's, and each decoder block's
+        ``enc``, ``prior`` and ``resnet``) and the DMoL loss one by one, instead of the whole
+        model.  Blocks of the same shape share one compiled graph, so a deep preset builds
+        in a fraction of whole-model compile time, and every random draw (posterior noise,
+        prior samples, the DMoL sampler) stays in eager code: the same seed gives the same
+        noise as the plain model.  ``compile_kwargs`` go to ``torch.compile`` (e.g.
+        ``mode='max-autotune-no-cudagraphs'``, ``dynamic=False``).  Parameter names and the
+        state dict are unchanged.  Returns self."""
+        import torch._dynamo
+        blocks = [m for m in self.modules() if isinstance(m, Block)]
+        # one cache entry per distinct block configuration; allow them all
+        limit = len(blocks) + 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                               4 * limit)
+        for b in blocks:
+            b.compile(**compile_kwargs)
+        self.decoder.out_net.loss_fn = torch.compile(discretized_mix_logistic_loss, **compile_kwargs)
+        return self
+
     def set_channels_last(self, enabled):
         """Run the convolutions in NHWC memory layout (faster on tensor cores)."""
         self.encoder.channels_last = enabled
@@ -311,10 +350,11 @@ class VAE(nn.Module):
         px_z, stats = self.decoder(activations)
         distortion = self.decoder.out_net.nll(px_z, x_target)
         ndims = math.prod(x.shape[1:])
-        kl_per_block = torch.stack([s['kl'].float().sum(dim=(1, 2, 3)) for s in stats], dim=1)
+        kl_sums = [s['kl'].float().sum(dim=(1, 2, 3)) for s in stats]  # (B,) nats per block, summed once
+        kl_per_block = torch.stack(kl_sums, dim=1)
         rate = torch.zeros_like(distortion)
-        for s in stats:  # accumulate block by block, in the release's order
-            rate += s['kl'].float().sum(dim=(1, 2, 3))
+        for k in kl_sums:  # accumulate block by block, in the release's order
+            rate += k
         rate /= ndims
         return dict(elbo=distortion + rate, distortion=distortion, rate=rate, kl_per_block=kl_per_block)
 

@@ -160,6 +160,7 @@ class DmolNet(nn.Module):
         self.low_bit = H.dataset in ['ffhq_256']  # 5-bit targets (SPEC §7)
         self.out_conv = get_conv(H.width, H.num_mixtures * dmol_params_per_mixture(self.channels),
                                  kernel_size=1, stride=1, padding=0)
+        self.loss_fn = discretized_mix_logistic_loss  # VAE.compile_blocks swaps in a compiled copy
 
     def forward(self, px_z):
         """px_z (B,width,H,W) -> DMoL parameters (B,H,W,P), always float32."""
@@ -167,7 +168,7 @@ class DmolNet(nn.Module):
 
     def nll(self, px_z, x):
         """Per-image NLL in nats/dim of targets x (B,H,W,C)."""
-        return discretized_mix_logistic_loss(x=x, l=self.forward(px_z), low_bit=self.low_bit)
+        return self.loss_fn(x=x, l=self.forward(px_z), low_bit=self.low_bit)
 
     def sample_float(self, px_z):
         """Images (B,H,W,C) in [-1, 1]."""
