@@ -1,0 +1,412 @@
+"""Throughput, memory and FLOP utilisation of a VDVAE configuration, on synthetic data.
+
+    python bench.py --tiny                                          # small CPU check, ~20 s
+    python bench.py --tiny --compare --threads 1                    # plain fp32 eager vs the flags given
+    python bench.py --hps cifar10 --device cuda --precision bf16 --channels_last --compile --compare
+    python bench.py --hps ffhq256 --device cuda --n_batch 4 --grad_checkpoint --compare --json ffhq.json
+
+Each configuration is built, warmed up (``--warmup`` steps: compilation, allocator and
+optimizer state), then timed:
+
+- training: the real ``train.training_step`` (forward, backward, clip, AdamW, EMA) on a
+  fixed uint8 batch of the preset's shape, preprocessed on the device every step as in
+  ``train.train_loop`` (no data loading); every step updates (``skip_threshold`` -1);
+- evaluation: ``forward_per_image`` of the EMA model under ``no_grad`` in fp32, as
+  ``train.evaluate`` (batch ``--n_batch_eval``, default 4 x n_batch);
+- sampling: ``forward_uncond_samples`` of the EMA model at ``--temperature``, uint8 on the host.
+
+Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the process's peak resident
+set (VmHWM, reset before each phase) on CPU.  FLOPs per image are *model* FLOPs counted
+by ``torch.utils.flop_counter.FlopCounterMode`` on the meta device (convolutions and
+matmuls, 2 per multiply-add; elementwise work and activation recomputation not counted),
+or, for the release presets, the figures in the release's ``flops.json`` (identical).
+Any flag of ``hps.py`` passes through (``--hps``, ``--width``, ``--enc_blocks`` ...).
+"""
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import train
+from hps import HPARAMS_REGISTRY, Hyperparams, UserError, get_hparams
+from utils import Dist, die
+from vae import VAE
+
+# The reference tests' tiny32 model (width 32, 13 decoder blocks, 135,078 parameters).
+TINY = dict(width=32, zdim=4, num_mixtures=3, bottleneck_multiple=0.25, no_bias_above=64, custom_width_str='',
+            enc_blocks='32x2,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x2', dec_blocks='1x1,4m1,4x2,8m4,8x2,16m8,16x2,32m16,32x2',
+            n_batch=8)
+TINY_PRESET = 'bench_tiny'
+HPARAMS_REGISTRY.setdefault(TINY_PRESET, Hyperparams(HPARAMS_REGISTRY['cifar10'], **TINY))
+
+# FLOPs per image (forward, backward) of the release presets, from the release's flops.json
+# (FlopCounterMode on meta tensors, torch 2.13); counting gives the same numbers.
+RELEASE_FLOPS = {
+    'cifar10': (44_785_483_776, 89_549_733_888),
+    'imagenet32': (140_663_652_352, 281_298_993_152),
+    'imagenet64': (298_275_307_520, 596_437_368_832),
+    'ffhq256': (1_144_052_187_136, 2_286_292_434_944),
+    'ffhq1024': (754_485_231_616, 1_508_064_493_568),
+}
+ARCH_KEYS = ['width', 'zdim', 'enc_blocks', 'dec_blocks', 'custom_width_str', 'bottleneck_multiple',
+             'no_bias_above', 'num_mixtures', 'image_size', 'image_channels', 'dataset']
+
+# Dense peak TFLOP/s by GPU and arithmetic: bf16/fp16 tensor cores, TF32 tensor cores
+# (fp32 convs/matmuls with TF32 allowed), plain fp32.  SXM parts; PCIe parts are lower.
+GPU_PEAKS = {
+    'H100': dict(bf16=989.0, fp16=989.0, tf32=495.0, fp32=67.0),
+    'H200': dict(bf16=989.0, fp16=989.0, tf32=495.0, fp32=67.0),
+    'A100': dict(bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5),
+}
+
+COLUMNS = ['config', 'batch', 'train it/s', 'train img/s', 'eval img/s', 'sample img/s', 'peak mem MiB',
+           'GFLOP/img', 'train TFLOP/s', '% of peak', 'warm-up s']
+
+
+def bench_arguments(parser):
+    a = parser.add_argument
+    a('--tiny', action='store_true', help=f'the tests\' tiny32 model (same as --hps {TINY_PRESET}): {TINY}')
+    a('--steps', type=int, default=10, help='timed training steps')
+    a('--warmup', type=int, default=3, help='untimed training steps first (compilation, allocator, optimizer state)')
+    a('--eval_steps', type=int, default=3, help='timed evaluation batches (after one untimed)')
+    a('--sample_steps', type=int, default=2, help='timed unconditional-sample batches (after one untimed)')
+    a('--n_sample', type=int, default=0, help='images per sampling call (0: the evaluation batch size)')
+    a('--compile_scope', choices=['model', 'blocks'], default='model',
+      help='with --compile: "model" = train.py\'s torch.compile of the whole training model; '
+           '"blocks" = VAE.compile_blocks(), every residual block and the DMoL loss on its own '
+           '(much faster to build; also used for the EMA model in evaluation and sampling)')
+    a('--compile_mode', type=str, default=None, help='torch.compile mode, e.g. max-autotune-no-cudagraphs')
+    a('--adam_impl', choices=['train', 'default', 'fused', 'foreach', 'for-loop'], default='train',
+      help='AdamW implementation: "train" = train.make_optimizer (fused on CUDA, torch default on CPU); '
+           '"default" = torch.optim.AdamW\'s own choice (foreach on CUDA, for-loop on CPU)')
+    a('--compare', action='store_true',
+      help='also run the plain baseline (fp32, eager, NCHW, no checkpointing, default AdamW) on the same '
+           'model and batch first, and print the speedup of the chosen configuration over it')
+    a('--peak_tflops', type=float, default=0.0,
+      help='declared peak TFLOP/s of the device for the %% of peak column (default: the GPU table; n/a on CPU)')
+    a('--json', type=str, default=None, help='also write every figure to this JSON file')
+    return parser
+
+
+def parse(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if '--tiny' in argv:
+        if any(x == '--hps' or x.startswith('--hps=') or x.startswith('--hparam_sets') for x in argv):
+            raise UserError('--tiny is a preset of its own; give either --tiny or --hps')
+        argv = ['--hps', TINY_PRESET] + argv
+    H = get_hparams(argv, bench_arguments(argparse.ArgumentParser(description=__doc__.split('\n')[0])))
+    if H.device == 'auto':
+        H.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if H.device == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda: no CUDA device is visible to this PyTorch build')
+    H.skip_threshold = -1  # time every update; a random model's grad norm may exceed the preset's threshold
+    return H
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def release_preset_of(H):
+    """The release preset whose architecture H has, or None."""
+    for name in RELEASE_FLOPS:
+        ref = HPARAMS_REGISTRY[name]
+        if all(H[k] == ref.get(k, H[k]) for k in ARCH_KEYS):
+            return name
+    return None
+
+
+def count_flops(H, training=True):
+    """Model FLOPs per image, counted on the meta device with batch 1 (no memory, no
+    compute): (forward = evaluation, backward, one unconditional sample); the first two
+    are None unless ``training``."""
+    with torch.device('meta'):
+        model = VAE(H)
+        x = torch.zeros(1, H.image_size, H.image_size, H.image_channels)
+    fwd = bwd = None
+    if training:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss = model(x, x)['elbo']
+        fwd = counter.get_total_flops()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss.backward()
+        bwd = counter.get_total_flops()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.decoder.out_net(model.decoder.forward_uncond(1, t=1.0))
+    return fwd, bwd, counter.get_total_flops()
+
+
+def flops_per_image(H):
+    name = release_preset_of(H)
+    fwd, bwd, sample = count_flops(H, training=name is None)
+    if name is not None:
+        fwd, bwd = RELEASE_FLOPS[name]
+        return dict(forward=fwd, backward=bwd, sample=sample, source=f'release flops.json ({name})')
+    return dict(forward=fwd, backward=bwd, sample=sample, source='FlopCounterMode on meta')
+
+
+# ----------------------------------------------------------------------------- device facts
+
+def device_peak(H, device, precision):
+    """(peak TFLOP/s or None, which peak) for the training arithmetic."""
+    if H.peak_tflops > 0:
+        return H.peak_tflops, f'declared --peak_tflops {H.peak_tflops:g}'
+    if device.type != 'cuda':
+        return None, 'n/a on CPU (declare one with --peak_tflops)'
+    name = torch.cuda.get_device_name(device)
+    kind = precision if precision != 'fp32' else ('tf32' if torch.backends.cudnn.allow_tf32 else 'fp32')
+    for gpu, peaks in GPU_PEAKS.items():
+        if gpu in name:
+            return peaks[kind], f'{gpu} SXM dense {kind} {peaks[kind]:g} TFLOP/s'
+    return None, f'unknown peak for {name} (declare one with --peak_tflops)'
+
+
+def device_name(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return f'{model}, {torch.get_num_threads()} thread(s)'
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device):
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets the peak resident set (VmHWM)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+
+
+def peak_memory(device):
+    """Bytes: CUDA max allocated since the last reset; CPU peak RSS (VmHWM, else ru_maxrss)."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------- one configuration
+
+def make_optimizer(H, model, device):
+    if H.adam_impl == 'train':
+        return train.make_optimizer(H, model, device)
+    kw = {'default': {}, 'fused': dict(fused=True), 'foreach': dict(foreach=True),
+          'for-loop': dict(foreach=False)}[H.adam_impl]
+    return torch.optim.AdamW(model.parameters(), weight_decay=H.wd, lr=H.lr, betas=(H.adam_beta1, H.adam_beta2),
+                             eps=1e-8, **kw)
+
+
+def describe(H):
+    parts = [H.precision]
+    if H.channels_last:
+        parts.append('channels_last')
+    if H.compile:
+        parts.append(f'compile:{H.compile_scope}' + (f':{H.compile_mode}' if H.compile_mode else ''))
+    if H.grad_checkpoint:
+        parts.append('grad_checkpoint')
+    parts.append(f'adam:{H.adam_impl}')
+    return ' '.join(parts)
+
+
+def timed(fn, n, device):
+    """Run fn n times between device synchronisations; (total seconds, per-call seconds;
+    the latter are exact only where fn synchronises itself, as the training step does)."""
+    times = []
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    sync(device)
+    return time.perf_counter() - start, times
+
+
+def run_config(H, device, flops):
+    """Build, warm up and time one configuration; returns a dict of figures."""
+    d = Dist(device=device)
+    t_build = time.perf_counter()
+    model, ema = train.build_models(H, d)
+    optimizer = make_optimizer(H, model, device)
+    scaler = torch.amp.GradScaler(device.type) if H.precision == 'fp16' else None
+    ctx = train.precision_context(H, device)
+    if H.compile and H.compile_scope == 'blocks':
+        kw = dict(mode=H.compile_mode) if H.compile_mode else {}
+        model.compile_blocks(**kw)
+        ema.compile_blocks(**kw)
+        net = model
+    elif H.compile and H.compile_mode:
+        net = torch.compile(model, mode=H.compile_mode)  # train.wrap_for_training, with a mode
+    else:
+        net = train.wrap_for_training(H, model, d)  # torch.compile(model) when --compile
+    gen = torch.Generator().manual_seed(H.seed)
+    shape = (H.n_batch, H.image_size, H.image_size, H.image_channels)
+    batch = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(device)
+    n_eval = H.n_batch_eval or 4 * H.n_batch
+    eval_batch = torch.randint(0, 256, (n_eval,) + shape[1:], dtype=torch.uint8, generator=gen).to(device)
+    n_sample = H.n_sample or n_eval
+    it = [0]
+    last = {}
+
+    def train_step():
+        x_in, x_target = data.preprocess(H, batch)
+        stats, _ = train.training_step(H, x_in, x_target, net, model, ema, optimizer, scaler, ctx,
+                                       train.learning_rate(H, it[0]), False)
+        it[0] += 1
+        last.update(stats)
+
+    model.train()
+    for _ in range(H.warmup):
+        train_step()
+    sync(device)
+    warmup_s = time.perf_counter() - t_build
+    reset_peak(device)
+    total, per_step = timed(train_step, H.steps, device)
+    mem_train = peak_memory(device)
+    out = dict(config=describe(H), batch=H.n_batch, precision=H.precision, channels_last=H.channels_last,
+               compile=H.compile, compile_scope=H.compile_scope if H.compile else None,
+               compile_mode=H.compile_mode, grad_checkpoint=H.grad_checkpoint, adam_impl=H.adam_impl,
+               optimizer=type(optimizer).__name__ + ('(fused)' if optimizer.defaults.get('fused') else
+                                                     '(foreach)' if optimizer.defaults.get('foreach') else ''),
+               warmup_s=warmup_s, train_steps=H.steps, train_s=total,
+               train_steps_per_s=H.steps / total, train_images_per_s=H.steps * H.n_batch / total,
+               train_step_ms_median=1000 * statistics.median(per_step), train_peak_mem_bytes=mem_train,
+               last_elbo=last.get('elbo'), last_grad_norm=last.get('grad_norm'))
+
+    # evaluation: the EMA model in fp32 under no_grad, as train.evaluate
+    ema.eval()
+    with torch.no_grad():
+        def eval_step():
+            x_in, x_target = data.preprocess(H, eval_batch)
+            ema.forward_per_image(x_in, x_target)['elbo'].sum()
+        eval_step()
+        reset_peak(device)
+        total, _ = timed(eval_step, H.eval_steps, device)
+        out.update(eval_batch=n_eval, eval_images_per_s=H.eval_steps * n_eval / total,
+                   eval_peak_mem_bytes=peak_memory(device))
+
+        def sample_step():
+            ema.forward_uncond_samples(n_sample, t=H.temperature)
+        sample_step()
+        reset_peak(device)
+        total, _ = timed(sample_step, H.sample_steps, device)
+        out.update(sample_batch=n_sample, sample_images_per_s=H.sample_steps * n_sample / total,
+                   sample_peak_mem_bytes=peak_memory(device))
+
+    peak, peak_source = device_peak(H, device, H.precision)
+    train_flops = flops['forward'] + flops['backward']
+    out.update(train_flops_per_image=train_flops, eval_flops_per_image=flops['forward'],
+               sample_flops_per_image=flops['sample'],
+               train_tflops=train_flops * out['train_images_per_s'] / 1e12,
+               eval_tflops=flops['forward'] * out['eval_images_per_s'] / 1e12,
+               sample_tflops=flops['sample'] * out['sample_images_per_s'] / 1e12,
+               peak_tflops=peak, peak_source=peak_source)
+    out['train_fraction_of_peak'] = out['train_tflops'] / peak if peak else None
+    del model, ema, optimizer, net
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+    return out
+
+
+def baseline_of(H):
+    """The release's way of running the same model and batch: fp32, eager, NCHW, no
+    checkpointing, torch's default AdamW."""
+    B = Hyperparams(H)
+    B.update(precision='fp32', compile=False, channels_last=False, grad_checkpoint=False, adam_impl='default')
+    return B
+
+
+# ----------------------------------------------------------------------------- report
+
+def fmt_row(r):
+    pct = f'{100 * r["train_fraction_of_peak"]:.1f}' if r['train_fraction_of_peak'] is not None else 'n/a'
+    return [r['label'], str(r['batch']), f'{r["train_steps_per_s"]:.3g}', f'{r["train_images_per_s"]:.4g}',
+            f'{r["eval_images_per_s"]:.4g}', f'{r["sample_images_per_s"]:.4g}',
+            f'{r["train_peak_mem_bytes"] / 2 ** 20:.0f}', f'{r["train_flops_per_image"] / 1e9:.4g}',
+            f'{r["train_tflops"]:.3g}', pct, f'{r["warmup_s"]:.1f}']
+
+
+def print_table(rows):
+    cells = [COLUMNS] + [fmt_row(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    for j, c in enumerate(cells):
+        print('  '.join(s.ljust(w) if i == 0 else s.rjust(w) for i, (s, w) in enumerate(zip(c, widths))))
+        if j == 0:
+            print('  '.join('-' * w for w in widths))
+
+
+def main(argv=None):
+    H = parse(argv)
+    if H.threads:
+        torch.set_num_threads(H.threads)
+    device = torch.device(H.device)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    flops = flops_per_image(H)
+    with torch.device('meta'):
+        n_params = VAE(H).num_params()
+    configs = ([('plain fp32 eager', baseline_of(H))] if H.compare else []) + [('chosen: ' + describe(H), H)]
+    print(f'bench: --hps {H.hparam_sets}, {n_params:,} parameters, {H.image_size}x{H.image_size}x{H.image_channels}, '
+          f'batch {H.n_batch}, device {device} ({device_name(device)}), torch {torch.__version__}', flush=True)
+    rows = []
+    for label, C in configs:
+        r = run_config(C, device, flops)
+        r['label'] = label
+        rows.append(r)
+    print_table(rows)
+    r = rows[-1]
+    print(f'GFLOP/img = model FLOPs of one training step per image (forward {flops["forward"] / 1e9:.4g} + backward '
+          f'{flops["backward"] / 1e9:.4g}; {flops["source"]}; convolutions only, recomputation not counted); '
+          f'eval {r["eval_tflops"]:.3g} TFLOP/s, sampling {flops["sample"] / 1e9:.4g} GFLOP/img = '
+          f'{r["sample_tflops"]:.3g} TFLOP/s')
+    print(f'peak mem = {"CUDA max allocated" if device.type == "cuda" else "process peak RSS"} during training '
+          f'steps; % of peak against {r["peak_source"]}; eval fp32 no_grad batch {r["eval_batch"]}, '
+          f'sampling batch {r["sample_batch"]}')
+    result = dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
+                  threads=torch.get_num_threads(), hps=H.hparam_sets, n_params=n_params,
+                  image_shape=[H.image_size, H.image_size, H.image_channels], flops=flops,
+                  arch={k: H[k] for k in ARCH_KEYS}, results=rows)
+    if H.compare:
+        b, c = rows
+        result['speedup'] = {k: c[k] / b[k] for k in ['train_images_per_s', 'eval_images_per_s',
+                                                       'sample_images_per_s']}
+        result['memory_ratio'] = c['train_peak_mem_bytes'] / b['train_peak_mem_bytes']
+        s = result['speedup']
+        print(f'speedup over plain fp32 eager: train {s["train_images_per_s"]:.2f}x, eval '
+              f'{s["eval_images_per_s"]:.2f}x, sampling {s["sample_images_per_s"]:.2f}x; training peak memory '
+              f'{result["memory_ratio"]:.2f}x')
+    if H.json:
+        with open(H.json, 'w') as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f'wrote {H.json}')
+    return result
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except UserError as e:
+        die(str(e))

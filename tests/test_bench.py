@@ -1,0 +1,63 @@
+"""bench.py: the --tiny run prints every column and writes the same figures as JSON;
+FLOP counting reproduces the release's flops.json."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bench
+from conftest import ref
+from hps import UserError, preset
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+
+
+def test_tiny_compare_prints_every_column_and_json(tmp_path):
+    out = tmp_path / 'bench.json'
+    cmd = [sys.executable, 'bench.py', '--tiny', '--compare', '--threads', '1', '--steps', '3', '--warmup', '1',
+           '--eval_steps', '1', '--sample_steps', '1', '--peak_tflops', '0.5', '--json', str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith('config'))
+    for col in bench.COLUMNS:
+        assert col in lines[header], col
+    rows = lines[header + 2:header + 4]
+    assert rows[0].startswith('plain fp32 eager') and rows[1].startswith('chosen: fp32')
+    for row in rows:
+        assert 'n/a' not in row  # a declared peak gives a % of peak
+        assert len(row.split()) >= len(bench.COLUMNS)
+    assert 'speedup over plain fp32 eager' in p.stdout
+    result = json.loads(out.read_text())
+    assert result['n_params'] == 135_078 and result['device'] == 'cpu' and result['threads'] == 1
+    assert len(result['results']) == 2
+    for r in result['results']:
+        for k in ['train_steps_per_s', 'train_images_per_s', 'eval_images_per_s', 'sample_images_per_s',
+                  'train_peak_mem_bytes', 'train_flops_per_image', 'train_tflops', 'train_fraction_of_peak']:
+            assert r[k] > 0, k
+        assert r['train_fraction_of_peak'] == pytest.approx(r['train_tflops'] / 0.5)
+    assert result['results'][0]['optimizer'] == 'AdamW'
+    assert set(result['speedup']) == {'train_images_per_s', 'eval_images_per_s', 'sample_images_per_s'}
+
+
+def test_flop_count_matches_release_figures():
+    want = json.load(open(ref('flops.json')))['cifar10']
+    fwd, bwd, sample = bench.count_flops(preset('cifar10'))
+    assert (fwd, bwd) == (want['forward_flops'], want['backward_flops']) == bench.RELEASE_FLOPS['cifar10']
+    assert 0 < sample < fwd
+
+
+def test_release_presets_are_recognised():
+    assert bench.release_preset_of(preset('cifar10', n_batch=4, lr=1.0)) == 'cifar10'
+    assert bench.release_preset_of(preset('imagenet64')) == 'imagenet64'
+    assert bench.release_preset_of(preset('cifar10', width=128)) is None
+    assert bench.release_preset_of(preset(bench.TINY_PRESET)) is None
+
+
+def test_tiny_excludes_hps():
+    with pytest.raises(UserError):
+        bench.parse(['--tiny', '--hps', 'cifar10'])
+    H = bench.parse(['--tiny', '--n_batch', '2', '--device', 'cpu'])
+    assert H.width == 32 and H.n_batch == 2 and H.skip_threshold == -1

@@ -1,0 +1,217 @@
+"""Every speed option computes what the plain fp32 eager model computes, on CPU.
+
+channels_last, grad checkpointing, per-block compile, the shared-GELU decoder step and
+fused AdamW to float32 rounding (1e-5); bf16 autocast within the difference that two
+fp32 seeds make; the foreach EMA bitwise equal to the release's per-parameter loop.
+The one compile test builds a one-resolution model (about a minute cold, seconds with
+inductor's cache warm); deselect it with ``-m "not slow"``.
+"""
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import train
+from conftest import load_tiny
+from hps import Hyperparams, preset
+from utils import Dist
+from vae import VAE
+
+
+def _loss_and_grads(model, x, xt, seed=0, ctx=None):
+    """elbo (0-dim) and {name: grad} of one training-mode forward/backward."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with ctx or contextlib.nullcontext():
+        elbo = model(x, xt)['elbo']
+    elbo.backward()
+    return elbo.detach().float(), {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+
+def _flat(grads):
+    return torch.cat([g.flatten() for g in grads.values()])
+
+
+def _assert_same_grads(got, want, rel=1e-5):
+    """The whole gradient vector within ``rel`` (relative L2), and no entry further from
+    its reference than 10 x rel x the largest gradient entry (summation order moves
+    small gradients that come from cancelling terms by a few float32 ulps)."""
+    scale = max(g.abs().max() for g in want.values())
+    g, w = _flat(got), _flat(want)
+    assert (g - w).norm() <= rel * w.norm(), ((g - w).norm() / w.norm()).item()
+    for k in want:
+        assert (got[k] - want[k]).abs().max() <= 10 * rel * scale, k
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: these tiny models gain nothing from more, and on a shared machine an
+    OpenMP team whose second core is busy elsewhere stalls at every barrier."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    """The perturbed tiny32 model (non-trivial prior and biases) and its batch, with the
+    plain path's loss and gradients (on one thread, like the tests: the convolution
+    backend, hence the last bits, depends on the thread count)."""
+    torch.set_num_threads(1)
+    H, model, x, xt, _ = load_tiny('tiny32_perturbed')
+    e, g = _loss_and_grads(model, x, xt)
+    return H, model, x, xt, e, g
+
+
+def test_channels_last_same_loss_and_grads(tiny):
+    H, model, x, xt, e, g = tiny
+    m = copy.deepcopy(model)
+    m.set_channels_last(True)
+    assert m.encoder.in_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    e2, g2 = _loss_and_grads(m, x, xt)
+    torch.testing.assert_close(e2, e, rtol=1e-5, atol=0)
+    _assert_same_grads(g2, g)
+
+
+def test_grad_checkpoint_identical_loss_and_grads(tiny):
+    """Recomputation replays the same ops on the same noise (drawn outside the
+    checkpointed step), so loss and gradients are bitwise those of the plain path."""
+    H, model, x, xt, e, g = tiny
+    m = copy.deepcopy(model)
+    m.set_grad_checkpoint(True)
+    e2, g2 = _loss_and_grads(m, x, xt)
+    assert torch.equal(e2, e)
+    for k in g:
+        assert torch.equal(g2[k], g[k]), k
+
+
+def test_bf16_autocast_within_seed_noise(tiny):
+    H, model, x, xt, e, g = tiny
+    e1, g1 = _loss_and_grads(model, x, xt, seed=1)
+    seed_noise = (e1 - e).abs()
+    grad_noise = (_flat(g1) - _flat(g)).norm() / _flat(g).norm()
+    assert seed_noise > 1e-4  # a meaningful yardstick
+    eb, gb = _loss_and_grads(copy.deepcopy(model), x, xt, ctx=torch.autocast('cpu', dtype=torch.bfloat16))
+    assert (eb - e).abs() < 0.5 * seed_noise
+    assert (_flat(gb) - _flat(g)).norm() / _flat(g).norm() < 0.5 * grad_noise
+
+
+def test_shared_gelu_step_equals_release_formulation(tiny):
+    """DecBlock._step shares GELU(x) between enc and prior and GELU(acts) across blocks;
+    the release applies enc to cat[x, acts] and prior to x.  Same values, same gradients."""
+    H, model, x, xt, e, g = tiny
+    block = copy.deepcopy(model.decoder.dec_blocks[-1])  # a 32x32 block
+    torch.manual_seed(3)
+    w = block.widths[block.base]
+    state = torch.randn(2, w, block.base, block.base, requires_grad=True)
+    acts = torch.randn(2, w, block.base, block.base, requires_grad=True)
+    eps = torch.randn(2, H.zdim, block.base, block.base)
+
+    def release(x, acts):
+        qm, qv = block.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
+        feats = block.prior(x)
+        pm, pv, xpp = feats[:, :block.zdim], feats[:, block.zdim:2 * block.zdim], feats[:, 2 * block.zdim:]
+        z = torch.exp(qv) * eps + qm
+        return block.resnet(x + xpp + block.z_proj(z)), z, qm, qv, pm, pv
+
+    outs = []
+    for fn in (release, lambda x, a: block._step(x, F.gelu(a), eps)):
+        block.zero_grad(set_to_none=True)
+        state.grad = acts.grad = None
+        o = fn(state, acts)
+        sum((t * (i + 1)).sum() for i, t in enumerate(o)).backward()
+        grads = {k: p.grad.clone() for k, p in block.named_parameters()}
+        grads.update(state=state.grad.clone(), acts=acts.grad.clone())
+        outs.append((o, grads))
+    (o1, g1), (o2, g2) = outs
+    for a, b in zip(o1, o2):
+        assert torch.equal(a, b)  # forward values are bitwise the release's
+    _assert_same_grads(g2, g1, rel=1e-6)
+
+
+def test_update_ema_bitwise_equals_release_loop(tiny):
+    """train.update_ema (foreach) against the release's loop, where ema_rate is a float32
+    tensor: p2.mul_(rate); p2.add_(p1 * (1 - rate))."""
+    H = tiny[0]
+    torch.manual_seed(0)
+    model, ema = VAE(H), VAE(H)
+    release = copy.deepcopy(ema)
+    rate = 0.9999
+    rate_t = torch.as_tensor(rate, dtype=torch.float32)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            for p1, p2 in zip(model.parameters(), release.parameters()):
+                p2.mul_(rate_t)
+                p2.add_(p1 * (1 - rate_t))
+        train.update_ema(model, ema, rate)
+    for (k, a), b in zip(ema.named_parameters(), release.parameters()):
+        assert torch.equal(a, b), k
+
+
+def test_fused_adamw_matches_for_loop(tiny):
+    H = tiny[0]
+    params = {}
+    for kw in [dict(foreach=False), dict(fused=True), dict(foreach=True)]:
+        torch.manual_seed(0)
+        m = VAE(H)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.9), eps=1e-8, **kw)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        params[str(kw)] = torch.cat([p.detach().flatten() for p in m.parameters()])
+    ref = params.pop(str(dict(foreach=False)))
+    for k, v in params.items():
+        torch.testing.assert_close(v, ref, rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_training_steps_with_cpu_fast_paths_match_plain(tiny):
+    """The real train.training_step, three updates: channels_last + grad checkpointing +
+    fused AdamW against the plain configuration."""
+    H0, _, x, xt, _, _ = tiny
+    results = []
+    for fast in (False, True):
+        H = Hyperparams(H0)
+        H.update(seed=0, channels_last=fast, grad_checkpoint=fast, rank_invariant_noise=False, precision='fp32',
+                 compile=False, lr=1e-3, grad_clip=200., skip_threshold=-1., ema_rate=0.99)
+        d = Dist()
+        model, ema = train.build_models(H, d)
+        opt = (torch.optim.AdamW(model.parameters(), lr=H.lr, weight_decay=H.wd, betas=(0.9, 0.9), eps=1e-8,
+                                 fused=True) if fast else train.make_optimizer(H, model, d.device))
+        losses = []
+        for it in range(3):
+            st, _ = train.training_step(H, x, xt, model, model, ema, opt, None, contextlib.nullcontext(), H.lr,
+                                        False)
+            losses.append(st['elbo'])
+        results.append((losses, torch.cat([p.flatten() for p in ema.parameters()])))
+    (l0, e0), (l1, e1) = results
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compile_blocks_same_loss_and_grads():
+    """VAE.compile_blocks (inductor) on a one-resolution model with every kind of block:
+    same elbo and gradients as eager, noise drawn in eager code (same seed, same draw)."""
+    H = preset('cifar10', width=16, zdim=2, num_mixtures=2, enc_blocks='4x1', dec_blocks='4x1', image_size=4)
+    torch.manual_seed(0)
+    model = VAE(H)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 4, 4, 3)
+    xt = torch.randint(0, 256, (2, 4, 4, 3)).float() / 127.5 - 1
+    e, g = _loss_and_grads(model, x, xt)
+    compiled = copy.deepcopy(model).compile_blocks()
+    assert list(compiled.state_dict()) == list(model.state_dict())
+    for _ in range(2):  # the first call builds, the second runs the cached graphs
+        e2, g2 = _loss_and_grads(compiled, x, xt)
+        torch.testing.assert_close(e2, e, rtol=1e-5, atol=0)
+        _assert_same_grads(g2, g)
