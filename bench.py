@@ -362,9 +362,7 @@ def main(argv=None):
     H = parse(argv)
     if H.threads:
         torch.set_num_threads(H.threads)
-    device = torch.device(H.device)
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
+    device = torch.device('cuda', torch.cuda.current_device()) if H.device == 'cuda' else torch.device('cpu')
     flops = flops_per_image(H)
     with torch.device('meta'):
         n_params = VAE(H).num_params()

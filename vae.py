@@ -121,7 +121,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW
         x = x.contiguous(memory_format=_memory_format(self))
-        x = self.in_conv(x)
+        x = self.in_conv(x).float()  # residual stream in float32 also under autocast (no-op in fp32)
         activations = {x.shape[2]: x}
         for block in self.enc_blocks:
             x = _maybe_checkpoint(self.grad_checkpoint, block, x)
@@ -205,7 +205,8 @@ class DecBlock(nn.Module):
         eps = self._noise(x.shape[0], x.device)
         x, z, qm, qv, pm, pv = _maybe_checkpoint(self.grad_checkpoint, self._step, x, gelu_cache[self.base], eps)
         xs[self.base] = x
-        stats = dict(kl=gaussian_analytical_kl(qm, pm, qv, pv))
+        # in float32 also under autocast (a no-op in fp32): the KL subtracts log-stds of similar size
+        stats = dict(kl=gaussian_analytical_kl(qm.float(), pm.float(), qv.float(), pv.float()))
         if get_latents:
             stats['z'] = z.detach()
         if get_dists:
