@@ -45,8 +45,10 @@ def gaussian_log_density(z, mu, logsigma):
 
 
 def draw_gaussian_diag_samples(mu, logsigma):
-    """z = mu + sigma * eps with one standard-normal draw shaped like mu."""
-    eps = torch.empty_like(mu).normal_(0., 1.)
+    """z = mu + sigma * eps with one standard-normal draw shaped like mu, filled in
+    contiguous (B,C,H,W) order whatever mu's memory format (so channels_last draws the
+    same noise per element as the release's empty_like on contiguous tensors)."""
+    eps = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device).normal_(0., 1.)
     return torch.exp(logsigma) * eps + mu
 
 
