@@ -3,9 +3,11 @@ setup (single process, torchrun or mpiexec), rank-0 logging (jsonl + txt, the
 release's format), all-reduce of statistics, atomic checkpoint files, safe state-dict
 loading with useful mismatch messages, and apex-optimizer conversion.
 """
+import contextlib
 import json
 import os
 import pickle
+import shutil
 import socket
 import sys
 import time
@@ -193,13 +195,15 @@ def restore_log(path):
 
 # ----------------------------------------------------------------------------- files
 
-def atomic_save(obj, path):
-    """torch.save to a temporary name in the same folder, fsync, then rename: a crash
-    leaves either the old file or the new one, never a torn file."""
+@contextlib.contextmanager
+def atomic_write(path):
+    """Open a temporary file beside ``path`` for binary writing; on success fsync it and
+    rename it over ``path``.  A crash leaves the old file or the new one, never a torn one,
+    and no temporary behind."""
     tmp = f'{path}.tmp.{os.getpid()}'
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -208,17 +212,14 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 
+def atomic_save(obj, path):
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+
+
 def atomic_copy(src, dst):
-    tmp = f'{dst}.tmp.{os.getpid()}'
-    try:
-        with open(src, 'rb') as fi, open(tmp, 'wb') as fo:
-            fo.write(fi.read())
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(dst) as f, open(src, 'rb') as fi:
+        shutil.copyfileobj(fi, f)
 
 
 def file_crc(path):
