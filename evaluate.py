@@ -1,7 +1,7 @@
 """Evaluate a trained VDVAE beyond the ELBO: importance-weighted NLL, per-layer KL,
 latent export, reconstructions and interpolations.  One mode per run:
 
-    python evaluate.py --hps cifar10 --restore_ema_path cifar10-seed0-iter-1050000-model-ema.th --n_importance 1000
+    python evaluate.py --hps cifar10 --restore_ema_path cifar10-seed1-iter-1050000-model-ema.th --n_importance 1000
     python evaluate.py --hps cifar10 --restore_ema_path FILE --kl_stats [--inactive_threshold 0.01]
     python evaluate.py --hps cifar10 --restore_ema_path FILE --encode [--encode_what both] [--encode_blocks 0-9]
     python evaluate.py --hps cifar10 --restore_ema_path FILE --reconstruct --indices 0 1 2 3 [--keep 0,4,10,43]
