@@ -3,7 +3,7 @@
     # the sample grid of SPEC §10 (originals, reconstructions, samples) of a run
     python sample.py --hps fashion_mnist_quick --desc quickstart --mode grid
     # 16 unconditional samples at each of three temperatures (one row per temperature)
-    python sample.py --hps cifar10 --restore_ema_path cifar10-seed0-iter-1050000-model-ema.th \
+    python sample.py --hps cifar10 --restore_ema_path cifar10-seed1-iter-1050000-model-ema.th \
         --mode uncond --n 16 --temperatures 1.0,0.9,0.8
     # reconstructions of given images (files or valid-set indices) keeping the first k latents
     python sample.py --hps cifar10 --restore_ema_path ... --mode recon --images a.png b.png --k 1,5,20

@@ -3,7 +3,7 @@
     python train.py --hps cifar10                              # one process (CUDA if present)
     torchrun --nproc_per_node 8 train.py --hps imagenet32      # DDP via environment variables
     mpiexec -n 16 python train.py --hps imagenet64             # DDP via MPI, across nodes
-    python train.py --hps cifar10 --test_eval --restore_ema_path cifar10-seed0-iter-1050000-model-ema.th
+    python train.py --hps cifar10 --test_eval --restore_ema_path cifar10-seed1-iter-1050000-model-ema.th
 
 Everything of a run goes to {save_dir}/{desc}/: log.jsonl/log.txt, hparams.json,
 checkpoints (latest-* and iter-N-*: -model.th, -model-ema.th, -opt.th, -log.jsonl as
