@@ -1,7 +1,7 @@
 """Throughput, memory and FLOP utilisation of a VDVAE configuration, on synthetic data.
 
     python bench.py --tiny                                          # small CPU check, ~20 s
-    python bench.py --tiny --compare --threads 1                    # plain fp32 eager vs the flags given
+    python bench.py --tiny --compare --threads 1 --repeat 3         # plain fp32 eager vs the flags given
     python bench.py --hps cifar10 --device cuda --precision bf16 --channels_last --compile --compare
     python bench.py --hps ffhq256 --device cuda --n_batch 4 --grad_checkpoint --compare --json ffhq.json
 
@@ -16,7 +16,9 @@ optimizer state), then timed:
 - sampling: ``forward_uncond_samples`` of the EMA model at ``--temperature``, uint8 on the host.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the process's peak resident
-set (VmHWM, reset before each phase) on CPU.  FLOPs per image are *model* FLOPs counted
+set (VmHWM, reset before each phase) on CPU.  With ``--compare`` or ``--repeat`` every
+configuration runs in a fresh process (configurations alternate; medians are reported),
+so no run inherits another's heap, allocator cache or compiled graphs.  FLOPs per image are *model* FLOPs counted
 by ``torch.utils.flop_counter.FlopCounterMode`` on the meta device (convolutions and
 matmuls, 2 per multiply-add; elementwise work and activation recomputation not counted),
 or, for the release presets, the figures in the release's ``flops.json`` (identical).
@@ -24,10 +26,13 @@ Any flag of ``hps.py`` passes through (``--hps``, ``--width``, ``--enc_blocks`` 
 """
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -66,6 +71,7 @@ GPU_PEAKS = {
     'A100': dict(bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5),
 }
 
+CHILD_FLAG = '--run-one-config'  # internal: bench.py --run-one-config CONFIG.json RESULT.json
 COLUMNS = ['config', 'batch', 'train it/s', 'train img/s', 'eval img/s', 'sample img/s', 'peak mem MiB',
            'GFLOP/img', 'train TFLOP/s', '% of peak', 'warm-up s']
 
@@ -88,9 +94,14 @@ def bench_arguments(parser):
            '"default" = torch.optim.AdamW\'s own choice (foreach on CUDA, for-loop on CPU)')
     a('--compare', action='store_true',
       help='also run the plain baseline (fp32, eager, NCHW, no checkpointing, default AdamW) on the same '
-           'model and batch first, and print the speedup of the chosen configuration over it')
+           'model and batch first, and print the speedup of the chosen configuration over it; each '
+           'configuration then runs in a fresh process (clean memory peak)')
     a('--peak_tflops', type=float, default=0.0,
       help='declared peak TFLOP/s of the device for the %% of peak column (default: the GPU table; n/a on CPU)')
+    a('--repeat', type=int, default=1,
+      help='measure each configuration this many times, alternating, and report medians (for noisy machines)')
+    a('--cudnn_benchmark', action='store_true',
+      help='let cuDNN time its convolution algorithms for these fixed shapes (CUDA; last-bit differences)')
     a('--json', type=str, default=None, help='also write every figure to this JSON file')
     return parser
 
@@ -227,6 +238,8 @@ def describe(H):
         parts.append(f'compile:{H.compile_scope}' + (f':{H.compile_mode}' if H.compile_mode else ''))
     if H.grad_checkpoint:
         parts.append('grad_checkpoint')
+    if H.cudnn_benchmark:
+        parts.append('cudnn_benchmark')
     parts.append(f'adam:{H.adam_impl}')
     return ' '.join(parts)
 
@@ -335,7 +348,8 @@ def baseline_of(H):
     """The release's way of running the same model and batch: fp32, eager, NCHW, no
     checkpointing, torch's default AdamW."""
     B = Hyperparams(H)
-    B.update(precision='fp32', compile=False, channels_last=False, grad_checkpoint=False, adam_impl='default')
+    B.update(precision='fp32', compile=False, channels_last=False, grad_checkpoint=False, adam_impl='default',
+             cudnn_benchmark=False)
     return B
 
 
@@ -358,22 +372,67 @@ def print_table(rows):
             print('  '.join('-' * w for w in widths))
 
 
+def run_in_fresh_process(C, flops):
+    """run_config in a new interpreter, so that its memory peak, allocator and compile
+    caches owe nothing to the configuration measured before it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, out = os.path.join(tmp, 'config.json'), os.path.join(tmp, 'result.json')
+        with open(cfg, 'w') as f:
+            json.dump(dict(H=dict(C), flops=flops), f)
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), CHILD_FLAG, cfg, out])
+        if p.returncode != 0:
+            raise UserError(f'the run of configuration "{describe(C)}" failed (exit status {p.returncode})')
+        with open(out) as f:
+            return json.load(f)
+
+
+def child_main(cfg_path, out_path):
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    C = Hyperparams(cfg['H'])
+    if C.threads:
+        torch.set_num_threads(C.threads)
+    torch.backends.cudnn.benchmark = C.cudnn_benchmark
+    r = run_config(C, torch.device(C.run_device), cfg['flops'])
+    with open(out_path, 'w') as f:
+        json.dump(r, f, default=str)
+
+
+def median_row(runs):
+    """One row from repeated runs of a configuration: the median of every measured figure."""
+    row = dict(runs[0])
+    for k, v in row.items():
+        if k.endswith(('_per_s', '_bytes', '_tflops', '_ms_median', 'warmup_s', 'train_s', '_of_peak')) and v is not None:
+            row[k] = statistics.median(r[k] for r in runs)
+    row['repeats'] = runs
+    return row
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [CHILD_FLAG]:
+        return child_main(*argv[1:3])
     H = parse(argv)
     if H.threads:
         torch.set_num_threads(H.threads)
+    torch.backends.cudnn.benchmark = H.cudnn_benchmark
     device = torch.device('cuda', torch.cuda.current_device()) if H.device == 'cuda' else torch.device('cpu')
+    H.run_device = str(device)
     flops = flops_per_image(H)
     with torch.device('meta'):
         n_params = VAE(H).num_params()
     configs = ([('plain fp32 eager', baseline_of(H))] if H.compare else []) + [('chosen: ' + describe(H), H)]
+    separate = H.compare or H.repeat > 1
     print(f'bench: --hps {H.hparam_sets}, {n_params:,} parameters, {H.image_size}x{H.image_size}x{H.image_channels}, '
-          f'batch {H.n_batch}, device {device} ({device_name(device)}), torch {torch.__version__}', flush=True)
-    rows = []
-    for label, C in configs:
-        r = run_config(C, device, flops)
-        r['label'] = label
-        rows.append(r)
+          f'batch {H.n_batch}, device {device} ({device_name(device)}), torch {torch.__version__}'
+          + (f'; each configuration in a fresh process, {H.repeat} time(s), alternating; medians' if separate else ''),
+          flush=True)
+    runs = {label: [] for label, _ in configs}
+    for _ in range(H.repeat):
+        for label, C in configs:
+            r = run_in_fresh_process(C, flops) if separate else run_config(C, device, flops)
+            runs[label].append(dict(r, label=label))
+    rows = [median_row(runs[label]) if separate else runs[label][0] for label, _ in configs]
     print_table(rows)
     r = rows[-1]
     print(f'GFLOP/img = model FLOPs of one training step per image (forward {flops["forward"] / 1e9:.4g} + backward '
@@ -386,7 +445,7 @@ def main(argv=None):
     result = dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
                   threads=torch.get_num_threads(), hps=H.hparam_sets, n_params=n_params,
                   image_shape=[H.image_size, H.image_size, H.image_channels], flops=flops,
-                  arch={k: H[k] for k in ARCH_KEYS}, results=rows)
+                  arch={k: H[k] for k in ARCH_KEYS}, repeat=H.repeat, results=rows)
     if H.compare:
         b, c = rows
         result['speedup'] = {k: c[k] / b[k] for k in ['train_images_per_s', 'eval_images_per_s',
@@ -395,7 +454,8 @@ def main(argv=None):
         s = result['speedup']
         print(f'speedup over plain fp32 eager: train {s["train_images_per_s"]:.2f}x, eval '
               f'{s["eval_images_per_s"]:.2f}x, sampling {s["sample_images_per_s"]:.2f}x; training peak memory '
-              f'{result["memory_ratio"]:.2f}x')
+              f'{result["memory_ratio"]:.2f}x ({(c["train_peak_mem_bytes"] - b["train_peak_mem_bytes"]) / 2 ** 20:+.0f} '
+              f'MiB)')
     if H.json:
         with open(H.json, 'w') as f:
             json.dump(result, f, indent=1, default=str)
