@@ -108,7 +108,7 @@ _preset('fashion_mnist_quick', 'fashion_mnist', width=32, zdim=8, lr=0.001, n_ba
         epochs_per_eval=1, num_images_visualize=8, num_variables_visualize=4, num_temperatures_visualize=3,
         enc_blocks="28d2,14x2,14d2,7x3,7d7,1x1",
         dec_blocks="1x1,7m1,7x3,14m7,14x3,28m14",
-        max_iters=2400)
+        max_iters=2000)
 
 
 def add_vae_arguments(parser):
