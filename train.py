@@ -18,12 +18,8 @@ import os
 import signal
 import time
 
-# CPU threads sleep instead of spinning while they wait: with spinning, one busy core
-# (another program, a data worker) makes every multi-threaded op stall, 5x slower per step.
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
