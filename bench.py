@@ -50,8 +50,7 @@ from vae import VAE
 TINY = dict(width=32, zdim=4, num_mixtures=3, bottleneck_multiple=0.25, no_bias_above=64, custom_width_str='',
             enc_blocks='32x2,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x2', dec_blocks='1x1,4m1,4x2,8m4,8x2,16m8,16x2,32m16,32x2',
             n_batch=8, threads=1)
-TINY_PRESET = 'bench_tiny'
-HPARAMS_REGISTRY.setdefault(TINY_PRESET, Hyperparams(HPARAMS_REGISTRY['cifar10'], **TINY))
+TINY_PRESET = 'bench_tiny'  # registered only while bench.parse resolves --tiny
 
 # FLOPs per image (forward, backward) of the release presets, from the release's flops.json
 # (FlopCounterMode on meta tensors, torch 2.13); counting gives the same numbers.
@@ -110,11 +109,17 @@ def bench_arguments(parser):
 
 def parse(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if '--tiny' in argv:
+    tiny = '--tiny' in argv
+    if tiny:
         if any(x == '--hps' or x.startswith('--hps=') or x.startswith('--hparam_sets') for x in argv):
             raise UserError('--tiny is a preset of its own; give either --tiny or --hps')
         argv = ['--hps', TINY_PRESET] + argv
-    H = get_hparams(argv, bench_arguments(argparse.ArgumentParser(description=__doc__.split('\n')[0])))
+        HPARAMS_REGISTRY[TINY_PRESET] = Hyperparams(HPARAMS_REGISTRY['cifar10'], **TINY)
+    try:
+        H = get_hparams(argv, bench_arguments(argparse.ArgumentParser(description=__doc__.split('\n')[0])))
+    finally:
+        if tiny:  # leave the registry as hps.py made it (utils.guess_preset walks it)
+            del HPARAMS_REGISTRY[TINY_PRESET]
     if H.device == 'auto':
         H.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if H.device == 'cuda' and not torch.cuda.is_available():

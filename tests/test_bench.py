@@ -9,7 +9,7 @@ import pytest
 
 import bench
 from conftest import ref
-from hps import UserError, preset
+from hps import HPARAMS_REGISTRY, UserError, preset
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 
@@ -53,11 +53,12 @@ def test_release_presets_are_recognised():
     assert bench.release_preset_of(preset('cifar10', n_batch=4, lr=1.0)) == 'cifar10'
     assert bench.release_preset_of(preset('imagenet64')) == 'imagenet64'
     assert bench.release_preset_of(preset('cifar10', width=128)) is None
-    assert bench.release_preset_of(preset(bench.TINY_PRESET)) is None
+    assert bench.release_preset_of(bench.parse(['--tiny', '--device', 'cpu'])) is None
 
 
 def test_tiny_excludes_hps():
     with pytest.raises(UserError):
         bench.parse(['--tiny', '--hps', 'cifar10'])
     H = bench.parse(['--tiny', '--n_batch', '2', '--device', 'cpu'])
-    assert H.width == 32 and H.n_batch == 2 and H.skip_threshold == -1
+    assert H.width == 32 and H.n_batch == 2 and H.skip_threshold == -1 and H.threads == 1
+    assert bench.TINY_PRESET not in HPARAMS_REGISTRY  # no trace left for other code that walks the registry
