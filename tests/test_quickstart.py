@@ -34,7 +34,7 @@ def run(*args):
 
 def test_quick_preset_end_to_end(real_fmnist, tmp_path):
     common = ['--hps', 'fashion_mnist_quick', '--data_root', real_fmnist, '--save_dir', str(tmp_path),
-              '--desc', 'quick', '--no_progress', '--threads', '2']
+              '--desc', 'quick', '--no_progress', '--threads', '1']
     out = run('train.py', *common, '--max_iters', '3', '--valid_images', '500', '--iters_per_images', '2')
     assert 'finished at step 3' in out
     rd = tmp_path / 'quick'
