@@ -180,11 +180,22 @@ def device_peak(H, device, precision):
     if device.type != 'cuda':
         return None, 'n/a on CPU (declare one with --peak_tflops)'
     name = torch.cuda.get_device_name(device)
-    kind = precision if precision != 'fp32' else ('tf32' if torch.backends.cudnn.allow_tf32 else 'fp32')
+    kind = precision if precision != 'fp32' else ('tf32' if convs_use_tf32() else 'fp32')
     for gpu, peaks in GPU_PEAKS.items():
         if gpu in name:
             return peaks[kind], f'{gpu} SXM dense {kind} {peaks[kind]:g} TFLOP/s'
     return None, f'unknown peak for {name} (declare one with --peak_tflops)'
+
+
+def convs_use_tf32():
+    """Whether cuDNN may run fp32 convolutions in TF32 (PyTorch's default)."""
+    try:
+        p = torch.backends.cudnn.conv.fp32_precision  # 'none' defers to the enclosing backend
+        for parent in (torch.backends.cudnn, torch.backends):
+            p = parent.fp32_precision if p == 'none' else p
+        return p == 'tf32'
+    except AttributeError:  # torch before the fp32_precision API
+        return torch.backends.cudnn.allow_tf32
 
 
 def device_name(device):
@@ -343,7 +354,8 @@ def run_config(H, device, flops):
                train_tflops=train_flops * out['train_images_per_s'] / 1e12,
                eval_tflops=flops['forward'] * out['eval_images_per_s'] / 1e12,
                sample_tflops=flops['sample'] * out['sample_images_per_s'] / 1e12,
-               peak_tflops=peak, peak_source=peak_source)
+               peak_tflops=peak, peak_source=peak_source,
+               tf32_convs=convs_use_tf32() if device.type == 'cuda' else None)
     out['train_fraction_of_peak'] = out['train_tflops'] / peak if peak else None
     del model, ema, optimizer, net
     if device.type == 'cuda':
