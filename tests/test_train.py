@@ -64,8 +64,8 @@ def cifar_root(tmp_path_factory):
 
 
 def run(args, launcher=(), timeout=300, check=True, env=None):
-    if launcher and launcher[0] == 'torchrun':
-        cmd = [os.path.join(os.path.dirname(sys.executable), 'torchrun'), *launcher[1:], 'train.py', *args]
+    if launcher and launcher[0] == 'torchrun':  # torchrun's own module: no reliance on PATH or script shebangs
+        cmd = [sys.executable, '-m', 'torch.distributed.run', *launcher[1:], 'train.py', *args]
     else:
         cmd = [*launcher, sys.executable, 'train.py', *args]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
@@ -130,9 +130,16 @@ def test_resume_flag_without_checkpoint_is_an_error(fmnist_root, tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 def _distributed_matches_single(fmnist_root, tmp_path, launcher, name):
     common = TINY + ['--data_root', fmnist_root, '--save_dir', str(tmp_path), '--max_iters', '4',
-                     '--rank_invariant_noise', '--iters_per_print', '1', '--lr', '0.003']
+                     '--rank_invariant_noise', '--iters_per_print', '1', '--lr', '0.003', '--port', str(free_port())]
     run(common + ['--desc', 'single', '--n_batch', '8'])
     run(common + ['--desc', name, '--n_batch', '4'], launcher=launcher)
     rc = log_lines(tmp_path / name, 'rank_check')
@@ -145,7 +152,7 @@ def _distributed_matches_single(fmnist_root, tmp_path, launcher, name):
 
 
 def test_torchrun_two_processes_equal_one_process(fmnist_root, tmp_path):
-    _distributed_matches_single(fmnist_root, tmp_path, ['torchrun', '--nproc_per_node', '2', '--master_port', '29611'],
+    _distributed_matches_single(fmnist_root, tmp_path, ['torchrun', '--standalone', '--nproc_per_node', '2'],
                                 'torchrun')
 
 
