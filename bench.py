@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import train
 from hps import HPARAMS_REGISTRY, Hyperparams, UserError, get_hparams
-from utils import Dist, die
+from utils import Dist, keep_freed_heap, run_main
 from vae import VAE
 
 # The reference tests' tiny32 model (width 32, 13 decoder blocks, 135,078 parameters), on one
@@ -91,8 +91,11 @@ def bench_arguments(parser):
            '(much faster to build; also used for the EMA model in evaluation and sampling)')
     a('--compile_mode', type=str, default=None, help='torch.compile mode, e.g. max-autotune-no-cudagraphs')
     a('--adam_impl', choices=['train', 'default', 'fused', 'foreach', 'for-loop'], default='train',
-      help='AdamW implementation: "train" = train.make_optimizer (fused on CUDA, torch default on CPU); '
+      help='AdamW implementation: "train" = train.make_optimizer (fused on CUDA and CPU); '
            '"default" = torch.optim.AdamW\'s own choice (foreach on CUDA, for-loop on CPU)')
+    a('--cpu_heap', choices=['keep', 'default'], default='keep',
+      help='CPU runs: "keep" = glibc malloc keeps freed memory for reuse (utils.keep_freed_heap, as train.py); '
+           '"default" = glibc\'s own mmap/trim thresholds')
     a('--compare', action='store_true',
       help='also run the plain baseline (fp32, eager, NCHW, no checkpointing, default AdamW) on the same '
            'model and batch first, and print the speedup of the chosen configuration over it; each '
@@ -259,6 +262,8 @@ def describe(H):
     if H.cudnn_benchmark:
         parts.append('cudnn_benchmark')
     parts.append(f'adam:{H.adam_impl}')
+    if H.device == 'cpu':
+        parts.append(f'heap:{H.cpu_heap}')
     return ' '.join(parts)
 
 
@@ -365,10 +370,10 @@ def run_config(H, device, flops):
 
 def baseline_of(H):
     """The release's way of running the same model and batch: fp32, eager, NCHW, no
-    checkpointing, torch's default AdamW."""
+    checkpointing, torch's default AdamW, glibc's default heap settings."""
     B = Hyperparams(H)
     B.update(precision='fp32', compile=False, channels_last=False, grad_checkpoint=False, adam_impl='default',
-             cudnn_benchmark=False)
+             cudnn_benchmark=False, cpu_heap='default')
     return B
 
 
@@ -405,13 +410,20 @@ def run_in_fresh_process(C, flops):
             return json.load(f)
 
 
+def set_up_process(H):
+    """Threads, cuDNN autotuning and (CPU, --cpu_heap keep) the heap, for this process."""
+    if H.threads:
+        torch.set_num_threads(H.threads)
+    torch.backends.cudnn.benchmark = H.cudnn_benchmark
+    if H.device == 'cpu' and H.cpu_heap == 'keep':
+        keep_freed_heap()
+
+
 def child_main(cfg_path, out_path):
     with open(cfg_path) as f:
         cfg = json.load(f)
     C = Hyperparams(cfg['H'])
-    if C.threads:
-        torch.set_num_threads(C.threads)
-    torch.backends.cudnn.benchmark = C.cudnn_benchmark
+    set_up_process(C)
     r = run_config(C, torch.device(C.run_device), cfg['flops'])
     with open(out_path, 'w') as f:
         json.dump(r, f, default=str)
@@ -432,9 +444,7 @@ def main(argv=None):
     if argv[:1] == [CHILD_FLAG]:
         return child_main(*argv[1:3])
     H = parse(argv)
-    if H.threads:
-        torch.set_num_threads(H.threads)
-    torch.backends.cudnn.benchmark = H.cudnn_benchmark
+    set_up_process(H)
     device = torch.device('cuda', torch.cuda.current_device()) if H.device == 'cuda' else torch.device('cpu')
     H.run_device = str(device)
     flops = flops_per_image(H)
@@ -484,7 +494,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except UserError as e:
-        die(str(e))
+    run_main(main)

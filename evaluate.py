@@ -30,8 +30,8 @@ from tqdm import tqdm
 import data
 from hps import UserError, add_vae_arguments, Hyperparams, parse_args_and_update_hparams
 from train import find_checkpoint, tile, write_png
-from utils import (Dist, allreduce, barrier, cleanup_distributed, die, gather_objects, logger, restore_params,
-                   setup_distributed)
+from utils import (Dist, allreduce, barrier, cleanup_distributed, configure_cpu, gather_objects, logger,
+                   restore_params, run_main, setup_distributed)
 from vae import VAE, parse_layer_string
 from vae_helpers import gaussian_log_density
 
@@ -627,8 +627,7 @@ def main(argv=None):
     d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device) if joined else _existing_group()
     threads = torch.get_num_threads()
     if d.device.type == 'cpu':
-        local = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('MPI_LOCALNRANKS', 1)))
-        torch.set_num_threads(H.threads or max(1, (os.cpu_count() or 1) // local))
+        configure_cpu(H.threads, keep_heap=joined)  # a caller's process keeps its own malloc settings
     try:
         with torch.random.fork_rng(devices=[d.device] if d.device.type == 'cuda' else []):
             return _run(H, d, weights, notes)
@@ -740,7 +739,4 @@ def _dispatch(H, d, model, source, images, names, weights, bar, log):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except UserError as e:
-        die(str(e))
+    run_main(main)

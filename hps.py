@@ -102,7 +102,7 @@ _preset('fashion_mnist', dataset='fashion_mnist', width=384, zdim=16, lr=0.0002,
         dec_blocks="1x1,7m1,7x6,14m7,14x10,28m14,28x21")
 # Small, for a laptop CPU: learns a clearly-better-than-uniform model in minutes
 # (widths and depths chosen by measurement, see README).
-_preset('fashion_mnist_quick', 'fashion_mnist', width=32, zdim=8, lr=0.001, n_batch=32, ema_rate=0.999,
+_preset('fashion_mnist_quick', 'fashion_mnist', width=32, zdim=8, lr=0.001, n_batch=32, ema_rate=0.99,
         warmup_iters=50, num_mixtures=5, grad_clip=200., skip_threshold=2000.,
         iters_per_print=100, iters_per_save=500, iters_per_ckpt=100000, iters_per_images=1000,
         epochs_per_eval=1, num_images_visualize=8, num_variables_visualize=4, num_temperatures_visualize=3,

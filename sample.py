@@ -22,7 +22,7 @@ from PIL import Image
 import data
 from hps import UserError, add_vae_arguments, Hyperparams, parse_args_and_update_hparams
 from train import find_checkpoint, tile, write_png, sample_grid
-from utils import die, restore_params, setup_distributed
+from utils import restore_params, run_main, setup_distributed
 from vae import VAE
 
 ARCH_KEYS = ['dataset', 'image_size', 'image_channels', 'width', 'zdim', 'enc_blocks', 'dec_blocks',
@@ -147,7 +147,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except UserError as e:
-        die(str(e))
+    run_main(main)

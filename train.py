@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 import data
 from hps import UserError, get_hparams
-from utils import (atomic_copy, atomic_save, barrier, cleanup_distributed, die, file_crc, gather_objects,
-                   load_optimizer_file, logger, param_spread_across_ranks, read_log, restore_log, restore_params, safe_torch_load,
-                   setup_distributed, stats_over_ranks, allreduce)
+from utils import (allreduce, atomic_copy, atomic_save, barrier, cleanup_distributed, configure_cpu, file_crc,
+                   gather_objects, load_optimizer_file, logger, param_spread_across_ranks, read_log, restore_log,
+                   restore_params, run_main, safe_torch_load, setup_distributed, stats_over_ranks)
 from vae import VAE
 
 LN2 = math.log(2)
@@ -42,8 +42,7 @@ def set_up(argv=None):
     H = get_hparams(argv)
     d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device)
     if d.device.type == 'cpu':
-        local = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('MPI_LOCALNRANKS', 1)))
-        torch.set_num_threads(H.threads or max(1, (os.cpu_count() or 1) // local))
+        configure_cpu(H.threads)
     H.run_dir = os.path.join(H.save_dir, H.desc)
     check_restore_paths(H)
     log = logger(os.path.join(H.run_dir, 'log'), is_main=d.is_main)
@@ -91,7 +90,9 @@ def wrap_for_training(H, model, d):
 
 
 def make_optimizer(H, model, device):
-    kw = dict(fused=True) if device.type == 'cuda' else {}
+    """AdamW as the release (eps 1e-8).  The fused implementation (one kernel for all
+    parameters) on CUDA and CPU; it matches the per-parameter loop to float rounding."""
+    kw = dict(fused=True) if device.type in ('cuda', 'cpu') else {}
     return torch.optim.AdamW(model.parameters(), weight_decay=H.wd, lr=H.lr, betas=(H.adam_beta1, H.adam_beta2),
                              eps=1e-8, **kw)
 
@@ -166,11 +167,13 @@ def check_restore_paths(H):
             raise UserError(f"--{flag} {H[flag]}: no such file")
 
 
-def restore(H, d, model, ema, optimizer, scaler, log):
+def restore(H, d, model, ema, optimizer, scaler, log, found=None):
     """Apply --resume / the run folder's newest checkpoint, or the release's four restore
-    flags.  Returns progress: step, epoch, batch (next batch within the epoch), best_eval."""
+    flags (checked to exist by set_up).  ``found``: find_checkpoint's answer when the caller
+    already has it.  Returns progress: step, epoch, batch (next batch within the epoch),
+    best_eval."""
     progress = dict(step=0, epoch=0, batch=0, best_eval=float('inf'), skipped=0)
-    prefix, st = find_checkpoint(H.run_dir)
+    prefix, st = found or find_checkpoint(H.run_dir)
     if H.resume and prefix is None:
         raise UserError(f"--resume: no complete checkpoint in {H.run_dir}; start without --resume "
                         "(or check --save_dir/--desc)")
@@ -188,7 +191,6 @@ def restore(H, d, model, ema, optimizer, scaler, log):
             log(f'note: checkpoint written by {len(rngs)} processes, now {d.world_size}: '
                 'data order is kept, posterior noise is reseeded')
         return {k: st.get(k, progress[k]) for k in progress}
-    check_restore_paths(H)
     # load everything before logging anything, so a bad file leaves no trace in the run folder
     if H.restore_path:
         restore_params(model, H.restore_path, H)
@@ -495,8 +497,8 @@ def load_for_evaluation(H, d, model, ema, optimizer, scaler, log):
     elif H.restore_path:
         restore_params(ema, H.restore_path, H)
         log(f'evaluating {H.restore_path} (not an EMA file: pass --restore_ema_path for the paper\'s numbers)')
-    elif find_checkpoint(H.run_dir)[0]:
-        restore(H, d, model, ema, optimizer, scaler, log)
+    elif (found := find_checkpoint(H.run_dir))[0]:
+        restore(H, d, model, ema, optimizer, scaler, log, found=found)
     else:
         raise UserError(f"--test_eval needs trained weights: pass --restore_ema_path FILE, or the --desc of a run "
                         f"whose folder ({H.run_dir}) holds checkpoints")
@@ -539,7 +541,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except UserError as e:
-        die(str(e))
+    run_main(main)
