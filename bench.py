@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import train
 from hps import HPARAMS_REGISTRY, Hyperparams, UserError, get_hparams
-from utils import Dist, keep_freed_heap, run_main
+from utils import Dist, ieee_fp32, keep_freed_heap, run_main
 from vae import VAE
 
 # The reference tests' tiny32 model (width 32, 13 decoder blocks, 135,078 parameters), on one
@@ -332,9 +332,9 @@ def run_config(H, device, flops):
                train_step_ms_median=1000 * statistics.median(per_step), train_peak_mem_bytes=mem_train,
                last_elbo=last.get('elbo'), last_grad_norm=last.get('grad_norm'))
 
-    # evaluation: the EMA model in fp32 under no_grad, as train.evaluate
+    # evaluation and sampling: the EMA model in IEEE fp32 (no TF32) under no_grad, as train.evaluate and sample.py
     ema.eval()
-    with torch.no_grad():
+    with torch.no_grad(), ieee_fp32():
         def eval_step():
             x_in, x_target = data.preprocess(H, eval_batch)
             ema.forward_per_image(x_in, x_target)['elbo'].sum()

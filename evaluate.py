@@ -30,8 +30,8 @@ from tqdm import tqdm
 import data
 from hps import UserError, add_vae_arguments, Hyperparams, parse_args_and_update_hparams
 from train import find_checkpoint, tile, write_png
-from utils import (Dist, allreduce, barrier, cleanup_distributed, configure_cpu, gather_objects, logger,
-                   restore_params, run_main, setup_distributed)
+from utils import (Dist, allreduce, barrier, cleanup_distributed, configure_cpu, gather_objects, ieee_fp32,
+                   logger, restore_params, run_main, setup_distributed)
 from vae import VAE, parse_layer_string
 from vae_helpers import gaussian_log_density
 
@@ -629,7 +629,7 @@ def main(argv=None):
     if d.device.type == 'cpu':
         configure_cpu(H.threads, keep_heap=joined)  # a caller's process keeps its own malloc settings
     try:
-        with torch.random.fork_rng(devices=[d.device] if d.device.type == 'cuda' else []):
+        with torch.random.fork_rng(devices=[d.device] if d.device.type == 'cuda' else []), ieee_fp32():
             return _run(H, d, weights, notes)
     finally:
         torch.set_num_threads(threads)

@@ -22,7 +22,7 @@ from PIL import Image
 import data
 from hps import UserError, add_vae_arguments, Hyperparams, parse_args_and_update_hparams
 from train import find_checkpoint, tile, write_png, sample_grid
-from utils import restore_params, run_main, setup_distributed
+from utils import ieee_fp32, restore_params, run_main, setup_distributed
 from vae import VAE
 
 ARCH_KEYS = ['dataset', 'image_size', 'image_channels', 'width', 'zdim', 'enc_blocks', 'dec_blocks',
@@ -117,6 +117,11 @@ def unconditional(H, model, n, temperatures):
 def main(argv=None):
     H = parse(argv)
     d = setup_distributed(device=None if H.device == 'auto' else H.device)
+    with ieee_fp32():  # the release's numbers on any GPU: no TF32 convolutions
+        return draw(H, d)
+
+
+def draw(H, d):
     model = load_model(H, d.device)
     torch.manual_seed(H.seed)
     out = H.out or os.path.join(H.run_dir, f'{H.mode}.png')

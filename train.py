@@ -27,8 +27,8 @@ from tqdm import tqdm
 import data
 from hps import UserError, get_hparams
 from utils import (allreduce, atomic_copy, atomic_save, barrier, cleanup_distributed, configure_cpu, file_crc,
-                   gather_objects, load_optimizer_file, logger, param_spread_across_ranks, read_log, restore_log,
-                   restore_params, run_main, safe_torch_load, setup_distributed, stats_over_ranks)
+                   gather_objects, ieee_fp32, load_optimizer_file, logger, param_spread_across_ranks, read_log,
+                   restore_log, restore_params, run_main, safe_torch_load, setup_distributed, stats_over_ranks)
 from vae import VAE
 
 LN2 = math.log(2)
@@ -288,14 +288,15 @@ def accumulate_stats(stats, frequency):
 @torch.no_grad()
 def evaluate(H, d, ema, source, desc='eval'):
     """Exact per-image averages over every image of ``source`` (each visited once across
-    ranks), in fp32.  Posterior noise comes from a fixed seed, so a checkpoint always gets
-    the same number, and the training RNG stream is left untouched."""
+    ranks), in IEEE fp32 (no TF32, see utils.ieee_fp32).  Posterior noise comes from a
+    fixed seed, so a checkpoint always gets the same number, and the training RNG stream
+    is left untouched."""
     ema.eval()
     sums = torch.zeros(6, dtype=torch.float64, device=d.device)  # n, elbo, distortion, rate, n_finite, finite elbo
     loader = data.eval_loader(source, H.n_batch_eval or 4 * H.n_batch, rank=d.rank, world_size=d.world_size,
                               num_workers=min(H.num_workers, 1), pin_memory=d.device.type == 'cuda')
     devices = [d.device] if d.device.type == 'cuda' else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), ieee_fp32():
         torch.manual_seed(H.seed + 1_000_003 * (d.rank + 1))
         for x in tqdm(loader, desc=desc, disable=not d.is_main or H.no_progress, leave=False):
             x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))

@@ -161,6 +161,22 @@ def keep_freed_heap():
                ((M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))
 
 
+@contextlib.contextmanager
+def ieee_fp32():
+    """fp32 convolutions and matmuls in full IEEE precision inside, previous settings
+    restored after.  PyTorch lets cuDNN run fp32 convolutions in TF32 (10-bit mantissa) on
+    Ampere and newer GPUs by default, which is fine for training but moves the numbers of
+    a 100-layer network; evaluation and sampling run under this so that a released
+    checkpoint gets the same figures on any GPU as on the CPU.  No effect on the CPU."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = 'ieee'
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
+
+
 # ----------------------------------------------------------------------------- logging
 
 def logger(log_prefix, is_main=True):

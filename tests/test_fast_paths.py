@@ -3,8 +3,9 @@
 channels_last, grad checkpointing, per-block compile, the shared-GELU decoder step and
 fused AdamW to float32 rounding (1e-5); bf16 autocast within the difference that two
 fp32 seeds make; the foreach EMA bitwise equal to the release's per-parameter loop.
-The one compile test builds a one-resolution model (about a minute cold, seconds with
-inductor's cache warm); deselect it with ``-m "not slow"``.
+The two compile tests (whole model, as train.py --compile; and per block) build a
+one-resolution model (about a minute each cold, seconds with inductor's cache warm);
+deselect them with ``-m "not slow"``.
 """
 import contextlib
 import copy
@@ -190,7 +191,8 @@ def test_fused_adamw_matches_for_loop(tiny):
 
 def test_training_steps_with_cpu_fast_paths_match_plain(tiny):
     """The real train.training_step, three updates: channels_last + grad checkpointing +
-    fused AdamW against the plain configuration."""
+    train.py's optimizer (fused AdamW) against the plain configuration with the release's
+    per-parameter AdamW loop."""
     H0, _, x, xt, _, _ = tiny
     results = []
     for fast in (False, True):
@@ -199,8 +201,10 @@ def test_training_steps_with_cpu_fast_paths_match_plain(tiny):
                  compile=False, lr=1e-3, grad_clip=200., skip_threshold=-1., ema_rate=0.99)
         d = Dist()
         model, ema = train.build_models(H, d)
-        opt = (torch.optim.AdamW(model.parameters(), lr=H.lr, weight_decay=H.wd, betas=(0.9, 0.9), eps=1e-8,
-                                 fused=True) if fast else train.make_optimizer(H, model, d.device))
+        opt = (train.make_optimizer(H, model, d.device) if fast else
+               torch.optim.AdamW(model.parameters(), lr=H.lr, weight_decay=H.wd, betas=(0.9, 0.9), eps=1e-8,
+                                 foreach=False))
+        assert bool(opt.defaults.get('fused')) == fast
         losses = []
         for it in range(3):
             st, _ = train.training_step(H, x, xt, model, model, ema, opt, None, contextlib.nullcontext(), H.lr,
@@ -212,10 +216,9 @@ def test_training_steps_with_cpu_fast_paths_match_plain(tiny):
     torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_compile_blocks_same_loss_and_grads():
-    """VAE.compile_blocks (inductor) on a one-resolution model with every kind of block:
-    same elbo and gradients as eager, noise drawn in eager code (same seed, same draw)."""
+def _one_resolution_model():
+    """A model with every kind of block at one 4x4 resolution, quick to compile, with
+    perturbed weights (a non-trivial prior), and a batch for it."""
     H = preset('cifar10', width=16, zdim=2, num_mixtures=2, enc_blocks='4x1', dec_blocks='4x1', image_size=4)
     torch.manual_seed(0)
     model = VAE(H)
@@ -224,6 +227,27 @@ def test_compile_blocks_same_loss_and_grads():
             p.add_(0.1 * torch.randn_like(p))
     x = torch.randn(2, 4, 4, 3)
     xt = torch.randint(0, 256, (2, 4, 4, 3)).float() / 127.5 - 1
+    return model, x, xt
+
+
+@pytest.mark.slow
+def test_compile_whole_model_same_loss_and_grads():
+    """train.py's --compile (torch.compile of the whole training model): same elbo and
+    gradients as eager from the same seed, so the posterior noise is the same draw."""
+    model, x, xt = _one_resolution_model()
+    e, g = _loss_and_grads(model, x, xt)
+    compiled = torch.compile(copy.deepcopy(model))
+    for _ in range(2):
+        e2, g2 = _loss_and_grads(compiled, x, xt)
+        torch.testing.assert_close(e2, e, rtol=1e-5, atol=0)
+        _assert_same_grads({k.removeprefix('_orig_mod.'): v for k, v in g2.items()}, g)
+
+
+@pytest.mark.slow
+def test_compile_blocks_same_loss_and_grads():
+    """VAE.compile_blocks (inductor) on a one-resolution model with every kind of block:
+    same elbo and gradients as eager, noise drawn in eager code (same seed, same draw)."""
+    model, x, xt = _one_resolution_model()
     e, g = _loss_and_grads(model, x, xt)
     compiled = copy.deepcopy(model).compile_blocks()
     assert list(compiled.state_dict()) == list(model.state_dict())
@@ -231,3 +255,42 @@ def test_compile_blocks_same_loss_and_grads():
         e2, g2 = _loss_and_grads(compiled, x, xt)
         torch.testing.assert_close(e2, e, rtol=1e-5, atol=0)
         _assert_same_grads(g2, g)
+
+
+def test_configure_cpu_threads_and_heap(monkeypatch):
+    """train.py's CPU set-up: threads = cores / processes on this node unless given, and
+    glibc accepts the heap settings (utils.keep_freed_heap)."""
+    import os
+    import platform
+    from utils import configure_cpu, keep_freed_heap
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    monkeypatch.setattr(os, 'cpu_count', lambda: 8)
+    assert configure_cpu(0, keep_heap=False) == 4 and torch.get_num_threads() == 4
+    assert configure_cpu(3, keep_heap=False) == 3 and torch.get_num_threads() == 3
+    if platform.libc_ver()[0] == 'glibc':
+        assert keep_freed_heap()
+
+
+def test_evaluation_runs_in_ieee_fp32(tiny, monkeypatch):
+    """train.evaluate turns TF32 convolutions and matmuls off while it runs (PyTorch allows
+    TF32 convolutions on GPUs by default) and restores the caller's settings after."""
+    import numpy as np
+    from utils import ieee_fp32
+    H = Hyperparams(tiny[0])
+    H.update(n_batch_eval=4, num_workers=0, no_progress=True)
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    seen = []
+    original = VAE.forward_per_image
+
+    def recording(self, x, xt):
+        seen.append((conv.fp32_precision, matmul.fp32_precision))
+        return original(self, x, xt)
+    monkeypatch.setattr(VAE, 'forward_per_image', recording)
+    images = np.random.default_rng(0).integers(0, 256, (6, H.image_size, H.image_size, 3), dtype=np.uint8)
+    stats = train.evaluate(H, Dist(), VAE(H), images)
+    assert stats['n_images'] == 6 and seen == [('ieee', 'ieee')] * 2
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with ieee_fp32():
+        conv.fp32_precision = 'tf32'  # changed inside: still restored on exit
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
