@@ -85,11 +85,6 @@ def bench_arguments(parser):
     a('--eval_steps', type=int, default=3, help='timed evaluation batches (after one untimed)')
     a('--sample_steps', type=int, default=2, help='timed unconditional-sample batches (after one untimed)')
     a('--n_sample', type=int, default=0, help='images per sampling call (0: the evaluation batch size)')
-    a('--compile_scope', choices=['model', 'blocks'], default='model',
-      help='with --compile: "model" = train.py\'s torch.compile of the whole training model; '
-           '"blocks" = VAE.compile_blocks(), every residual block and the DMoL loss on its own '
-           '(much faster to build; also used for the EMA model in evaluation and sampling)')
-    a('--compile_mode', type=str, default=None, help='torch.compile mode, e.g. max-autotune-no-cudagraphs')
     a('--adam_impl', choices=['train', 'default', 'fused', 'foreach', 'for-loop'], default='train',
       help='AdamW implementation: "train" = train.make_optimizer (fused on CUDA and CPU); '
            '"default" = torch.optim.AdamW\'s own choice (foreach on CUDA, for-loop on CPU)')
@@ -289,15 +284,7 @@ def run_config(H, device, flops):
     optimizer = make_optimizer(H, model, device)
     scaler = torch.amp.GradScaler(device.type) if H.precision == 'fp16' else None
     ctx = train.precision_context(H, device)
-    if H.compile and H.compile_scope == 'blocks':
-        kw = dict(mode=H.compile_mode) if H.compile_mode else {}
-        model.compile_blocks(**kw)
-        ema.compile_blocks(**kw)
-        net = model
-    elif H.compile and H.compile_mode:
-        net = torch.compile(model, mode=H.compile_mode)  # train.wrap_for_training, with a mode
-    else:
-        net = train.wrap_for_training(H, model, d)  # torch.compile(model) when --compile
+    net = train.wrap_for_training(H, model, d)  # torch.compile per --compile_scope, as train.py
     gen = torch.Generator().manual_seed(H.seed)
     shape = (H.n_batch, H.image_size, H.image_size, H.image_channels)
     batch = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(device)

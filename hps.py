@@ -168,7 +168,11 @@ def add_vae_arguments(parser):
     a('--precision', type=str, default='fp32', choices=['fp32', 'bf16', 'fp16'],
       help='training precision: fp32 (as released), bf16 autocast, or fp16 autocast with a gradient scaler; '
            'evaluation always runs in fp32')
-    a('--compile', action='store_true', help='torch.compile the model (faster steps after a slow first one)')
+    a('--compile', action='store_true', help='torch.compile the training model (faster steps after a build)')
+    a('--compile_scope', choices=['model', 'blocks'], default='model',
+      help='with --compile: "model" = the whole training model; "blocks" = every residual block and the DMoL '
+           'loss on its own (VAE.compile_blocks: a much shorter build on the deep presets)')
+    a('--compile_mode', type=str, default=None, help='with --compile: torch.compile mode, e.g. max-autotune')
     a('--channels_last', action='store_true', help='NHWC memory layout for the convolutions (tensor cores)')
     a('--grad_checkpoint', action='store_true', help='recompute block activations in backward to save memory')
     a('--num_workers', type=int, default=2, help='data-loading worker processes per rank')

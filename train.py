@@ -81,11 +81,18 @@ def build_models(H, d):
 
 
 def wrap_for_training(H, model, d):
+    """The module the training step calls: DDP when distributed, and with --compile either
+    torch.compile of the whole (DDP-wrapped) model or, --compile_scope blocks, of each
+    residual block and the DMoL loss inside ``model`` (VAE.compile_blocks).  The EMA model
+    is never compiled: evaluation and sampling run eagerly."""
+    kw = dict(mode=H.compile_mode) if H.compile_mode else {}
+    if H.compile and H.compile_scope == 'blocks':
+        model.compile_blocks(**kw)
     net = model
     if d.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == 'cuda' else None)
-    if H.compile:
-        net = torch.compile(net)
+    if H.compile and H.compile_scope == 'model':
+        net = torch.compile(net, **kw)
     return net
 
 

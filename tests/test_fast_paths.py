@@ -294,3 +294,23 @@ def test_evaluation_runs_in_ieee_fp32(tiny, monkeypatch):
     with ieee_fp32():
         conv.fp32_precision = 'tf32'  # changed inside: still restored on exit
     assert (conv.fp32_precision, matmul.fp32_precision) == before
+
+
+def test_compile_scope_flag_wraps_as_documented(tiny):
+    """train.wrap_for_training: --compile_scope model compiles the whole training model;
+    blocks compiles each residual Block inside it (nothing is built until the first call)
+    and leaves parameter names alone; without --compile the model itself is used."""
+    from vae import Block
+    H = Hyperparams(tiny[0])
+    d = Dist()
+    H.update(compile=False, compile_scope='model', compile_mode=None)
+    model = VAE(H)
+    assert train.wrap_for_training(H, model, d) is model
+    H.update(compile=True)
+    assert isinstance(train.wrap_for_training(H, model, d), torch._dynamo.eval_frame.OptimizedModule)
+    H.update(compile_scope='blocks')
+    names = list(model.state_dict())
+    assert train.wrap_for_training(H, model, d) is model
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    assert list(model.state_dict()) == names
