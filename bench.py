@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import train
 from hps import HPARAMS_REGISTRY, Hyperparams, UserError, get_hparams
-from utils import Dist, ieee_fp32, keep_freed_heap, run_main
+from utils import Dist, configure_cpu, ieee_fp32, run_main
 from vae import VAE
 
 # The reference tests' tiny32 model (width 32, 13 decoder blocks, 135,078 parameters), on one
@@ -92,8 +92,8 @@ def bench_arguments(parser):
       help='CPU runs: "keep" = glibc malloc keeps freed memory for reuse (utils.keep_freed_heap, as train.py); '
            '"default" = glibc\'s own mmap/trim thresholds')
     a('--compare', action='store_true',
-      help='also run the plain baseline (fp32, eager, NCHW, no checkpointing, default AdamW) on the same '
-           'model and batch first, and print the speedup of the chosen configuration over it; each '
+      help='also run the plain baseline (fp32, eager, NCHW, no checkpointing, default AdamW, glibc\'s default '
+           'heap) on the same model and batch first, and print the speedup of the chosen configuration over it; each '
            'configuration then runs in a fresh process (clean memory peak)')
     a('--peak_tflops', type=float, default=0.0,
       help='declared peak TFLOP/s of the device for the %% of peak column (default: the GPU table; n/a on CPU)')
@@ -398,12 +398,13 @@ def run_in_fresh_process(C, flops):
 
 
 def set_up_process(H):
-    """Threads, cuDNN autotuning and (CPU, --cpu_heap keep) the heap, for this process."""
-    if H.threads:
-        torch.set_num_threads(H.threads)
+    """Threads, cuDNN autotuning and, on CPU, train.py's set-up (utils.configure_cpu; the
+    heap is kept for reuse unless --cpu_heap default), for this process."""
     torch.backends.cudnn.benchmark = H.cudnn_benchmark
-    if H.device == 'cpu' and H.cpu_heap == 'keep':
-        keep_freed_heap()
+    if H.device == 'cpu':
+        configure_cpu(H.threads, keep_heap=H.cpu_heap == 'keep')
+    elif H.threads:
+        torch.set_num_threads(H.threads)
 
 
 def child_main(cfg_path, out_path):

@@ -147,7 +147,7 @@ def keep_freed_heap():
     PyTorch has no caching allocator on the CPU: every step frees and re-allocates the
     same activation and gradient buffers.  By default glibc serves each large buffer with
     a fresh mmap and unmaps it on free, so every step pays the page faults of touching
-    that memory anew (on the tiny benchmark model, about 5% of a step).  Raising the mmap
+    that memory anew (3-8% of a training step on the small benchmark models).  Raising the mmap
     and trim thresholds makes such buffers come from the heap, which keeps its pages.
     Values computed are unaffected; the process's resident memory stays at its peak.
     Returns False (and changes nothing) where the C library is not glibc."""
