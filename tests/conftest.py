@@ -1,4 +1,4 @@
-"""Shared test fixtures: where the release's reference data lives, tiny models."""
+"""Shared test fixtures: the release's reference data (tests/reference/, see its README), tiny models."""
 import json
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-REF = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'reference')
+REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'reference')  # see reference/README.md
 
 
 def ref(*parts):

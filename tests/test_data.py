@@ -25,7 +25,7 @@ import data
 from hps import NORMALIZATION, UserError, get_hparams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REF = os.path.join(REPO, '..', 'shared', 'reference')
+REF = os.path.join(REPO, 'tests', 'reference')
 FASHION_SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'
 
 
