@@ -299,7 +299,8 @@ def evaluate(H, d, ema, source, desc='eval'):
     fixed seed, so a checkpoint always gets the same number, and the training RNG stream
     is left untouched."""
     ema.eval()
-    sums = torch.zeros(6, dtype=torch.float64, device=d.device)  # n, elbo, distortion, rate, n_finite, finite elbo
+    # n, elbo, distortion, rate, n_finite, finite elbo, elbo^2 (for the standard error)
+    sums = torch.zeros(7, dtype=torch.float64, device=d.device)
     loader = data.eval_loader(source, H.n_batch_eval or 4 * H.n_batch, rank=d.rank, world_size=d.world_size,
                               num_workers=min(H.num_workers, 1), pin_memory=d.device.type == 'cuda')
     devices = [d.device] if d.device.type == 'cuda' else []
@@ -312,12 +313,23 @@ def evaluate(H, d, ema, source, desc='eval'):
             finite = torch.isfinite(elbo)
             sums += torch.stack([torch.full_like(elbo[0], len(elbo)), elbo.sum(), out['distortion'].double().sum(),
                                  out['rate'].double().sum(), finite.double().sum(),
-                                 torch.where(finite, elbo, 0.).sum()])
-    n, elbo, distortion, rate, n_finite, finite_elbo = allreduce(sums).tolist()
+                                 torch.where(finite, elbo, 0.).sum(), elbo.square().sum()])
+    n, elbo, distortion, rate, n_finite, finite_elbo, elbo_sq = allreduce(sums).tolist()
     if n == 0:
         raise UserError(f"the evaluation split ({getattr(source, 'path', source)}) is empty")
-    return dict(n_images=int(n), elbo=elbo / n, distortion=distortion / n, rate=rate / n,
-                elbo_bpd=elbo / n / LN2, filtered_elbo=finite_elbo / max(n_finite, 1), n_nonfinite=int(n - n_finite))
+    se = standard_error(n, elbo, elbo_sq)
+    return dict(n_images=int(n), elbo=elbo / n, elbo_se=se, distortion=distortion / n, rate=rate / n,
+                elbo_bpd=elbo / n / LN2, elbo_bpd_se=se / LN2, filtered_elbo=finite_elbo / max(n_finite, 1),
+                n_nonfinite=int(n - n_finite))
+
+
+def standard_error(n, total, total_sq):
+    """Standard error of the mean of n values from their sum and sum of squares:
+    sqrt(sample variance / n), with the unbiased (n - 1) variance; nan for n < 2."""
+    if n < 2:
+        return float('nan')
+    var = max(total_sq - total * total / n, 0.0) / (n - 1)
+    return math.sqrt(var / n)
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -494,7 +506,8 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
     if d.is_main:
         write_images(H, d, ema, viz_batch, os.path.join(H.run_dir, f'samples-{it}.png'), log)
         write_loss_plot(log.jsonl_path, os.path.join(H.run_dir, 'loss.png'))
-    log(f'finished at step {it}: valid elbo {ev["elbo"]:.4f} nats/dim = {ev["elbo_bpd"]:.4f} bits/dim')
+    log(f'finished at step {it}: valid elbo {ev["elbo"]:.4f} ± {ev["elbo_se"]:.4f} nats/dim = '
+        f'{ev["elbo_bpd"]:.4f} ± {ev["elbo_bpd_se"]:.4f} bits/dim')
 
 
 def load_for_evaluation(H, d, model, ema, optimizer, scaler, log):
@@ -516,8 +529,9 @@ def run_test_eval(H, d, splits, ema, log):
     stats = evaluate(H, d, ema, splits.test, desc='test')
     log(type='test_loss', **stats)
     if d.is_main:
-        print(f'test elbo over {stats["n_images"]} images: {stats["elbo"]:.5f} nats/dim = '
-              f'{stats["elbo_bpd"]:.5f} bits/dim', flush=True)
+        print(f'test elbo over {stats["n_images"]} images: {stats["elbo"]:.5f} ± {stats["elbo_se"]:.5f} nats/dim = '
+              f'{stats["elbo_bpd"]:.5f} ± {stats["elbo_bpd_se"]:.5f} bits/dim (± one standard error of the mean '
+              'over images)', flush=True)
     return stats
 
 

@@ -179,6 +179,17 @@ def test_restore_official_bundle_and_continue(cifar_root, tmp_path):
     assert 'test elbo over 200 images' in p.stdout
     tl = log_lines(tmp_path / 't', 'test_loss')[-1]
     assert tl['n_images'] == 200 and abs(tl['elbo_bpd'] * np.log(2) - tl['elbo']) < 1e-9
+    # the standard error over images is printed and logged beside the mean
+    assert 0 < tl['elbo_se'] < tl['elbo'] and tl['elbo_bpd_se'] == pytest.approx(tl['elbo_se'] / np.log(2))
+    assert f"{tl['elbo_bpd']:.5f} ± {tl['elbo_bpd_se']:.5f} bits/dim" in p.stdout
+
+
+def test_standard_error_is_the_sample_std_over_sqrt_n():
+    from train import standard_error
+    v = np.random.RandomState(0).gamma(2.0, 1.5, size=37) + 1e3  # a large mean: cancellation-prone
+    want = np.std(v, ddof=1) / np.sqrt(len(v))
+    assert standard_error(len(v), v.sum(), (v ** 2).sum()) == pytest.approx(want, rel=1e-6)
+    assert np.isnan(standard_error(1, 3.0, 9.0))
 
 
 def test_apex_optimizer_state_continues_adamw():
