@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import train
-from hps import HPARAMS_REGISTRY, Hyperparams, UserError, get_hparams
+from hps import HPARAMS_REGISTRY, Hyperparams, UserError, at_least, check_ranges, get_hparams
 from utils import Dist, configure_cpu, ieee_fp32, run_main
 from vae import VAE
 
@@ -72,6 +72,9 @@ GPU_PEAKS = {
     'A100': dict(bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5),
 }
 
+RANGES = {'steps': (at_least(1), '>= 1'), 'warmup': (at_least(0), '>= 0'), 'eval_steps': (at_least(1), '>= 1'),
+          'sample_steps': (at_least(1), '>= 1'), 'n_sample': (at_least(0), '>= 0 (0: the evaluation batch size)'),
+          'peak_tflops': (at_least(0), '>= 0 (0: the GPU table)'), 'repeat': (at_least(1), '>= 1')}
 CHILD_FLAG = '--run-one-config'  # internal: bench.py --run-one-config CONFIG.json RESULT.json
 COLUMNS = ['config', 'batch', 'train it/s', 'train img/s', 'eval img/s', 'sample img/s', 'peak mem MiB',
            'GFLOP/img', 'train TFLOP/s', '% of peak', 'warm-up s']
@@ -118,6 +121,7 @@ def parse(argv=None):
     finally:
         if tiny:  # leave the registry as hps.py made it (utils.guess_preset walks it)
             del HPARAMS_REGISTRY[TINY_PRESET]
+    check_ranges(H, RANGES)
     if H.device == 'auto':
         H.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if H.device == 'cuda' and not torch.cuda.is_available():

@@ -7,6 +7,7 @@ right) < explicit command-line flags.  Every value ends up in one strict
     python -c "from hps import *; H = get_hparams(['--hps', 'cifar10']); print(H.width)"
 """
 import argparse
+import math
 
 HPARAMS_REGISTRY = {}
 DEFAULT_PRESET = 'fashion_mnist'
@@ -141,7 +142,8 @@ def add_vae_arguments(parser):
     a('--test_eval', action='store_true', help='evaluate the EMA model on the test split and exit')
     a('--warmup_iters', type=float, default=0, help='linear lr warm-up length (0 = no warm-up)')
     a('--num_mixtures', type=int, default=10, help='logistic mixture components of the output head')
-    a('--grad_clip', type=float, default=200.0, help='clip the total gradient norm to this')
+    a('--grad_clip', type=float, default=200.0,
+      help='clip the total gradient norm to this (-1: never clip; the norm is still measured and logged)')
     a('--skip_threshold', type=float, default=400.0, help='skip updates whose grad norm reaches this (-1: never)')
     a('--lr', type=float, default=0.00015, help='peak learning rate')
     a('--wd', type=float, default=0.0, help='decoupled (AdamW) weight decay')
@@ -186,8 +188,116 @@ def add_vae_arguments(parser):
     return parser
 
 
+# ----------------------------------------------------------------------------- value checks
+
+def _positive(v):
+    return math.isfinite(v) and v > 0
+
+
+def _off_or_positive(v):
+    return v == -1 or _positive(v)
+
+
+def at_least(lo):
+    return lambda v: v >= lo
+
+
+# flag -> (test, allowed values in words).  Every numeric flag of add_vae_arguments.
+RANGES = {
+    'seed': (at_least(0), '>= 0'),
+    'port': (lambda v: 1 <= v <= 65535, 'in 1..65535'),
+    'image_size': (at_least(1), '>= 1'),
+    'image_channels': (lambda v: v in (1, 3), '1 (grayscale) or 3 (RGB)'),
+    'ema_rate': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'zdim': (at_least(1), '>= 1'),
+    'width': (at_least(1), '>= 1'),
+    'bottleneck_multiple': (_positive, '> 0'),
+    'no_bias_above': (at_least(0), '>= 0'),
+    'warmup_iters': (lambda v: math.isfinite(v) and v >= 0, '>= 0 (0: no warm-up)'),
+    'num_mixtures': (at_least(1), '>= 1'),
+    'grad_clip': (_off_or_positive, '> 0, or -1 for no clipping'),
+    'skip_threshold': (_off_or_positive, '> 0, or -1 for never skipping'),
+    'lr': (_positive, '> 0'),
+    'wd': (lambda v: math.isfinite(v) and v >= 0, '>= 0'),
+    'num_epochs': (at_least(1), '>= 1'),
+    'max_iters': (at_least(0), '>= 0 (0: no limit)'),
+    'n_batch': (at_least(1), '>= 1'),
+    'valid_images': (at_least(0), '>= 0 (0: all)'),
+    'n_batch_eval': (at_least(0), '>= 0 (0: 4 x n_batch)'),
+    'adam_beta1': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'adam_beta2': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'temperature': (_positive, '> 0'),
+    'iters_per_ckpt': (at_least(1), '>= 1'),
+    'iters_per_print': (at_least(1), '>= 1'),
+    'iters_per_save': (at_least(1), '>= 1'),
+    'iters_per_images': (at_least(1), '>= 1'),
+    'epochs_per_eval': (at_least(1), '>= 1'),
+    'epochs_per_eval_save': (at_least(1), '>= 1'),
+    'num_images_visualize': (at_least(1), '>= 1'),
+    'num_variables_visualize': (at_least(0), '>= 0'),
+    'num_temperatures_visualize': (lambda v: 0 <= v <= 4, 'in 0..4 (rows at t = 1.0, 0.9, 0.8, 0.7)'),
+    'num_workers': (at_least(0), '>= 0'),
+    'threads': (at_least(0), '>= 0 (0: cores / local processes)'),
+    'warn_skipped': (at_least(1), '>= 1'),
+}
+
+
+def check_ranges(H, ranges=None):
+    """Refuse out-of-range numbers with one line naming the flag and what it allows.
+    ``ranges``: {flag: (test, words)}, RANGES by default; a value of None (flag unset) passes."""
+    for name, (ok, words) in (RANGES if ranges is None else ranges).items():
+        v = H.get(name)
+        if v is not None and not (isinstance(v, (int, float)) and ok(v)):
+            raise UserError(f"--{name} {v}: must be {words}")
+
+
+def int_list(tokens, flag):
+    """Integers from a list flag (nargs='+'): space- and/or comma-separated, with ranges
+    a-b: ['0,1', '3', '5-7'] -> [0, 1, 3, 5, 6, 7].  None stays None."""
+    if tokens is None:
+        return None
+    out = []
+    for tok in ','.join([tokens] if isinstance(tokens, str) else tokens).split(','):
+        tok = tok.strip()
+        if not tok:
+            continue
+        try:
+            a, b = tok.split('-', 1) if '-' in tok[1:] else (tok, tok)
+            out += list(range(int(a), int(b) + 1))
+        except ValueError:
+            raise UserError(f"{flag} {' '.join(tokens) if not isinstance(tokens, str) else tokens}: expected "
+                            "integers separated by spaces or commas (ranges like 2-5 allowed)") from None
+    if not out:
+        raise UserError(f"{flag}: give at least one integer")
+    return out
+
+
+def float_list(tokens, flag):
+    """Numbers from a list flag: space- and/or comma-separated.  None stays None."""
+    if tokens is None:
+        return None
+    try:
+        out = [float(t) for t in ','.join([tokens] if isinstance(tokens, str) else tokens).split(',') if t.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {' '.join(tokens) if not isinstance(tokens, str) else tokens}: expected numbers "
+                        "separated by spaces or commas") from None
+    if not out:
+        raise UserError(f"{flag}: give at least one number")
+    return out
+
+
+def explicit_flags(parser, s=None):
+    """Names (dests) of the flags given on the command line ``s``, as opposed to those
+    that keep a default or a preset's value."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    ns = parser.parse_args(s, ns)  # argparse fills defaults only where the namespace has nothing
+    return {k for k, v in vars(ns).items() if v is not unset}
+
+
 def parse_args_and_update_hparams(H, parser, s=None):
-    """Parse ``s`` (default sys.argv) into H: defaults < presets < explicit flags."""
+    """Parse ``s`` (default sys.argv) into H: defaults < presets < explicit flags.
+    Numbers outside their range (RANGES) are refused with one line."""
     args = parser.parse_args(s)
     valid_args = set(vars(args))
     names = [x for x in (args.hparam_sets or DEFAULT_PRESET).split(',') if x]
@@ -201,7 +311,27 @@ def parse_args_and_update_hparams(H, parser, s=None):
         parser.set_defaults(**HPARAMS_REGISTRY[name])
     H.update(vars(parser.parse_args(s)))
     H.hparam_sets = ','.join(names)
+    check_ranges(H)
     return H
+
+
+# Keys of a saved run configuration that describe where and how a process runs, not the
+# run: never taken from a run's saved config by the tools that read the run.
+PROCESS_KEYS = {'save_dir', 'desc', 'run_dir', 'restore_path', 'restore_ema_path', 'restore_log_path',
+                'restore_optimizer_path', 'resume', 'test_eval', 'device', 'port', 'threads', 'num_workers',
+                'no_progress', 'compile', 'compile_scope', 'compile_mode', 'channels_last', 'grad_checkpoint',
+                'precision', 'rank_invariant_noise', 'hparam_sets'}
+
+
+def apply_run_config(H, saved, explicit):
+    """Make a run's saved configuration (the 'H' of its -state.th) the default of H:
+    every key of ``saved`` that H has, that the command line did not give (``explicit``)
+    and that is not a PROCESS_KEYS, takes the run's value.  Returns {key: value} changed."""
+    changed = {k: v for k, v in (saved or {}).items()
+               if k in H and k not in explicit and k not in PROCESS_KEYS and H[k] != v}
+    H.update(changed)
+    check_ranges(H)
+    return changed
 
 
 def get_hparams(s=None, parser=None):
