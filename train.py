@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 import data
 from hps import UserError, get_hparams
-from utils import (allreduce, atomic_copy, atomic_save, barrier, cleanup_distributed, configure_cpu, file_crc,
-                   gather_objects, ieee_fp32, load_optimizer_file, logger, param_spread_across_ranks, read_log,
-                   restore_log, restore_params, run_main, safe_torch_load, setup_distributed, stats_over_ranks)
+from utils import (allreduce, atomic_copy, atomic_save, barrier, check_writable, cleanup_distributed, clip_grad_norm,
+                   configure_cpu, file_crc, gather_objects, ieee_fp32, is_writable, load_optimizer_file, logger,
+                   param_spread_across_ranks, print_once, read_log, restore_log, restore_params, run_main,
+                   safe_torch_load, setup_distributed, stats_over_ranks)
 from vae import VAE
 
 LN2 = math.log(2)
@@ -45,7 +46,14 @@ def set_up(argv=None):
         configure_cpu(H.threads)
     H.run_dir = os.path.join(H.save_dir, H.desc)
     check_restore_paths(H)
-    log = logger(os.path.join(H.run_dir, 'log'), is_main=d.is_main)
+    if H.test_eval:  # evaluation only reads the run: a read-only run folder gets no log lines
+        write = is_writable(H.run_dir)
+        if not write:
+            print_once(f'note: {H.run_dir} is read-only: the result is printed, not logged there', dist_info=d)
+    else:
+        check_writable(H.run_dir, 'pass a --save_dir this process can write to')
+        write = True
+    log = logger(os.path.join(H.run_dir, 'log'), is_main=d.is_main, write=write)
     return H, d, log
 
 
@@ -235,7 +243,7 @@ def training_step(H, x_in, x_target, net, model, ema, optimizer, scaler, ctx, lr
     (scaler.scale(loss) if scaler else loss).backward()
     if scaler:
         scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), H.grad_clip)  # pre-clip norm
+    grad_norm = clip_grad_norm(model.parameters(), H.grad_clip)  # pre-clip norm
     stats = stats_over_ranks(dict(
         elbo=stats['elbo'], distortion=stats['distortion'], rate=stats['rate'],
         distortion_nans=torch.isnan(stats['distortion']).float(), rate_nans=torch.isnan(stats['rate']).float(),

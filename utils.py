@@ -5,7 +5,9 @@ loading with useful mismatch messages, and apex-optimizer conversion.
 """
 import contextlib
 import ctypes
+import errno
 import json
+import math
 import os
 import pickle
 import shutil
@@ -179,10 +181,10 @@ def ieee_fp32():
 
 # ----------------------------------------------------------------------------- logging
 
-def logger(log_prefix, is_main=True):
+def logger(log_prefix, is_main=True, write=True):
     """The release's logger: ``log(*msg, **fields)`` prints a line and appends it to
     ``{log_prefix}.txt`` and, as one JSON object with "time" first, to ``{log_prefix}.jsonl``.
-    Only the main rank writes."""
+    Only the main rank writes; with ``write=False`` nothing is written, only printed."""
     jsonl_path, txt_path = f'{log_prefix}.jsonl', f'{log_prefix}.txt'
 
     def log(*args, pprint=False, **kwargs):
@@ -206,6 +208,8 @@ def logger(log_prefix, is_main=True):
         txt_str = ', '.join(txt)
         json_str = json.dumps(argdict, sort_keys=pprint)
         tqdm.write(txt_str)
+        if not write:
+            return
         os.makedirs(os.path.dirname(jsonl_path) or '.', exist_ok=True)
         with open(txt_path, 'a+') as f:
             print(txt_str, file=f, flush=True)
@@ -221,8 +225,12 @@ def read_log(path):
     if not os.path.exists(path):
         raise UserError(f"log file {path} does not exist; check --restore_log_path")
     out = []
-    with open(path) as f:
-        lines = f.read().splitlines()
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file, so not a run log; pass the -log.jsonl file of a checkpoint "
+                        "(e.g. latest-log.jsonl) to --restore_log_path") from None
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -291,12 +299,19 @@ def safe_torch_load(path, what='checkpoint'):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else 'unpickling error'
-        raise UserError(f"refusing to load {path}: it is not a plain tensor {what} "
-                        f"(weights_only load failed: {first[:200]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UserError(f"cannot read {what} {path}: the file is truncated or corrupt "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        found = [line.strip() for line in str(e).splitlines() if 'GLOBAL' in line]
+        if found:  # a pickled Python object: unpickling it could run code
+            name = found[0].split('GLOBAL', 1)[1].split()[0]
+            raise UserError(f"refusing to load {path}: besides tensors it holds a Python object ({name}), "
+                            f"which could run code when unpickled; use a plain {what} (torch.save of a "
+                            "state_dict(), as this repository and the release write), or re-save this one's "
+                            "state_dict() where you trust its source") from None
+        raise UserError(f"cannot read {what} {path}: it is not a PyTorch file, or it is truncated or corrupt "
+                        "(its pickle data is unreadable)") from None
+    except Exception as e:  # torch.load raises RuntimeError, KeyError, IndexError, EOFError, ... on non-files
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ''
+        raise UserError(f"cannot read {what} {path}: it is not a PyTorch file, or it is truncated or corrupt "
+                        f"({type(e).__name__}{': ' + detail if detail else ''})") from None
 
 
 def load_state_dict_file(path):
@@ -325,40 +340,118 @@ def guess_preset(sd):
     return None
 
 
+def _abbrev(items, n=3):
+    return ', '.join(items[:n]) + (' ...' if len(items) > n else '')
+
+
+def _likely_cause(sd, want, H):
+    """(what differs, the fix) for the first architecture setting that explains a mismatch."""
+    def shape(d, k):
+        return tuple(d[k].shape) if k in d else None
+    from vae_helpers import dmol_params_per_mixture
+    conv_in, conv_out = 'encoder.in_conv.weight', 'decoder.out_net.out_conv.weight'
+    f_in, m_in, f_out = shape(sd, conv_in), shape(want, conv_in), shape(sd, conv_out)
+    if f_in and m_in and f_in[1] != m_in[1]:
+        return (f"the file is for {f_in[1]}-channel images and the model for {m_in[1]}-channel ones ({H.dataset}: "
+                f"{conv_in} {f_in} vs {m_in})",
+                "use a preset of the checkpoint's dataset (--hps, e.g. cifar10 or imagenet32 for RGB, "
+                "fashion_mnist for grayscale) or the checkpoint of a run on this dataset")
+    if f_in and m_in and f_in[0] != m_in[0]:
+        return f"the file has width {f_in[0]}, the model {m_in[0]}", f"pass --width {f_in[0]}"
+    m_out = shape(want, conv_out)
+    if f_out and m_out and f_out != m_out:
+        k = f_out[0] // dmol_params_per_mixture(H.image_channels)
+        return f"the output head differs ({conv_out} {f_out} vs {m_out})", f"pass --num_mixtures {k}"
+    for kind, prefix, flag in [('encoder', 'encoder.enc_blocks.', '--enc_blocks'),
+                               ('decoder', 'decoder.dec_blocks.', '--dec_blocks')]:
+        n_file, n_model = _block_count(sd, prefix), _block_count(want, prefix)
+        if n_file != n_model:
+            return (f"The file has {n_file} {kind} blocks, {flag} {H[flag[2:]]!r} builds {n_model}",
+                    f"pass {flag} with a layer string of {n_file} blocks that matches the file")
+    return None
+
+
 def describe_mismatch(model, sd, path, H):
-    """A message that says how ``sd`` differs from ``model`` and what to do about it."""
+    """One line saying how ``sd`` differs from ``model``: the most likely cause and its fix
+    first, then the details after ';'."""
     want = model.state_dict()
     missing = [k for k in want if k not in sd]
     unexpected = [k for k in sd if k not in want]
     wrong = [f'{k} {tuple(sd[k].shape)} vs {tuple(want[k].shape)}' for k in want
              if k in sd and sd[k].shape != want[k].shape]
-    lines = [f"{path} does not fit the model built from --hps {H.hparam_sets} "
-             f"({len(sd)} tensors in the file, {len(want)} in the model)."]
+    parts = [f"{path} does not fit the model built from --hps {H.hparam_sets}"]
     guess = guess_preset(sd)
+    cause = _likely_cause(sd, want, H)
     if guess:
-        lines.append(f"It looks like a checkpoint of the {guess!r} preset: run with --hps {guess}.")
-    for kind, prefix, flag in [('encoder', 'encoder.enc_blocks.', '--enc_blocks'),
-                               ('decoder', 'decoder.dec_blocks.', '--dec_blocks')]:
-        n_file, n_model = _block_count(sd, prefix), _block_count(want, prefix)
-        if n_file != n_model:
-            lines.append(f"The file has {n_file} {kind} blocks, {flag} {H[flag[2:]]!r} builds {n_model}: "
-                         f"pass {flag} with a layer string of {n_file} blocks that matches the file.")
+        parts[0] += f": it looks like a checkpoint of the {guess!r} preset, run with --hps {guess}"
+        if cause:
+            parts.append(cause[0])
+    elif cause:
+        parts[0] += f": {cause[0]}; {cause[1]}"
+    parts.append(f"{len(sd)} tensors in the file, {len(want)} in the model")
     if missing:
-        lines.append(f"Missing from the file ({len(missing)}): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        parts.append(f"missing from the file ({len(missing)}): {_abbrev(missing)}")
     if unexpected:
-        lines.append(f"Not in the model ({len(unexpected)}): {', '.join(unexpected[:5])}"
-                     f"{' ...' if len(unexpected) > 5 else ''}")
+        parts.append(f"not in the model ({len(unexpected)}): {_abbrev(unexpected)}")
     if wrong:
-        lines.append(f"Shape differs ({len(wrong)}): {'; '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}")
-    return '\n'.join(lines)
+        parts.append(f"Shape differs ({len(wrong)}): {_abbrev(wrong)}")
+    return '; '.join(parts)
+
+
+# The files of a checkpoint set whose size and CRC the set's -state.th records (train.save_checkpoint).
+RECORDED_SUFFIXES = ('-model.th', '-model-ema.th', '-opt.th')
+
+
+def check_recorded_checksum(path):
+    """If ``path`` is a file of a checkpoint set whose -state.th is beside it, refuse it
+    when its size or CRC differ from those recorded at save time.  Returns whether a
+    record was found and matched."""
+    suffix = next((s for s in RECORDED_SUFFIXES if path.endswith(s)), None)
+    state_path = path[:-len(suffix)] + '-state.th' if suffix else None
+    if not state_path or not os.path.isfile(state_path):
+        return False
+    try:
+        recorded = tuple(safe_torch_load(state_path, 'training state')['files'][suffix])
+    except (UserError, KeyError, TypeError, IndexError):
+        return False  # no usable record: the caller's other checks still apply
+    now = file_crc(path)
+    if now != recorded:
+        raise UserError(f"{path} is damaged: its size and CRC ({now[0]} bytes, {now[1]:08x}) differ from those "
+                        f"recorded in {state_path} when it was saved ({recorded[0]} bytes, {recorded[1]:08x}); "
+                        "use another checkpoint of the run (e.g. an iter-N-* set)")
+    return True
+
+
+def saved_run_config(path):
+    """The 'H' of the -state.th beside a checkpoint file (None where there is none)."""
+    for suffix in RECORDED_SUFFIXES:
+        if path.endswith(suffix) and os.path.isfile(path[:-len(suffix)] + '-state.th'):
+            try:
+                return safe_torch_load(path[:-len(suffix)] + '-state.th', 'training state').get('H')
+            except (UserError, AttributeError):
+                return None
+    return None
+
+
+def check_finite(sd, path):
+    """Refuse a state dict with NaN or infinite values (a damaged file or a diverged run)."""
+    bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path} holds values that are not finite (NaN or inf) in {len(bad)} of {len(sd)} tensors "
+                        f"({_abbrev(bad)}): the file is damaged, or was saved from a diverged run; use another "
+                        "checkpoint")
 
 
 def restore_params(model, path, H):
-    """Load a -model.th / -model-ema.th file into ``model`` (any device), strictly."""
+    """Load a -model.th / -model-ema.th file into ``model`` (any device), strictly.  The
+    file must match the size and CRC its set's -state.th recorded (where there is one)
+    and hold only finite values."""
+    check_recorded_checksum(path)
     sd = load_state_dict_file(path)
     want = model.state_dict()
     if set(sd) != set(want) or any(sd[k].shape != want[k].shape for k in want):
         raise UserError(describe_mismatch(model, sd, path, H))
+    check_finite(sd, path)
     model.load_state_dict(sd)
 
 
@@ -386,6 +479,7 @@ def convert_apex_optimizer_state(sd):
 
 
 def load_optimizer_file(optimizer, path):
+    check_recorded_checksum(path)
     sd = convert_apex_optimizer_state(safe_torch_load(path, 'optimizer state'))
     n_file = sum(len(g['params']) for g in sd['param_groups'])
     n_model = sum(len(g['params']) for g in optimizer.param_groups)
@@ -399,6 +493,27 @@ def load_optimizer_file(optimizer, path):
     # the decoupled-decay flag must stay AdamW's even if the file says otherwise
     for g in optimizer.param_groups:
         g['decoupled_weight_decay'] = True
+
+
+def clip_grad_norm(params, max_norm):
+    """Clip the total gradient norm to ``max_norm`` (-1: no clipping); returns the norm
+    before clipping, which is measured either way."""
+    return torch.nn.utils.clip_grad_norm_(params, math.inf if max_norm == -1 else max_norm)
+
+
+def is_writable(folder):
+    """Whether ``folder`` (or, where it does not exist yet, the nearest folder above it
+    that does) lets this process create files."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def check_writable(folder, fix):
+    """UserError naming ``folder`` and the way out (``fix``) unless files can be made in it."""
+    if not is_writable(folder):
+        raise UserError(f"cannot write to {folder}: it is read-only (or not a folder); {fix}")
 
 
 def print_once(*args, dist_info=None):
@@ -419,3 +534,8 @@ def run_main(main):
         main()
     except UserError as e:
         die(str(e))
+    except OSError as e:  # a read-only or full file system met after the up-front checks
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
+            raise
+        die(f"{e.filename or 'a file'}: {e.strerror}; pass a folder this process can write to "
+            "(--save_dir, --out_dir or --out)")
