@@ -4,15 +4,18 @@ latent export, reconstructions and interpolations.  One mode per run:
     python evaluate.py --hps cifar10 --restore_ema_path cifar10-seed1-iter-1050000-model-ema.th --n_importance 1000
     python evaluate.py --hps cifar10 --restore_ema_path FILE --kl_stats [--inactive_threshold 0.01]
     python evaluate.py --hps cifar10 --restore_ema_path FILE --encode [--encode_what both] [--encode_blocks 0-9]
-    python evaluate.py --hps cifar10 --restore_ema_path FILE --reconstruct --indices 0 1 2 3 [--keep 0,4,10,43]
-    python evaluate.py --hps cifar10 --restore_ema_path FILE --interpolate --images a.png b.png [--interp_layers 4,10]
+    python evaluate.py --hps cifar10 --restore_ema_path FILE --reconstruct --indices 0 1 2 3 [--keep 0 4 10 43]
+    python evaluate.py --hps cifar10 --restore_ema_path FILE --interpolate --images a.png b.png [--interp_layers 4 10]
     torchrun --nproc_per_node 8 evaluate.py ...      # or mpiexec: each rank a shard, rank 0 writes
 
 Dataset modes read --split (test|valid|train) of the preset's data under --data_root,
 optionally only its first --n_images images.  Weights: --restore_ema_path (a released or
-our -model-ema.th), --restore_path, or else the newest checkpoint of {save_dir}/{desc}, whose
-saved config then decides the architecture.  Outputs go to --out_dir (default
-{save_dir}/{desc}), next to a log evaluate.jsonl/.txt.  Evaluation runs in float32, with
+our -model-ema.th), --restore_path, or else the newest checkpoint of {save_dir}/{desc}.  A
+run's saved configuration (the 'H' of its -state.th, also beside an explicit weights file) is
+the default for every setting: flags given on the command line win, everything else
+(architecture, data_root, ...) comes from the run.  List flags take values separated by
+spaces or commas.  Outputs go to --out_dir (default {save_dir}/{desc}), next to a log
+evaluate.jsonl/.txt; nothing else is written.  Evaluation runs in float32, with
 posterior noise seeded from --seed and the position of each image in the split.
 """
 import argparse
@@ -28,20 +31,21 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from hps import UserError, add_vae_arguments, Hyperparams, parse_args_and_update_hparams
+from hps import (UserError, add_vae_arguments, apply_run_config, at_least, check_ranges, explicit_flags,
+                 Hyperparams, int_list, parse_args_and_update_hparams)
 from train import find_checkpoint, tile, write_png
-from utils import (Dist, allreduce, barrier, cleanup_distributed, configure_cpu, gather_objects, ieee_fp32,
-                   logger, restore_params, run_main, setup_distributed)
+from utils import (Dist, allreduce, barrier, check_writable, cleanup_distributed, configure_cpu, gather_objects,
+                   ieee_fp32, logger, restore_params, run_main, saved_run_config, setup_distributed)
 from vae import VAE, parse_layer_string
 from vae_helpers import gaussian_log_density
 
 LN2 = math.log(2)
 MODES = ('n_importance', 'kl_stats', 'encode', 'reconstruct', 'interpolate')
-# The keys that decide the network's shape and data; taken from a run folder's saved config.
-ARCH_KEYS = ('dataset', 'image_size', 'image_channels', 'width', 'zdim', 'custom_width_str', 'bottleneck_multiple',
-             'no_bias_above', 'num_mixtures', 'enc_blocks', 'dec_blocks')
 # Tags that keep the posterior / prior noise of different modes apart (see _seed).
 TAG_IWAE, TAG_KL, TAG_ENCODE, TAG_RECON, TAG_INTERP = range(1, 6)
+RANGES = {'n_importance': (at_least(1), '>= 1'), 'n_images': (at_least(0), '>= 0 (0: all)'),
+          'iw_batch': (at_least(0), '>= 0'), 'inactive_threshold': (at_least(0), '>= 0'),
+          'rest_temperature': (at_least(0), '>= 0'), 'interp_steps': (at_least(2), '>= 2 (end points included)')}
 
 
 # ----------------------------------------------------------------------------- flags
@@ -67,17 +71,17 @@ def add_eval_arguments(parser):
       help='--kl_stats: a block whose average KL is below this many nats per image is flagged inactive')
     a('--encode_what', choices=['dist', 'sample', 'both'], default='dist',
       help='--encode: posterior means and log-stds (dist), posterior samples z (sample), or all three')
-    a('--encode_blocks', type=str, default='all', help='--encode: decoder blocks to export, e.g. "0-9,12" (all)')
+    a('--encode_blocks', nargs='+', default=['all'], help='--encode: decoder blocks to export, e.g. 0-9 12 (all)')
     a('--images', type=str, nargs='+', default=None, help='image files for --reconstruct/--interpolate')
-    a('--indices', type=int, nargs='+', default=None,
-      help='positions in --split for --reconstruct/--interpolate (instead of --images)')
-    a('--keep', type=str, default=None,
-      help='--reconstruct: comma-separated k values, each a row keeping the first k posterior latents '
+    a('--indices', nargs='+', default=None,
+      help='positions in --split for --reconstruct/--interpolate (instead of --images), e.g. 0 1 2 3')
+    a('--keep', '--k', nargs='+', default=None, dest='keep',
+      help='--reconstruct: k values, each a row keeping the first k posterior latents, e.g. 0 4 10 '
            '(default: num_variables_visualize values spread over the blocks, then all of them)')
     a('--rest_temperature', type=float, default=0.1,
       help='prior temperature of the latents not kept (--reconstruct) or not interpolated (--interpolate)')
-    a('--interp_layers', type=str, default=None,
-      help='--interpolate: comma-separated L values, each a row interpolating the top L blocks '
+    a('--interp_layers', nargs='+', default=None,
+      help='--interpolate: L values, each a row interpolating the top L blocks '
            '(default: a quarter, half and all of the blocks)')
     a('--interp_steps', type=int, default=8, help='--interpolate: interpolation points, end points included')
     return parser
@@ -87,7 +91,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Evaluate a VDVAE: IW bound, KL per layer, latents, pictures')
     add_eval_arguments(parser)
     add_vae_arguments(parser)
-    return parse_args_and_update_hparams(Hyperparams(), parser, argv)
+    H = parse_args_and_update_hparams(Hyperparams(), parser, argv)
+    check_ranges(H, RANGES)
+    H.explicit = sorted(explicit_flags(parser, argv))
+    H.indices = int_list(H.indices, '--indices')
+    for name in ('keep', 'interp_layers', 'encode_blocks'):  # list flags -> '0,3,7' strings for _int_list
+        H[name] = None if H[name] is None else ','.join(H[name])
+    return H
 
 
 def _flag(name):
@@ -101,16 +111,7 @@ def check_args(H):
         got = f"got {' and '.join('--' + m for m in modes)}" if modes else 'got none'
         raise UserError(f"choose exactly one mode: --n_importance K, --kl_stats, --encode, --reconstruct or "
                         f"--interpolate ({got}); run them one after the other")
-    H.mode = modes[0]
-    if H.mode == 'n_importance' and H.n_importance < 1:
-        raise UserError(f"--n_importance must be at least 1 (got {H.n_importance})")
-    for name in ('iw_batch', 'n_images'):
-        if H[name] < 0:
-            raise UserError(f"--{name} must be >= 0 (got {H[name]})")
-    if H.inactive_threshold < 0:
-        raise UserError(f"--inactive_threshold must be >= 0 (got {H.inactive_threshold})")
-    if H.rest_temperature < 0:
-        raise UserError(f"--rest_temperature must be >= 0 (got {H.rest_temperature})")
+    H.mode = modes[0]  # numbers were range-checked by parse_args (RANGES)
     pictures = H.mode in ('reconstruct', 'interpolate')
     if H.images is not None and H.indices is not None:
         raise UserError("pass either --images or --indices, not both")
@@ -129,8 +130,6 @@ def check_args(H):
                             f"not to --{H.mode}")
         if H.mode == 'interpolate' and n != 2:
             raise UserError(f"--interpolate needs exactly two images, got {n}")
-        if H.mode == 'interpolate' and H.interp_steps < 2:
-            raise UserError(f"--interp_steps must be at least 2 (got {H.interp_steps})")
         for path in H.images or []:
             if not os.path.isfile(path):
                 raise UserError(f"--images: {path}: no such file")
@@ -180,23 +179,25 @@ def check_model_args(H, n_blocks):
 # ----------------------------------------------------------------------------- model
 
 def resolve_weights(H):
-    """(path of the weights, notes).  A run folder's checkpoint brings its architecture."""
-    if H.restore_ema_path:
-        return H.restore_ema_path, [f'evaluating EMA weights {H.restore_ema_path}']
-    if H.restore_path:
-        return H.restore_path, [f"evaluating {H.restore_path} (not an EMA file: pass --restore_ema_path for the "
-                                "paper's numbers)"]
-    prefix, st = find_checkpoint(H.run_dir)
-    if prefix is None:
-        raise UserError(f"no weights to evaluate: pass --restore_ema_path FILE, or the --save_dir/--desc of a run "
-                        f"whose folder ({H.run_dir}) holds checkpoints")
-    saved = st.get('H') or {}
-    changed = {k: saved[k] for k in ARCH_KEYS if k in saved and saved[k] != H[k]}
-    H.update(changed)
-    notes = [f'evaluating EMA weights {prefix}-model-ema.th (step {st.get("step")})']
+    """(path of the weights, notes).  The run's saved config (from its run folder, or from
+    the -state.th beside an explicit weights file) becomes the default of every setting
+    not given on the command line: its architecture, data_root, ..."""
+    if H.restore_ema_path or H.restore_path:
+        path = H.restore_ema_path or H.restore_path
+        notes = [f'evaluating EMA weights {path}' if H.restore_ema_path else
+                 f"evaluating {path} (not an EMA file: pass --restore_ema_path for the paper's numbers)"]
+        saved = saved_run_config(path)
+    else:
+        prefix, st = find_checkpoint(H.run_dir)
+        if prefix is None:
+            raise UserError(f"no weights to evaluate: pass --restore_ema_path FILE, or the --save_dir/--desc of a "
+                            f"run whose folder ({H.run_dir}) holds checkpoints")
+        path, saved = prefix + '-model-ema.th', st.get('H')
+        notes = [f'evaluating EMA weights {path} (step {st.get("step")})']
+    changed = apply_run_config(H, saved, set(H.explicit))
     if changed:
-        notes.append(f'architecture from the run\'s saved config: {changed}')
-    return prefix + '-model-ema.th', notes
+        notes.append(f"from the run's saved config: {changed}")
+    return path, notes
 
 
 def build_model(H, d, path):
@@ -623,6 +624,7 @@ def main(argv=None):
     weights, notes = resolve_weights(H)
     check_model_args(H, len(parse_layer_string(H.dec_blocks)))
     H.out_dir = H.out_dir or H.run_dir
+    check_writable(H.out_dir, 'pass --out_dir DIR somewhere writable (evaluation only reads the run)')
     joined = not dist.is_initialized()
     d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device) if joined else _existing_group()
     threads = torch.get_num_threads()

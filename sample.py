@@ -1,16 +1,20 @@
 """Draw pictures from a trained VDVAE without touching its training state.
 
     # the sample grid of SPEC §10 (originals, reconstructions, samples) of a run
-    python sample.py --hps fashion_mnist_quick --desc quickstart --mode grid
+    python sample.py --desc quickstart --mode grid
     # 16 unconditional samples at each of three temperatures (one row per temperature)
     python sample.py --hps cifar10 --restore_ema_path cifar10-seed1-iter-1050000-model-ema.th \
-        --mode uncond --n 16 --temperatures 1.0,0.9,0.8
-    # reconstructions of given images (files or valid-set indices) keeping the first k latents
-    python sample.py --hps cifar10 --restore_ema_path ... --mode recon --images a.png b.png --k 1,5,20
+        --mode uncond --n 16 --temperatures 1.0 0.9 0.8
+    # reconstructions of given images (files or test-set indices) keeping the first k latents
+    python sample.py --hps cifar10 --restore_ema_path ... --mode recon --images a.png b.png --keep 1 5 20
 
 Weights come from --restore_ema_path / --restore_path or, by default, the newest
-checkpoint of {save_dir}/{desc}; a run's architecture is taken from the config saved in
-its checkpoint.  Output: a PNG (default {save_dir}/{desc}/{mode}.png).
+checkpoint of {save_dir}/{desc}.  A run's saved configuration (the 'H' of its -state.th,
+also beside an explicit weights file) is the default for every setting: flags given on
+the command line win, everything else (architecture, data_root, grid size) comes from
+the run.  List flags take values separated by spaces or commas.  Output: an image in
+the format its suffix names (default {out_dir}/{mode}.png, --out_dir defaulting to the
+run folder).
 """
 import argparse
 import os
@@ -20,43 +24,79 @@ import torch
 from PIL import Image
 
 import data
-from hps import UserError, add_vae_arguments, Hyperparams, parse_args_and_update_hparams
-from train import find_checkpoint, tile, write_png, sample_grid
-from utils import ieee_fp32, restore_params, run_main, setup_distributed
+from hps import (UserError, add_vae_arguments, apply_run_config, at_least, check_ranges, explicit_flags,
+                 float_list, Hyperparams, int_list, parse_args_and_update_hparams)
+from train import find_checkpoint, tile, sample_grid
+from utils import check_writable, ieee_fp32, restore_params, run_main, saved_run_config, setup_distributed
 from vae import VAE
 
-ARCH_KEYS = ['dataset', 'image_size', 'image_channels', 'width', 'zdim', 'enc_blocks', 'dec_blocks',
-             'custom_width_str', 'bottleneck_multiple', 'no_bias_above', 'num_mixtures']
+RANGES = {'n': (at_least(1), '>= 1')}
+
+
+def add_sample_arguments(parser):
+    a = parser.add_argument
+    a('--mode', choices=['grid', 'uncond', 'recon'], default='grid', help='what to draw')
+    a('--n', type=int, default=8, help='uncond: samples per temperature')
+    a('--temperatures', nargs='+', default=None, help='uncond: temperatures, one row each (default: --temperature)')
+    a('--images', nargs='+', default=None, help='recon: image files (the model\'s size and channels)')
+    a('--indices', nargs='+', default=None, help='recon: positions in --split, e.g. 0 1 2 3 (or 0,1,2,3)')
+    a('--split', choices=['test', 'valid', 'train'], default='test',
+      help='recon/grid: data split (valid: the images of the training-time samples-N.png grids)')
+    a('--keep', '--k', nargs='+', default=None, dest='keep',
+      help='recon: numbers k of posterior latents kept, one row each, e.g. 1 5 20 (default: 6 values spread '
+           'over the decoder)')
+    a('--out', type=str, default=None, help='output image file; its suffix names the format (.png, .jpg, ...)')
+    a('--out_dir', type=str, default=None, help='folder of the output {mode}.png when --out is not given '
+                                               '(default {save_dir}/{desc})')
+    return parser
+
+
+def output_path(H):
+    """The output file, checked to have an image suffix Pillow writes and a writable folder."""
+    out = H.out or os.path.join(H.out_dir or H.run_dir, f'{H.mode}.png')
+    ext = os.path.splitext(out)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise UserError(f"--out {out}: {ext or 'no suffix'} is not an image format Pillow writes; end the name "
+                        "with .png (lossless), .jpg, .webp, .tif or .bmp")
+    folder = os.path.dirname(os.path.abspath(out))
+    check_writable(folder, 'pass --out FILE or --out_dir DIR somewhere writable')
+    return out, fmt
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--mode', choices=['grid', 'uncond', 'recon'], default='grid', help='what to draw')
-    parser.add_argument('--n', type=int, default=8, help='uncond: samples per temperature')
-    parser.add_argument('--temperatures', type=str, default=None,
-                        help='uncond: comma-separated temperatures (default: --temperature)')
-    parser.add_argument('--images', nargs='*', default=[], help='recon: image files (PNG, the preset\'s size)')
-    parser.add_argument('--indices', type=str, default='', help='recon: comma-separated indices into --split')
-    parser.add_argument('--split', choices=['train', 'valid', 'test'], default='valid', help='recon/grid: data split')
-    parser.add_argument('--k', type=str, default='', help='recon: comma-separated numbers of posterior latents kept '
-                                                          '(default: 6 values spread over the decoder)')
-    parser.add_argument('--out', type=str, default=None, help='output PNG')
+    add_sample_arguments(parser)
     add_vae_arguments(parser)
     H = parse_args_and_update_hparams(Hyperparams(), parser, argv)
+    check_ranges(H, RANGES)
+    H.explicit = sorted(explicit_flags(parser, argv))
     H.run_dir = os.path.join(H.save_dir, H.desc)
+    H.indices, H.keep = int_list(H.indices, '--indices'), int_list(H.keep, '--keep')
+    H.temperatures = float_list(H.temperatures, '--temperatures')
+    if H.temperatures and not all(t > 0 for t in H.temperatures):
+        raise UserError(f"--temperatures {H.temperatures}: every temperature must be > 0")
+    if H.indices and min(H.indices) < 0:
+        raise UserError(f"--indices {min(H.indices)}: positions are >= 0")
+    H.out_path, H.out_format = output_path(H)
     return H
 
 
 def load_model(H, device):
-    """The EMA (or given) weights; a run folder's saved config decides the architecture."""
+    """The EMA (or given) weights.  The run's saved config becomes the default of H
+    (explicit flags win), so the architecture, data and grid are the run's."""
     path = H.restore_ema_path or H.restore_path
-    if not path:
+    if path:
+        saved = saved_run_config(path)
+    else:
         prefix, state = find_checkpoint(H.run_dir)
         if prefix is None:
             raise UserError(f"no weights: pass --restore_ema_path FILE, or the --save_dir/--desc of a run with "
                             f"checkpoints ({H.run_dir} has none)")
-        H.update({k: state['H'][k] for k in ARCH_KEYS if k in state['H']})
-        path = prefix + '-model-ema.th'
+        path, saved = prefix + '-model-ema.th', state.get('H')
+    changed = apply_run_config(H, saved, set(H.explicit))
+    if changed:
+        print(f"from the run's saved config: {', '.join(sorted(changed))}", flush=True)
     with torch.device('meta'):
         VAE(H)  # check the configuration before allocating anything
     model = VAE(H)
@@ -81,19 +121,29 @@ def read_image(path, H):
 
 def input_images(H):
     """uint8 (B,H,W,C) from --images files and/or --indices into --split."""
-    ims = [read_image(p, H) for p in H.images]
+    ims = [read_image(p, H) for p in H.images or []]
     if H.indices:
         source = getattr(data.load_data(H), H.split)
-        try:
-            idx = np.array([int(i) for i in H.indices.split(',')])
-        except ValueError:
-            raise UserError(f"--indices {H.indices!r}: expected comma-separated integers") from None
-        if idx.min() < 0 or idx.max() >= len(source):
-            raise UserError(f"--indices: the {H.split} split has {len(source)} images (0..{len(source) - 1})")
+        idx = np.array(H.indices)
+        if idx.max() >= len(source):
+            raise UserError(f"--indices {idx.max()}: the {H.split} split has {len(source)} images "
+                            f"(0..{len(source) - 1})")
         ims += list(source[idx])
     if not ims:
-        raise UserError("--mode recon needs --images FILE... or --indices I,J,...")
+        raise UserError("--mode recon needs --images FILE ... or --indices I ...")
     return torch.from_numpy(np.stack(ims))
+
+
+def write_image(im, path, fmt):
+    """Write a uint8 (H, W, C) array in Pillow format ``fmt``, atomically."""
+    im = im[..., 0] if im.shape[-1] == 1 else im
+    tmp = f'{path}.tmp.{os.getpid()}'
+    try:
+        Image.fromarray(im).save(tmp, format=fmt)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 @torch.no_grad()
@@ -104,7 +154,7 @@ def reconstructions(H, model, x, ks, device):
     zs = [s['z'] for s in model.forward_get_latents(x_in)]
     bad = [k for k in ks if not 0 <= k <= len(zs)]
     if bad:
-        raise UserError(f"--k {bad}: the decoder has {len(zs)} latent layers, so k must be in 0..{len(zs)}")
+        raise UserError(f"--keep {bad}: the decoder has {len(zs)} latent layers, so k must be in 0..{len(zs)}")
     rows = [x.numpy()] + [model.forward_samples_set_latents(len(x), zs[:k], t=0.1) for k in ks]
     return tile(np.stack(rows))
 
@@ -124,29 +174,19 @@ def main(argv=None):
 def draw(H, d):
     model = load_model(H, d.device)
     torch.manual_seed(H.seed)
-    out = H.out or os.path.join(H.run_dir, f'{H.mode}.png')
+    out = H.out_path
     if H.mode == 'uncond':
-        try:
-            temps = [float(t) for t in H.temperatures.split(',')] if H.temperatures else [H.temperature]
-        except ValueError:
-            raise UserError(f"--temperatures {H.temperatures!r}: expected comma-separated numbers") from None
-        if any(t <= 0 for t in temps):
-            raise UserError("--temperatures must be positive")
-        im = unconditional(H, model, H.n, temps)
+        im = unconditional(H, model, H.n, H.temperatures or [H.temperature])
     elif H.mode == 'recon':
         n_blocks = len(model.decoder.dec_blocks)
-        try:
-            ks = [int(k) for k in H.k.split(',')] if H.k else \
-                list(np.floor(np.linspace(0, 1, 8) * n_blocks).astype(int)[1:-1])
-        except ValueError:
-            raise UserError(f"--k {H.k!r}: expected comma-separated integers") from None
+        ks = H.keep or list(np.floor(np.linspace(0, 1, 8) * n_blocks).astype(int)[1:-1])
         im = reconstructions(H, model, input_images(H), ks, d.device)
     else:
         source = getattr(data.load_data(H), H.split)
         x = torch.from_numpy(source[np.arange(min(H.num_images_visualize, len(source)))])
         im = sample_grid(H, model, x, d.device)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_png(im, out)
+    write_image(im, out, H.out_format)
     print(f'wrote {out} ({im.shape[1]}x{im.shape[0]})', flush=True)
     return out
 

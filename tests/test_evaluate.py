@@ -343,8 +343,8 @@ def bad_images(tmp_path):
 @pytest.mark.parametrize('flags,match', [
     ([], 'choose exactly one mode.*got none'),
     (['--kl_stats', '--encode'], 'exactly one mode.*--kl_stats and --encode'),
-    (['--n_importance', 0], '--n_importance must be at least 1'),
-    (['--n_importance', 4, '--n_images', -1], '--n_images must be >= 0'),
+    (['--n_importance', 0], '--n_importance 0: must be >= 1'),
+    (['--n_importance', 4, '--n_images', -1], '--n_images -1: must be >= 0'),
     (['--reconstruct', '--indices', 0, '--keep', '2,9'], r'--keep.*9 is out of range \[0, 4\]'),
     (['--reconstruct', '--indices', 0, '--keep', 'two'], '--keep.*comma-separated integers'),
     (['--reconstruct'], 'needs input images'),

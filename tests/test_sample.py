@@ -59,7 +59,7 @@ def test_same_seed_same_samples(tiny_run, tmp_path):
     (['--mode', 'recon'], 'needs --images'),
     (['--mode', 'recon', '--indices', '0', '--k', '99'], 'k must be in 0..4'),
     (['--mode', 'recon', '--images', '/nonexistent.png'], 'does not exist'),
-    (['--mode', 'uncond', '--temperatures', 'hot'], 'comma-separated numbers'),
+    (['--mode', 'uncond', '--temperatures', 'hot'], 'expected numbers separated by spaces or commas'),
     (['--desc', 'no_such_run'], 'no weights'),
 ])
 def test_bad_arguments(tiny_run, args, expect):
