@@ -14,7 +14,6 @@ import shutil
 import socket
 import sys
 import time
-import zipfile
 import zlib
 from dataclasses import dataclass
 

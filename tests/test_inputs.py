@@ -14,7 +14,6 @@ import subprocess
 import sys
 import zipfile
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -399,6 +398,7 @@ def test_sample_and_evaluate_share_list_flags_and_default_split():
     s = sample.parse(['--mode', 'recon', '--indices', '0', '1', '--k', '2', '4'])  # the old spellings still work
     e = evaluate.parse_args(['--reconstruct', '--indices', '0', '1', '--k', '2,4'])
     assert s.indices == e.indices == [0, 1] and s.keep == [2, 4] and e.keep == '2,4'
+    assert sample.parse(['--out_dir', 'pics', '--mode', 'uncond']).out_path == os.path.join('pics', 'uncond.png')
 
 
 def test_sample_script_exits_2_with_one_line():
@@ -406,3 +406,37 @@ def test_sample_script_exits_2_with_one_line():
     p = subprocess.run([sys.executable, 'sample.py', '--n', '-1', '--mode', 'uncond'], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip() == 'error: --n -1: must be >= 1'
+
+
+def _can_mount_read_only(tmp_path):
+    if shutil.which('unshare') is None:
+        return False
+    probe = tmp_path / 'probe'
+    probe.mkdir()
+    p = subprocess.run(['unshare', '-m', 'sh', '-c', f'mount --bind {probe} {probe} && '
+                        f'mount -o remount,bind,ro {probe} && ! touch {probe}/x'], capture_output=True)
+    return p.returncode == 0
+
+
+def test_real_read_only_mount(tiny_run, tmp_path):
+    """The same through a read-only bind mount of the run folder (where this machine allows
+    one): train.py refuses in one line, sample.py with --out elsewhere draws, nothing changes."""
+    if not _can_mount_read_only(tmp_path):
+        pytest.skip('no mount namespace for a read-only bind mount here')
+    root, save = tiny_run
+    ro = tmp_path / 'ro'
+    shutil.copytree(save, ro)
+    before = snapshot(ro)
+    py = sys.executable
+    script = (f'mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} || exit 99\n'
+              f'{py} train.py {" ".join(TINY)} --data_root {root} --save_dir {ro} --desc r --max_iters 4 '
+              f'2>{tmp_path}/train.err; echo $? > {tmp_path}/train.rc\n'
+              f'{py} sample.py --save_dir {ro} --desc r --mode uncond --n 2 --threads 1 --out {tmp_path}/u.png')
+    p = subprocess.run(['unshare', '-m', 'sh', '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    err = (tmp_path / 'train.err').read_text().strip()
+    assert (tmp_path / 'train.rc').read_text().strip() == '2'
+    assert err == f'error: cannot write to {ro}/r: it is read-only (or not a folder); pass a --save_dir this ' \
+                  'process can write to'
+    assert Image.open(tmp_path / 'u.png').size == (2 * 28, 28)
+    assert snapshot(ro) == before
