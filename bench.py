@@ -21,7 +21,8 @@ configuration runs in a fresh process (configurations alternate; medians are rep
 so no run inherits another's heap, allocator cache or compiled graphs.  FLOPs per image are *model* FLOPs counted
 by ``torch.utils.flop_counter.FlopCounterMode`` on the meta device (convolutions and
 matmuls, 2 per multiply-add; elementwise work and activation recomputation not counted),
-or, for the release presets, the figures in the release's ``flops.json`` (identical).
+or, for the release presets, the figures in the release's ``flops.json`` (identical; a copy is
+tests/reference/flops.json).
 Any flag of ``hps.py`` passes through (``--hps``, ``--width``, ``--enc_blocks`` ...).
 """
 import argparse
@@ -53,6 +54,7 @@ TINY = dict(width=32, zdim=4, num_mixtures=3, bottleneck_multiple=0.25, no_bias_
 TINY_PRESET = 'bench_tiny'  # registered only while bench.parse resolves --tiny
 
 # FLOPs per image (forward, backward) of the release presets, from the release's flops.json
+# (tests/reference/flops.json)
 # (FlopCounterMode on meta tensors, torch 2.13); counting gives the same numbers.
 RELEASE_FLOPS = {
     'cifar10': (44_785_483_776, 89_549_733_888),

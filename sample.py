@@ -1,6 +1,6 @@
 """Draw pictures from a trained VDVAE without touching its training state.
 
-    # the sample grid of SPEC §10 (originals, reconstructions, samples) of a run
+    # the release's sample grid of a run (originals, reconstructions, samples)
     python sample.py --desc quickstart --mode grid
     # 16 unconditional samples at each of three temperatures (one row per temperature)
     python sample.py --hps cifar10 --restore_ema_path cifar10-seed1-iter-1050000-model-ema.th \

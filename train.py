@@ -349,7 +349,7 @@ def visualization_batch(H, source):
 
 @torch.no_grad()
 def sample_grid(H, ema, x_uint8, device):
-    """The release's grid (SPEC §10) as a uint8 array (rows*H, cols*W, C): originals;
+    """The release's sample grid as a uint8 array (rows*H, cols*W, C): originals;
     reconstructions keeping the first k posterior latents (rest from the prior at t=0.1)
     for num_variables_visualize values of k; unconditional samples at t = 1.0, 0.9, ..."""
     ema.eval()

@@ -459,7 +459,7 @@ def restore_params(model, path, H):
 def convert_apex_optimizer_state(sd):
     """Turn an apex FusedAdam state dict (step per group, no per-parameter step) into
     torch.optim.AdamW's layout (a float32 0-dim ``step`` per parameter).  torch-format
-    dicts pass through unchanged.  See reference/apex_fusedadam_state.md."""
+    dicts pass through unchanged.  See tests/reference/apex_fusedadam_state.md."""
     if not isinstance(sd, dict) or 'state' not in sd or 'param_groups' not in sd:
         raise UserError("optimizer file is not an optimizer state dict (no 'state'/'param_groups')")
     groups = sd['param_groups']

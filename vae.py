@@ -3,7 +3,7 @@
 A bottom-up ``Encoder`` of residual ``Block``s collects activations at every
 resolution; a top-down ``Decoder`` of ``DecBlock``s turns them into posteriors
 q(z_i | z_<i, x), priors p(z_i | z_<i) and the final state, which the DMoL head
-(``vae_helpers.DmolNet``) turns into p(x | z).  Layer strings (SPEC §1) decide the
+(``vae_helpers.DmolNet``) turns into p(x | z).  Layer strings (e.g. "32x11,32d2") decide the
 blocks; parameter names and order match the released checkpoints.
 
     from hps import preset; from vae import VAE; import torch
@@ -136,7 +136,7 @@ def _memory_format(module):
 
 
 class DecBlock(nn.Module):
-    """One top-down step at resolution ``res`` (SPEC §4): posterior ``enc``, ``prior``,
+    """One top-down step at resolution ``res``, as in the release: posterior ``enc``, ``prior``,
     latent projection ``z_proj`` and residual ``resnet``."""
 
     def __init__(self, H, res, mixin, n_blocks):

@@ -1,7 +1,7 @@
 """Building blocks of the VDVAE: conv factories, diagonal-Gaussian KL and
 sampling, and the discretized mixture of logistics (DMoL) likelihood and sampler.
 
-Numerics follow the release exactly (SPEC §5); the DMoL is adapted from
+Numerics follow the release exactly; the DMoL is adapted from
 PixelCNN++ (openai/pixel-cnn ``nn.py``) as in the release, generalised to
 1-channel images.  All images here are NHWC with values in [-1, 1].
 """
@@ -159,7 +159,7 @@ class DmolNet(nn.Module):
         super().__init__()
         self.H = H
         self.channels = H.image_channels
-        self.low_bit = H.dataset in ['ffhq_256']  # 5-bit targets (SPEC §7)
+        self.low_bit = H.dataset in ['ffhq_256']  # 5-bit targets, as the release trains ffhq256
         self.out_conv = get_conv(H.width, H.num_mixtures * dmol_params_per_mixture(self.channels),
                                  kernel_size=1, stride=1, padding=0)
         self.loss_fn = discretized_mix_logistic_loss  # VAE.compile_blocks swaps in a compiled copy

@@ -262,7 +262,7 @@ def test_reconstruction_and_interpolation_grids(run, trained, tmp_path):
     again = run('--reconstruct', '--images', *paths, '--keep', '0,2,4')  # files give the same result
     np.testing.assert_array_equal(np.asarray(Image.open(again['png'])), grid)
     assert again['columns'] == paths
-    assert run('--reconstruct', '--indices', 5)['keep'] == [0, 1, 2, 3, 4]  # SPEC §10's spread, then all
+    assert run('--reconstruct', '--indices', 5)['keep'] == [0, 1, 2, 3, 4]  # the release grid's spread, then all
     inter = run('--interpolate', '--images', *paths, '--interp_steps', 5, '--interp_layers', '2,4')
     grid = np.asarray(Image.open(inter['png']))
     assert grid.shape == (2 * 28, 7 * 28) and inter['interp_layers'] == [2, 4]
