@@ -440,3 +440,20 @@ def test_real_read_only_mount(tiny_run, tmp_path):
                   'process can write to'
     assert Image.open(tmp_path / 'u.png').size == (2 * 28, 28)
     assert snapshot(ro) == before
+
+
+def test_code_points_only_at_files_the_repository_holds():
+    """Scripts and tests cite no document outside the repository: no specification
+    sections, no folder beside the clone, and every reference/ file they name exists."""
+    import re
+    spec, outside = 'SPEC' + ' \u00a7', '..' + '/shared'
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith('.') and d not in ('data', 'saved_models', '__pycache__')]
+        for name in files:
+            if not name.endswith(('.py', '.sh')):
+                continue
+            path = os.path.join(folder, name)
+            text = open(path, encoding='utf-8').read()
+            assert spec not in text and outside not in text, path
+            for cited in re.findall(r'reference/([\w.]+\.(?:md|json))', text):
+                assert os.path.exists(os.path.join(ROOT, 'tests', 'reference', cited)), (path, cited)
