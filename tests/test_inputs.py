@@ -182,17 +182,17 @@ def bad_files(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize('flag,name,expect', [
-    ('--restore_ema_path', 'notes.txt', 'not a PyTorch file'),
-    ('--restore_ema_path', 'one.th', 'not a PyTorch file'),
-    ('--restore_path', 'notes.txt', 'not a PyTorch file'),
-    ('--restore_log_path', 'weights.th', 'not a text file'),
+@pytest.mark.parametrize('flag,name,expect,test_eval', [
+    ('--restore_ema_path', 'notes.txt', 'not a PyTorch file', False),
+    ('--restore_ema_path', 'one.th', 'not a PyTorch file', False),
+    ('--restore_path', 'notes.txt', 'not a PyTorch file', False),
+    ('--restore_log_path', 'weights.th', 'not a text file', False),
+    ('--restore_ema_path', 'notes.txt', 'not a PyTorch file', True),
+    ('--restore_ema_path', 'one.th', 'not a PyTorch file', True),
+    ('--restore_path', 'notes.txt', 'not a PyTorch file', True),
 ])
-@pytest.mark.parametrize('test_eval', [False, True])
 def test_train_unreadable_file_exits_2_and_writes_nothing(fmnist_root, bad_files, capsys, flag, name, expect,
                                                           test_eval):
-    if flag == '--restore_log_path' and test_eval:
-        pytest.skip('--test_eval does not read a log')
     runs = bad_files / 'runs'
     argv = TINY + ['--data_root', fmnist_root, '--save_dir', str(runs), '--desc', 'x', '--max_iters', '2',
                    flag, str(bad_files / name)] + (['--test_eval'] if test_eval else [])
