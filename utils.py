@@ -307,6 +307,8 @@ def safe_torch_load(path, what='checkpoint'):
                             "state_dict() where you trust its source") from None
         raise UserError(f"cannot read {what} {path}: it is not a PyTorch file, or it is truncated or corrupt "
                         "(its pickle data is unreadable)") from None
+    except MemoryError:
+        raise
     except Exception as e:  # torch.load raises RuntimeError, KeyError, IndexError, EOFError, ... on non-files
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ''
         raise UserError(f"cannot read {what} {path}: it is not a PyTorch file, or it is truncated or corrupt "
@@ -536,5 +538,5 @@ def run_main(main):
     except OSError as e:  # a read-only or full file system met after the up-front checks
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
             raise
-        die(f"{e.filename or 'a file'}: {e.strerror}; pass a folder this process can write to "
-            "(--save_dir, --out_dir or --out)")
+        die(f"{e.filename or 'a file'}: {e.strerror}; check its permissions and free space, or pass another "
+            "--save_dir, --out_dir or --out")

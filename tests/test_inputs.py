@@ -221,6 +221,14 @@ def test_train_in_read_only_save_dir_exits_2_and_writes_nothing(fmnist_root, tmp
     assert os.listdir(tmp_path / 'runs') == []
 
 
+def test_write_error_met_late_is_one_line(capsys):
+    """A file system that turns read-only or full after the up-front checks: one line naming the file."""
+    def main(argv):
+        raise PermissionError(errno.EROFS, 'Read-only file system', '/runs/x/log.txt')
+    err = exits_2(capsys, main, [])
+    assert err.startswith('error: /runs/x/log.txt: Read-only file system; ') and '--save_dir' in err
+
+
 def test_test_eval_of_a_read_only_run_prints_and_writes_nothing(tiny_run, tmp_path, capsys, monkeypatch):
     root, save = tiny_run
     ro = str(tmp_path / 'ro')
