@@ -22,9 +22,9 @@ VDVAE_CHECKPOINT_URL, for a mirror that holds the same folders and file names.  
 """
 import argparse
 import hashlib
+import http.client
 import json
 import os
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -309,7 +309,7 @@ def download(url, dest, retries=5, timeout=60, say=print):
                 continue
             raise UserError(f"cannot download {url}: HTTP {e.code} {e.reason}; check the URL "
                             f"(--base_url or ${URL_ENV}, now {os.environ.get(URL_ENV) or 'unset'})") from None
-        except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out, DNS
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut
             reason = getattr(e, 'reason', e)
             if attempt == retries:
                 raise UserError(f"cannot download {url}: {reason}; run the same command again to resume "
@@ -433,4 +433,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(run_main(main))
+    run_main(main)

@@ -346,3 +346,21 @@ def test_reproduce_refuses_flags_it_sets_itself(tmp_path):
     p = subprocess.run([sys.executable, 'reproduce.py', 'cifar10', '--restore_ema_path', 'x.th'], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr == 'error: --restore_ema_path is set by reproduce.py itself; leave it out\n'
+
+
+def test_launcher_prefix(monkeypatch):
+    from reproduce import launch_command
+    monkeypatch.delenv('LAUNCH', raising=False)
+    assert launch_command('train.py', ['--test_eval']) == [sys.executable, 'train.py', '--test_eval']
+    monkeypatch.setenv('LAUNCH', 'torchrun --nproc_per_node 8')  # torchrun takes the script itself
+    assert launch_command('train.py', ['--x']) == ['torchrun', '--nproc_per_node', '8', 'train.py', '--x']
+    monkeypatch.setenv('LAUNCH', 'mpiexec -n 8')
+    assert launch_command('evaluate.py', []) == ['mpiexec', '-n', '8', sys.executable, 'evaluate.py']
+
+
+def test_ffhq1024_data_needs_its_source(tmp_path):
+    p = subprocess.run([sys.executable, 'reproduce.py', 'ffhq1024', '--data_root', str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count('\n') == 1
+    assert "ffhq1024 needs FFHQ's images1024x1024 folder" in p.stderr and '--data_source' in p.stderr
+    assert not os.listdir(tmp_path)
