@@ -194,9 +194,7 @@ def check_shapes(shapes, H, what):
     from vae import VAE
     with torch.device('meta'):
         model = VAE(H)
-    raise WrongFile(f"{what} is not a checkpoint of the model the {H.hparam_sets!r} preset builds:\n"
-                    + describe_mismatch(model, {k: torch.empty(s, device='meta') for k, s in shapes.items()},
-                                        what, H))
+    raise WrongFile(describe_mismatch(model, {k: torch.empty(s, device='meta') for k, s in shapes.items()}, what, H))
 
 
 # ----------------------------------------------------------------------------- verification
@@ -330,11 +328,14 @@ def fetch_file(rel, fname, folder, H, base_url=None, say=print):
     if st is not None:
         say(f'{fname}: already downloaded and verified (sha256 {st["sha256"][:12]}...)')
         return st
-    if os.path.exists(path):  # e.g. fetched by hand, or a stamp from another architecture
+    if os.path.exists(path):  # e.g. fetched by hand, cut short, or stamped for another architecture
         try:
             return _verified(path, H, url, say)
+        except WrongFile as e:  # reads fine: kept, since it may be right and the flags wrong
+            raise UserError(f"{e}\n{path} is kept: check the preset and the hps.py flags, or move the file away "
+                            "to fetch the release's again") from None
         except UserError as e:
-            say(f'{fname} is no good ({_first_line(e)}): fetching it again')
+            say(f'{fname} is truncated or corrupt ({_first_line(e)}): fetching it again')
             os.remove(path)
     os.makedirs(folder, exist_ok=True)
     for attempt in (1, 2):

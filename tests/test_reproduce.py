@@ -193,7 +193,7 @@ def test_corrupt_files_are_refused_and_fetched_again(server, tmp_path):
     (tmp_path / names[0]).write_bytes(good[0][:len(good[0]) // 2])  # a truncated file in the folder
     server.corrupt_once[f'/{rels[1].folder}/{names[1]}'] = bytes(len(good[1]))  # garbage from the server
     got, said = fetch('cifar10', tmp_path, server)
-    assert f'{names[0]} is no good (cannot read state dict' in said and 'truncated or corrupt' in said
+    assert f'{names[0]} is truncated or corrupt (cannot read state dict' in said
     assert f'{names[1]} arrived broken' in said
     assert server.hits[f'/{rels[1].folder}/{names[1]}'] == 2
     for name, body in zip(names, good):
@@ -203,7 +203,7 @@ def test_corrupt_files_are_refused_and_fetched_again(server, tmp_path):
         f.truncate(1000)
     n = server.hits[f'/{rels[2].folder}/{names[2]}']
     got, said = fetch('cifar10', tmp_path, server)
-    assert f'{names[2]} is no good' in said and server.hits[f'/{rels[2].folder}/{names[2]}'] == n + 1
+    assert f'{names[2]} is truncated or corrupt' in said and server.hits[f'/{rels[2].folder}/{names[2]}'] == n + 1
     assert (tmp_path / names[2]).read_bytes() == good[2]
 
 
@@ -215,11 +215,17 @@ def test_wrong_preset_file_gets_a_clear_message(server, tmp_path, monkeypatch):
         fetch('cifar10', tmp_path, server, argv=())
     msg = str(e.value)
     assert msg.startswith(f'{server.url}/vdvae-assets-2/cifar10-seed0-iter-900000-model-ema.th did not give a usable')
-    assert "is not a checkpoint of the model the 'cifar10' preset builds" in msg
+    assert 'cifar10-seed0-iter-900000-model-ema.th does not fit the model built from --hps cifar10' in msg
     assert "It looks like a checkpoint of the 'tiny32' preset" in msg
     assert 'The file has 14 encoder blocks' in msg
     assert server.hits['/vdvae-assets-2/cifar10-seed0-iter-900000-model-ema.th'] == 1, 'a wrong file is not refetched'
     assert not list(tmp_path.glob('*.th')), 'a refused file must not stay where it would be used'
+    # a file already in the folder that reads fine but does not fit is kept (the flags may be wrong)
+    kept = tmp_path / 'cifar10-seed0-iter-900000-model-ema.th'
+    kept.write_bytes(server.files['/vdvae-assets-2/cifar10-seed0-iter-900000-model-ema.th'])
+    with pytest.raises(UserError, match=f'{kept} is kept: check the preset and the hps.py flags'):
+        fetch('cifar10', tmp_path, server, argv=())
+    assert kept.exists() and server.hits['/vdvae-assets-2/cifar10-seed0-iter-900000-model-ema.th'] == 1
 
 
 def test_command_line_errors_are_one_line(server, tmp_path):
