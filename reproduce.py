@@ -236,6 +236,10 @@ def parse_args(argv=None):
         if any(c == flag or c.startswith(flag + '=') for c in common):
             raise UserError(f"{flag} is set by reproduce.py itself; leave it out")
     args.out = args.out or os.path.join('saved_models', f'reproduce-{args.preset}')
+    # the scripts run from the repository's folder: paths given relative to here must not move
+    for name in ('data_root', 'checkpoint_dir', 'out', 'data_source'):
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     return args, common
 
 
