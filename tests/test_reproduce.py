@@ -216,8 +216,8 @@ def test_wrong_preset_file_gets_a_clear_message(server, tmp_path, monkeypatch):
     msg = str(e.value)
     assert msg.startswith(f'{server.url}/vdvae-assets-2/cifar10-seed0-iter-900000-model-ema.th did not give a usable')
     assert 'cifar10-seed0-iter-900000-model-ema.th does not fit the model built from --hps cifar10' in msg
-    assert "It looks like a checkpoint of the 'tiny32' preset" in msg
-    assert 'The file has 14 encoder blocks' in msg
+    assert "it looks like a checkpoint of the 'tiny32' preset, run with --hps tiny32" in msg
+    assert 'the file has width 32, the model 384' in msg and '461 tensors in the file, 1393 in the model' in msg
     assert server.hits['/vdvae-assets-2/cifar10-seed0-iter-900000-model-ema.th'] == 1, 'a wrong file is not refetched'
     assert not list(tmp_path.glob('*.th')), 'a refused file must not stay where it would be used'
     # a file already in the folder that reads fine but does not fit is kept (the flags may be wrong)
