@@ -511,14 +511,21 @@ class EpochBatches:
         return iter(batches[self.start_batch:])
 
 
+STOP_SIGNALS = ('SIGTERM', 'SIGINT')
+
+
 def ignore_stop_signals(worker_id=None):
     """DataLoader worker_init_fn: workers ignore SIGTERM and SIGINT.  A scheduler's
     SIGTERM or a Ctrl-C reaches the whole process group; the training process then
     finishes its step and writes its checkpoint, which needs its workers alive.  They
-    exit when the training process closes them (or dies)."""
+    exit when the training process closes them (or dies).  Forked workers are born with
+    both signals blocked (_Loader), so none is fatal before this runs; spawned ones (under
+    mpiexec) start with a clear mask, as the multiprocessing module launches them."""
     import signal
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sigs = {getattr(signal, name) for name in STOP_SIGNALS}
+    for sig in sigs:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
 
 
 def _loader(source, sampler, num_workers, pin_memory, persistent=False, mp_context=None):
@@ -526,12 +533,26 @@ def _loader(source, sampler, num_workers, pin_memory, persistent=False, mp_conte
     ``mp_context``: how worker processes start ('fork', 'spawn', 'forkserver'; None: the
     platform's default); ``persistent``: keep the workers from one pass to the next."""
     import torch
+
+    class _Loader(torch.utils.data.DataLoader):
+        def _get_iterator(self):
+            """Start the workers with SIGTERM/SIGINT blocked: a forked worker inherits the
+            mask, so it cannot die of a signal before ignore_stop_signals runs; this
+            process gets a signal that arrived meanwhile once the workers are started."""
+            import signal
+            sigs = {getattr(signal, name) for name in STOP_SIGNALS}
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+            try:
+                return super()._get_iterator()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
     # batch_size=None: no collation; each worker holds at most prefetch_factor batches.
     # Its own generator: starting an iterator must not draw from the global torch RNG
     # (that would make a resumed run's noise differ from an uninterrupted one's).
     workers = dict(prefetch_factor=2, worker_init_fn=ignore_stop_signals, persistent_workers=persistent,
                    multiprocessing_context=mp_context) if num_workers else {}
-    return torch.utils.data.DataLoader(
+    return _Loader(
         _Rows(source), sampler=sampler, batch_size=None, num_workers=num_workers,
         pin_memory=pin_memory and torch.cuda.is_available(), generator=torch.Generator().manual_seed(0), **workers)
 

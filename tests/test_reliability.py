@@ -257,6 +257,12 @@ def test_one_loader_with_persistent_workers_keeps_the_data_order_and_ignores_sig
         order = images if ctx is None else images[::-1]
         loader = data.train_loader(source, 4, seed=3, epoch=0, rank=1, world_size=2, num_workers=2, mp_context=ctx)
         pids = None
+        if ctx is None and sys.platform.startswith('linux'):
+            iter(loader)  # starts the workers: from their first instant SIGTERM and SIGINT are blocked or ignored
+            for w in loader._iterator._workers:
+                status = dict(line.split(':\t') for line in open(f'/proc/{w.pid}/status').read().splitlines())
+                held = int(status['SigBlk'], 16) | int(status['SigIgn'], 16)
+                assert all(held >> (sig - 1) & 1 for sig in (signal.SIGTERM, signal.SIGINT)), status
         for epoch, start in [(0, 0), (1, 2), (2, 0)]:
             loader.sampler.set_epoch(epoch, start)
             want = data.train_batch_indices(50, 4, seed=3, epoch=epoch, rank=1, world_size=2)[start:]
