@@ -166,12 +166,15 @@ def keep_previous(run_dir):
     if os.path.exists(previous + '-state.th'):
         os.remove(previous + '-state.th')
     for suffix in CHECKPOINT_FILES + ['-state.th']:
-        tmp = f'{previous}{suffix}.tmp.{os.getpid()}'
+        src, dst = latest + suffix, previous + suffix
+        if os.path.exists(dst) and os.path.samefile(src, dst):
+            continue  # linked by an earlier call (renaming a link onto its twin would do nothing)
+        tmp = f'{dst}.tmp.{os.getpid()}'
         try:
-            os.link(latest + suffix, tmp)
+            os.link(src, tmp)
         except OSError:
-            shutil.copyfile(latest + suffix, tmp)
-        os.replace(tmp, previous + suffix)
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
 
 
 def checkpoint_state(prefix):

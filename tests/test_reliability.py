@@ -105,6 +105,32 @@ def test_no_complete_checkpoint_refuses_to_start_and_restart_sets_old_files_asid
     assert torch.load(rd / 'latest-state.th', weights_only=True)['step'] == 4
 
 
+def test_previous_generation_is_the_last_complete_latest(fmnist_root, tmp_path):
+    """Each save of latest first makes the complete latest set `previous` (links, no
+    temporaries left, also when repeated); a torn latest never becomes `previous`."""
+    import train
+    from utils import logger
+    H, d, _ = train.set_up(TINY + ['--data_root', fmnist_root, '--save_dir', str(tmp_path), '--desc', 'p'])
+    os.makedirs(H.run_dir)
+    log = logger(os.path.join(H.run_dir, 'log'))
+    model, ema = train.build_models(H, d)
+    opt = train.make_optimizer(H, model, d.device)
+    for step in (1, 2):
+        train.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=step, epoch=0, batch=step))
+    assert train.checkpoint_state(os.path.join(H.run_dir, 'previous'))['step'] == 1
+    train.keep_previous(H.run_dir)
+    train.keep_previous(H.run_dir)  # again, before latest changed
+    assert train.checkpoint_state(os.path.join(H.run_dir, 'previous'))['step'] == 2
+    assert not [f for f in os.listdir(H.run_dir) if '.tmp.' in f]
+    torn = os.path.join(H.run_dir, 'latest-model.th')
+    with open(torn + '.new', 'wb') as f:
+        f.write(b'not the model the state file describes')
+    os.replace(torn + '.new', torn)  # a torn latest (replaced, as a save does; previous keeps its own file)
+    train.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=3, epoch=0, batch=3))
+    assert train.checkpoint_state(os.path.join(H.run_dir, 'previous'))['step'] == 2
+    assert train.find_checkpoint(H.run_dir)[1]['step'] == 3
+
+
 def test_stale_temporaries_of_killed_processes_are_removed(fmnist_root, tmp_path):
     run(args(fmnist_root, tmp_path, 'tmp', 2))
     rd = tmp_path / 'tmp'
