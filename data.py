@@ -465,29 +465,96 @@ def preprocess(H, batch):
 
 # --- Batching and distributed sharding. ---
 
-class _Batches:  # a map-style dataset for torch's DataLoader
-    """Item i = the whole batch source[batches[i]], as a uint8 tensor (B, H, W, C)."""
+class _Rows:  # a map-style dataset for torch's DataLoader, indexed by arrays of positions
+    """Item ``rows`` (1-D positions) = the whole batch source[rows], as a uint8 tensor (B, H, W, C)."""
 
-    def __init__(self, source, batches):
-        self.source, self.batches = source, batches
+    def __init__(self, source):
+        self.source = source
+
+    def __getitem__(self, rows):
+        import torch
+        return torch.from_numpy(self.source[rows])
+
+
+class BatchList:
+    """Sampler over a fixed list of batches (arrays of positions), in order."""
+
+    def __init__(self, batches):
+        self.batches = batches
 
     def __len__(self):
         return len(self.batches)
 
-    def __getitem__(self, i):
-        import torch
-        return torch.from_numpy(self.source[self.batches[i]])
+    def __iter__(self):
+        return iter(self.batches)
 
 
-def _loader(source, batches, num_workers, pin_memory):
+class EpochBatches:
+    """Sampler of one rank's training batches: those of ``train_batch_indices`` for the
+    epoch last given to ``set_epoch(epoch, start_batch)``, from batch ``start_batch`` on
+    (as DistributedSampler.set_epoch, so that one DataLoader with persistent workers
+    serves the whole run)."""
+
+    def __init__(self, n, batch_size, *, seed, rank=0, world_size=1):
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return max(0, train_batches_per_epoch(self.n, self.batch_size, self.world_size) - self.start_batch)
+
+    def __iter__(self):
+        batches = train_batch_indices(self.n, self.batch_size, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                                      world_size=self.world_size)
+        return iter(batches[self.start_batch:])
+
+
+STOP_SIGNALS = ('SIGTERM', 'SIGINT')
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader worker_init_fn: workers ignore SIGTERM and SIGINT.  A scheduler's
+    SIGTERM or a Ctrl-C reaches the whole process group; the training process then
+    finishes its step and writes its checkpoint, which needs its workers alive.  They
+    exit when the training process closes them (or dies).  Forked workers are born with
+    both signals blocked (_Loader), so none is fatal before this runs; spawned ones (under
+    mpiexec) start with a clear mask, as the multiprocessing module launches them."""
+    import signal
+    sigs = {getattr(signal, name) for name in STOP_SIGNALS}
+    for sig in sigs:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+
+
+def _loader(source, sampler, num_workers, pin_memory, persistent=False, mp_context=None):
+    """A DataLoader yielding source[rows] for each ``rows`` the sampler gives.
+    ``mp_context``: how worker processes start ('fork', 'spawn', 'forkserver'; None: the
+    platform's default); ``persistent``: keep the workers from one pass to the next."""
     import torch
+
+    class _Loader(torch.utils.data.DataLoader):
+        def _get_iterator(self):
+            """Start the workers with SIGTERM/SIGINT blocked: a forked worker inherits the
+            mask, so it cannot die of a signal before ignore_stop_signals runs; this
+            process gets a signal that arrived meanwhile once the workers are started."""
+            import signal
+            sigs = {getattr(signal, name) for name in STOP_SIGNALS}
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+            try:
+                return super()._get_iterator()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
     # batch_size=None: no collation; each worker holds at most prefetch_factor batches.
     # Its own generator: starting an iterator must not draw from the global torch RNG
     # (that would make a resumed run's noise differ from an uninterrupted one's).
-    return torch.utils.data.DataLoader(
-        _Batches(source, batches), batch_size=None, shuffle=False, num_workers=num_workers,
-        pin_memory=pin_memory and torch.cuda.is_available(), prefetch_factor=2 if num_workers else None,
-        generator=torch.Generator().manual_seed(0))
+    workers = dict(prefetch_factor=2, worker_init_fn=ignore_stop_signals, persistent_workers=persistent,
+                   multiprocessing_context=mp_context) if num_workers else {}
+    return _Loader(
+        _Rows(source), sampler=sampler, batch_size=None, num_workers=num_workers,
+        pin_memory=pin_memory and torch.cuda.is_available(), generator=torch.Generator().manual_seed(0), **workers)
 
 
 def _check_rank(rank, world_size):
@@ -518,20 +585,22 @@ def train_batch_indices(n, batch_size, *, seed, epoch, rank=0, world_size=1):
 
 
 def train_loader(source, batch_size, *, seed, epoch, rank=0, world_size=1, start_batch=0, num_workers=0,
-                 pin_memory=False):
+                 pin_memory=False, mp_context=None):
     """Training batches of one epoch for one rank: uint8 tensors (batch_size, H, W, C).
 
     Order from train_batch_indices (reshuffled every epoch from `seed`, which must be
     the same on every rank); `start_batch` skips the batches already trained on this
     epoch, for an exact resume.  pin_memory pins batches (when CUDA is present) so
-    that `.to(device, non_blocking=True)` overlaps the copy.
+    that `.to(device, non_blocking=True)` overlaps the copy.  The workers persist: for
+    the next epoch call ``loader.sampler.set_epoch(epoch + 1)`` and iterate again.
     """
     steps = train_batches_per_epoch(len(source), batch_size, world_size)
     if steps == 0:
         raise UserError(f"{source.path}: {len(source)} training images give no batch of {batch_size} per rank "
                         f"with {world_size} ranks")
-    batches = train_batch_indices(len(source), batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
-    return _loader(source, batches[start_batch:], num_workers, pin_memory)
+    sampler = EpochBatches(len(source), batch_size, seed=seed, rank=rank, world_size=world_size)
+    sampler.set_epoch(epoch, start_batch)
+    return _loader(source, sampler, num_workers, pin_memory, persistent=True, mp_context=mp_context)
 
 
 def eval_shard(n, rank, world_size):
@@ -541,13 +610,13 @@ def eval_shard(n, rank, world_size):
     return np.arange(n * rank // world_size, n * (rank + 1) // world_size, dtype=np.int64)
 
 
-def eval_loader(source, batch_size, *, rank=0, world_size=1, num_workers=0, pin_memory=False):
+def eval_loader(source, batch_size, *, rank=0, world_size=1, num_workers=0, pin_memory=False, mp_context=None):
     """Evaluation batches of rank r's shard in order, uint8 (B, H, W, C); the last batch
     may be smaller, so ranks may run different numbers of batches (by at most one):
     sum per-image statistics locally and all-reduce once after the loop."""
     shard = eval_shard(len(source), rank, world_size)
-    return _loader(source, [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)],
-                   num_workers, pin_memory)
+    return _loader(source, BatchList([shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]),
+                   num_workers, pin_memory, mp_context=mp_context)
 
 
 # --- Building the release's .npy layout (used by the setup scripts). ---

@@ -128,6 +128,10 @@ def add_vae_arguments(parser):
     a('--restore_log_path', type=str, default=None, help='run log (-log.jsonl): resumes step and epoch')
     a('--restore_optimizer_path', type=str, default=None, help='optimizer state (-opt.th; apex or torch format)')
     a('--resume', action='store_true', help='continue from the newest complete checkpoint in {save_dir}/{desc}')
+    a('--restart', action='store_true',
+      help='begin {save_dir}/{desc} afresh at step 0; its earlier files are moved to a before-restart-* folder in it')
+    a('--allow_changes', action='store_true',
+      help='resume even though the batch size, seed, architecture or training data differ from the checkpoint\'s')
     a('--dataset', type=str, default='fashion_mnist', help='dataset name (set by the presets)')
     a('--image_size', type=int, default=28, help='image height and width (set by the presets)')
     a('--image_channels', type=int, default=1, help='1 (grayscale) or 3 (RGB) (set by the presets)')

@@ -80,4 +80,6 @@ for f in "${todo[@]}"; do
     mv -f "$out.part" "$out"
     echo "$out (downloaded, md5 verified)"
 done
-echo "Fashion-MNIST ready in $DEST: train with  python train.py --hps fashion_mnist --data_root $ROOT"
+echo "Fashion-MNIST ready in $DEST. Train with"
+echo "  python train.py --hps fashion_mnist_quick --data_root $ROOT   # CPU: a small model, minutes (./quickstart.sh)"
+echo "  python train.py --hps fashion_mnist --data_root $ROOT         # GPU: the full 36.6M-parameter model"

@@ -5,18 +5,24 @@
     mpiexec -n 16 python train.py --hps imagenet64             # DDP via MPI, across nodes
     python train.py --hps cifar10 --test_eval --restore_ema_path cifar10-seed1-iter-1050000-model-ema.th
 
-Everything of a run goes to {save_dir}/{desc}/: log.jsonl/log.txt, hparams.json,
-checkpoints (latest-* and iter-N-*: -model.th, -model-ema.th, -opt.th, -log.jsonl as
-released, plus -state.th for exact resume), samples-N.png and loss.png.  Re-running the
-same command continues from the newest complete checkpoint.
+Everything of a run goes to {save_dir}/{desc}/: log.jsonl/log.txt, hparams.json (the first
+configuration) and hparams.jsonl (one line per start: step, changes, configuration),
+checkpoints (latest-*, previous-* and iter-N-*: -model.th, -model-ema.th, -opt.th,
+-log.jsonl as released, plus -state.th for exact resume), samples-N.png and loss.png.
+Re-running the same command continues from the newest complete checkpoint; a folder whose
+checkpoints are all damaged is refused (--restart begins afresh, keeping the old files).
+SIGTERM or Ctrl-C, to one process or the whole process group, finishes the step, writes
+latest and exits 0.
 """
 import collections
 import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -26,10 +32,11 @@ from tqdm import tqdm
 
 import data
 from hps import UserError, get_hparams
-from utils import (allreduce, atomic_copy, atomic_save, barrier, check_writable, cleanup_distributed, clip_grad_norm,
-                   configure_cpu, file_crc, gather_objects, ieee_fp32, is_writable, load_optimizer_file, logger,
-                   param_spread_across_ranks, print_once, read_log, restore_log, restore_params, run_main,
-                   safe_torch_load, setup_distributed, stats_over_ranks)
+from utils import (allreduce, atomic_copy, atomic_save, atomic_write, barrier, check_writable, cleanup_distributed,
+                   clip_grad_norm, configure_cpu, file_crc, gather_objects, ieee_fp32, is_writable,
+                   load_optimizer_file, logger, param_spread_across_ranks, print_once, read_log,
+                   remove_stale_temporaries, restore_log, restore_params, run_main, safe_torch_load,
+                   setup_distributed, stats_over_ranks)
 from vae import VAE
 
 LN2 = math.log(2)
@@ -53,7 +60,8 @@ def set_up(argv=None):
     else:
         check_writable(H.run_dir, 'pass a --save_dir this process can write to')
         write = True
-    log = logger(os.path.join(H.run_dir, 'log'), is_main=d.is_main, write=write)
+    # lines reach the run folder only once the start succeeded (log.commit in main)
+    log = logger(os.path.join(H.run_dir, 'log'), is_main=d.is_main, write=write, hold=True)
     return H, d, log
 
 
@@ -136,11 +144,15 @@ def save_checkpoint(H, d, name, model, ema, optimizer, scaler, log, progress):
     """Write {run_dir}/{name}-*.  Collective (every rank calls it); rank 0 writes.
 
     Each file is written atomically; -state.th, written last, records the size and CRC of
-    the other four, so a set torn by a crash between renames is recognised and skipped."""
+    the other four, so a set torn by a crash between renames is recognised and skipped.
+    Before a new ``latest`` is written, the complete one becomes ``previous`` (keep_previous),
+    so a crash while writing leaves at least one complete set."""
     rngs = gather_objects(rng_state(d.device))
     if d.is_main:
         prefix = os.path.join(H.run_dir, name)
         log(f'Saving model@ {progress["step"]} to {prefix}')
+        if name == 'latest':
+            keep_previous(H.run_dir)
         atomic_save(model.state_dict(), prefix + '-model.th')
         atomic_save(ema.state_dict(), prefix + '-model-ema.th')
         atomic_save(optimizer.state_dict(), prefix + '-opt.th')
@@ -151,29 +163,122 @@ def save_checkpoint(H, d, name, model, ema, optimizer, scaler, log, progress):
     barrier()
 
 
+def keep_previous(run_dir):
+    """Make a complete ``latest`` set the ``previous`` one, as hard links (no copy; a copy
+    where the file system has no links).  previous-state.th goes first and comes back
+    last, so a crash in between leaves ``previous`` incomplete, never mixed, and ``latest``
+    untouched.  A torn ``latest`` never replaces ``previous``."""
+    latest, previous = os.path.join(run_dir, 'latest'), os.path.join(run_dir, 'previous')
+    if checkpoint_state(latest) is None:
+        return
+    if os.path.exists(previous + '-state.th'):
+        os.remove(previous + '-state.th')
+    for suffix in CHECKPOINT_FILES + ['-state.th']:
+        src, dst = latest + suffix, previous + suffix
+        if os.path.exists(dst) and os.path.samefile(src, dst):
+            continue  # linked by an earlier call (renaming a link onto its twin would do nothing)
+        tmp = f'{dst}.tmp.{os.getpid()}'
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
+def checkpoint_state(prefix):
+    """The training state of the set {prefix}-* if all its files are present and match the
+    sizes and CRCs recorded in {prefix}-state.th; None if it is incomplete or torn."""
+    try:
+        st = safe_torch_load(prefix + '-state.th', 'training state')
+        complete = all(os.path.exists(prefix + s) and file_crc(prefix + s) == tuple(st['files'][s])
+                       for s in CHECKPOINT_FILES)
+    except (UserError, KeyError, TypeError, OSError):
+        return None
+    return st if complete else None
+
+
 def find_checkpoint(run_dir):
     """(prefix, state) of the newest complete checkpoint in run_dir, or (None, None)."""
     if not os.path.isdir(run_dir):
         return None, None
     found = []
-    for f in os.listdir(run_dir):
+    for f in sorted(os.listdir(run_dir)):
         if not f.endswith('-state.th'):
             continue
         prefix = os.path.join(run_dir, f[:-len('-state.th')])
-        try:
-            st = safe_torch_load(prefix + '-state.th', 'training state')
-            complete = all(os.path.exists(prefix + s) and file_crc(prefix + s) == tuple(st['files'][s])
-                           for s in CHECKPOINT_FILES)
-        except (UserError, KeyError, TypeError):
-            complete = False
-        if complete:
+        st = checkpoint_state(prefix)
+        if st is not None:
             found.append((st['step'], prefix, st))
         else:
             print(f'warning: ignoring incomplete checkpoint {prefix}-* (torn or partly written)', flush=True)
     if not found:
         return None, None
-    _, prefix, st = max(found, key=lambda t: t[0])
+    _, prefix, st = max(found, key=lambda t: (t[0], t[1].endswith('latest')))  # a tie: latest
     return prefix, st
+
+
+def checkpoint_files(run_dir):
+    """Names of the checkpoint files in run_dir, complete sets or not."""
+    if not os.path.isdir(run_dir):
+        return []
+    return sorted(f for f in os.listdir(run_dir) if f.endswith(tuple(CHECKPOINT_FILES + ['-state.th'])))
+
+
+def set_aside(run_dir):
+    """--restart: move everything in run_dir (files only) into run_dir/before-restart-TIME/,
+    so that a fresh start overwrites nothing.  Returns that folder, or None if run_dir
+    held no files."""
+    names = [f for f in os.listdir(run_dir) if os.path.isfile(os.path.join(run_dir, f))] \
+        if os.path.isdir(run_dir) else []
+    if not names:
+        return None
+    folder = os.path.join(run_dir, 'before-restart-' + time.strftime('%Y%m%d-%H%M%S'))
+    os.makedirs(folder)
+    for f in names:
+        os.replace(os.path.join(run_dir, f), os.path.join(folder, f))
+    return folder
+
+
+# Hyperparameters whose change makes the saved state mean something else: the batch size
+# (the position in the epoch), the seed (the data order), the architecture (the weights).
+ARCH_KEYS = ['dataset', 'image_size', 'image_channels', 'width', 'zdim', 'enc_blocks', 'dec_blocks',
+             'custom_width_str', 'bottleneck_multiple', 'no_bias_above', 'num_mixtures']
+EXACT_RESUME_KEYS = ['n_batch', 'seed'] + ARCH_KEYS
+# Where the run lives, how it is launched and shown, and what to restore: never a change of the run.
+NOT_RUN_KEYS = ['desc', 'save_dir', 'run_dir', 'resume', 'restart', 'allow_changes', 'no_progress', 'port',
+                'num_workers', 'threads', 'test_eval', 'restore_path', 'restore_ema_path', 'restore_log_path',
+                'restore_optimizer_path']
+
+
+def changed_hparams(old, new):
+    """{key: (old value, new value)} of the run's hyperparameters that differ."""
+    return {k: (old[k], new[k]) for k in sorted(set(old) & set(new)) if k not in NOT_RUN_KEYS and old[k] != new[k]}
+
+
+def data_fingerprint(source):
+    """[number of images, CRC32 of 16 evenly spaced images] of a split: recorded in each
+    checkpoint, so that resuming on other data (the position in the epoch would point at
+    other images) is noticed."""
+    n = len(source)
+    idx = np.unique(np.linspace(0, n - 1, min(n, 16)).astype(np.int64))
+    return [n, zlib.crc32(np.ascontiguousarray(source[idx]).tobytes())]
+
+
+def check_changes(H, st, prefix, data_id, log):
+    """Log the hyperparameters that differ from the checkpoint's (old -> new); refuse those
+    that break an exact continuation unless --allow_changes (--test_eval only reads)."""
+    if H.test_eval:
+        return
+    changes = changed_hparams(st['H'], H)
+    if changes:
+        log('hyperparameters changed since ' + os.path.basename(prefix) + ': '
+            + ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changes.items()))
+    breaking = [k for k in changes if k in EXACT_RESUME_KEYS]
+    if data_id is not None and st.get('data') is not None and list(st['data']) != list(data_id):
+        breaking.append(f'training data ({st["data"][0]} -> {data_id[0]} images or their content)')
+    if breaking and not H.allow_changes:
+        raise UserError(f"resuming {prefix} with changed {', '.join(breaking)} would not continue the same run; "
+                        "add --allow_changes to continue anyway, --restart to begin afresh, or use another --desc")
 
 
 def check_restore_paths(H):
@@ -182,17 +287,27 @@ def check_restore_paths(H):
             raise UserError(f"--{flag} {H[flag]}: no such file")
 
 
-def restore(H, d, model, ema, optimizer, scaler, log, found=None):
-    """Apply --resume / the run folder's newest checkpoint, or the release's four restore
-    flags (checked to exist by set_up).  ``found``: find_checkpoint's answer when the caller
-    already has it.  Returns progress: step, epoch, batch (next batch within the epoch),
-    best_eval."""
+def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
+    """Apply --resume / the run folder's newest complete checkpoint, or the release's four
+    restore flags (checked to exist by set_up).  ``found``: find_checkpoint's answer when the
+    caller already has it; ``data_id``: data_fingerprint of the training split.  Returns
+    progress: step, epoch, batch (next batch within the epoch), best_eval, skipped.
+
+    Refuses (UserError) to start from zero in a folder whose checkpoints are all torn, and
+    to resume with changed EXACT_RESUME_KEYS or data, unless --restart / --allow_changes."""
     progress = dict(step=0, epoch=0, batch=0, best_eval=float('inf'), skipped=0)
-    prefix, st = found or find_checkpoint(H.run_dir)
+    if H.resume and H.restart:
+        raise UserError("--resume continues the run and --restart begins it afresh: pass one of them")
+    prefix, st = (None, None) if H.restart else (found or find_checkpoint(H.run_dir))
     if H.resume and prefix is None:
         raise UserError(f"--resume: no complete checkpoint in {H.run_dir}; start without --resume "
                         "(or check --save_dir/--desc)")
+    if prefix is None and not H.restart and (old := checkpoint_files(H.run_dir)):
+        raise UserError(f"{H.run_dir} holds checkpoint files ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}) "
+                        "but no complete set, so the run cannot continue; to begin afresh add --restart (the old "
+                        "files are moved to a before-restart-* folder beside them), or pick another --desc")
     if prefix is not None:
+        check_changes(H, st, prefix, data_id, log)
         log(f'resuming from {prefix} (step {st["step"]}, epoch {st["epoch"]})')
         restore_params(model, prefix + '-model.th', H)
         restore_params(ema, prefix + '-model-ema.th', H)
@@ -205,7 +320,15 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None):
         else:
             log(f'note: checkpoint written by {len(rngs)} processes, now {d.world_size}: '
                 'data order is kept, posterior noise is reseeded')
-        return {k: st.get(k, progress[k]) for k in progress}
+        progress = {k: st.get(k, progress[k]) for k in progress}
+        # the position in the epoch counts global batches: convert it if their size changed
+        old_global, new_global = st['H']['n_batch'] * st.get('world_size', 1), H.n_batch * d.world_size
+        if old_global != new_global and progress['batch']:
+            images = progress['batch'] * old_global
+            progress['batch'] = images // new_global
+            log(f'note: {images} images of epoch {progress["epoch"]} were trained on in batches of {old_global}; '
+                f'continuing at batch {progress["batch"]} of {new_global}')
+        return progress
     # load everything before logging anything, so a bad file leaves no trace in the run folder
     if H.restore_path:
         restore_params(model, H.restore_path, H)
@@ -310,7 +433,8 @@ def evaluate(H, d, ema, source, desc='eval'):
     # n, elbo, distortion, rate, n_finite, finite elbo, elbo^2 (for the standard error)
     sums = torch.zeros(7, dtype=torch.float64, device=d.device)
     loader = data.eval_loader(source, H.n_batch_eval or 4 * H.n_batch, rank=d.rank, world_size=d.world_size,
-                              num_workers=min(H.num_workers, 1), pin_memory=d.device.type == 'cuda')
+                              num_workers=min(H.num_workers, 1), pin_memory=d.device.type == 'cuda',
+                              mp_context=worker_start_method(d))
     devices = [d.device] if d.device.type == 'cuda' else []
     with torch.random.fork_rng(devices=devices), ieee_fp32():
         torch.manual_seed(H.seed + 1_000_003 * (d.rank + 1))
@@ -388,14 +512,25 @@ def write_images(H, d, ema, viz_batch, fname, log):
     log(f'printing samples to {fname}')
 
 
+def loss_curves(records):
+    """(train, valid) lists of (step, bits/dim) from run-log records, sorted by step.
+    train: every train_loss record, the per-print ones and those written with each
+    checkpoint (the run's last point); valid: eval_loss records.  A step logged more than
+    once (a print and a save at the same step, or steps trained again after a resume)
+    keeps its last record."""
+    curves = {'train_loss': {}, 'eval_loss': {}}
+    for z in records:
+        if z.get('type') in curves and 'step' in z and 'elbo' in z:
+            curves[z['type']][z['step']] = z['elbo'] / LN2
+    return [sorted(curves[k].items()) for k in ('train_loss', 'eval_loss')]
+
+
 def write_loss_plot(log_path, png_path):
     """Train and valid bits/dim against step, from the run log."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    lines = read_log(log_path)
-    tr = [(z['step'], z['elbo'] / LN2) for z in lines if z.get('type') == 'train_loss' and 'lr' in z]
-    va = [(z['step'], z['elbo'] / LN2) for z in lines if z.get('type') == 'eval_loss']
+    tr, va = loss_curves(read_log(log_path))
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
     if tr:
         ax.plot(*zip(*tr), label='train (batch average)', lw=1)
@@ -415,24 +550,38 @@ def write_loss_plot(log_path, png_path):
 # ----------------------------------------------------------------------------- loops
 
 class StopSignal:
-    """SIGTERM/SIGINT: finish the current step, write latest, exit.  A second Ctrl-C aborts."""
+    """SIGTERM/SIGINT: finish the current step, write latest, exit.  A second Ctrl-C, more
+    than ``grace`` seconds after the first, aborts; within it, it is the same request
+    arriving twice (Ctrl-C reaches torchrun and its processes, and torchrun forwards it).
+    The data-loading workers ignore both (data.ignore_stop_signals), so a signal to the
+    whole process group (a scheduler, torchrun, Ctrl-C) stops the run the same way.  Only
+    the main process says so, once."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, is_main=True, grace=3.0):
+        self.requested, self.is_main, self.grace = None, is_main, grace  # requested: time of the first signal
         signal.signal(signal.SIGTERM, self._handler)
         signal.signal(signal.SIGINT, self._handler)
 
     def _handler(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f'\nreceived {signal.Signals(signum).name}: finishing this step, then writing latest', flush=True)
+        if self.requested is not None:
+            if signum == signal.SIGINT and time.time() - self.requested > self.grace:
+                raise KeyboardInterrupt
+            return
+        self.requested = time.time()
+        if self.is_main:
+            print(f'\nreceived {signal.Signals(signum).name}: finishing this step, then writing latest', flush=True)
+
+
+def worker_start_method(d):
+    """How data-loading workers start: forking a process that has initialised MPI is
+    unsafe, so under mpiexec they are spawned (once per run: the workers persist)."""
+    return 'spawn' if d.launcher == 'mpiexec' else None
 
 
 def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
     net = wrap_for_training(H, model, d)
     ctx = precision_context(H, d.device)
-    stopper = StopSignal()
+    stopper = StopSignal(d.is_main)
     viz_batch = visualization_batch(H, splits.valid)
     valid = splits.valid if not H.valid_images else splits.valid.view(np.arange(min(H.valid_images, len(splits.valid))))
     early_evals = set([1] + [2 ** exp for exp in range(3, 14)])
@@ -454,15 +603,16 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
         save_checkpoint(H, d, name, model, ema, optimizer, scaler, log, progress)
 
     done = H.max_iters and it >= H.max_iters
+    loader = data.train_loader(splits.train, H.n_batch, seed=H.seed, epoch=epoch, rank=d.rank,
+                               world_size=d.world_size, start_batch=start_batch, num_workers=H.num_workers,
+                               pin_memory=d.device.type == 'cuda', mp_context=worker_start_method(d))
     while not done and epoch < H.num_epochs:
         model.train()
-        loader = data.train_loader(splits.train, H.n_batch, seed=H.seed, epoch=epoch, rank=d.rank,
-                                   world_size=d.world_size, start_batch=start_batch, num_workers=H.num_workers,
-                                   pin_memory=d.device.type == 'cuda')
+        loader.sampler.set_epoch(epoch, start_batch)  # one loader, persistent workers
         for b, x in enumerate(loader, start=start_batch):
             x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
             st, stop = training_step(H, x_in, x_target, net, model, ema, optimizer, scaler, ctx,
-                                     learning_rate(H, it), stopper.requested)
+                                     learning_rate(H, it), stopper.requested is not None)
             stats.append(st)
             progress['skipped'] += st['skipped_updates']
             consecutive_skips = consecutive_skips + 1 if st['skipped_updates'] else 0
@@ -543,6 +693,30 @@ def run_test_eval(H, d, splits, ema, log):
     return stats
 
 
+def open_run_folder(H, d, progress, found, log):
+    """After a successful start, and only then, write to the run folder (rank 0): move
+    old files aside for --restart, remove temporaries of killed processes, write the held
+    log lines, hparams.json (the run's first configuration) and one hparams.jsonl line per
+    start (step, changes against the checkpoint resumed, full configuration)."""
+    if not d.is_main:
+        return
+    if H.restart and (folder := set_aside(H.run_dir)):
+        log(f'--restart: moved the earlier files of {H.run_dir} to {folder}')
+    os.makedirs(H.run_dir, exist_ok=True)
+    if stale := remove_stale_temporaries(H.run_dir):
+        log(f'removed {len(stale)} temporary file(s) of killed processes: {", ".join(stale)}')
+    log.commit()
+    st = None if H.restart else found[1]
+    record = dict(step=progress['step'], time=time.ctime(),
+                  changed={k: list(v) for k, v in changed_hparams(st['H'], H).items()} if st else {}, H=dict(H))
+    with open(os.path.join(H.run_dir, 'hparams.jsonl'), 'a') as f:
+        print(json.dumps(record), file=f, flush=True)
+    path = os.path.join(H.run_dir, 'hparams.json')
+    if not os.path.exists(path):
+        with atomic_write(path) as f:
+            f.write(json.dumps(dict(H), indent=1, sort_keys=True).encode())
+
+
 def main(argv=None):
     H, d, log = set_up(argv)
     try:
@@ -552,12 +726,13 @@ def main(argv=None):
         scaler = torch.amp.GradScaler(d.device.type) if H.precision == 'fp16' else None
         if H.test_eval:
             load_for_evaluation(H, d, model, ema, optimizer, scaler, log)
+            log.commit()
             return run_test_eval(H, d, splits, ema, log)
-        progress = restore(H, d, model, ema, optimizer, scaler, log)
-        if d.is_main:
-            os.makedirs(H.run_dir, exist_ok=True)
-            with open(os.path.join(H.run_dir, 'hparams.json'), 'w') as f:
-                json.dump(dict(H), f, indent=1, sort_keys=True)
+        data_id = data_fingerprint(splits.train)
+        found = (None, None) if H.restart else find_checkpoint(H.run_dir)
+        progress = restore(H, d, model, ema, optimizer, scaler, log, found=found, data_id=data_id)
+        progress['data'] = data_id
+        open_run_folder(H, d, progress, found, log)
         for k in sorted(H):
             log(type='hparam', key=k, value=H[k])
         n = model.num_params()

@@ -3,6 +3,7 @@ setup (single process, torchrun or mpiexec), rank-0 logging (jsonl + txt, the
 release's format), all-reduce of statistics, atomic checkpoint files, safe state-dict
 loading with useful mismatch messages, and apex-optimizer conversion.
 """
+import collections
 import contextlib
 import ctypes
 import errno
@@ -10,7 +11,9 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -180,11 +183,27 @@ def ieee_fp32():
 
 # ----------------------------------------------------------------------------- logging
 
-def logger(log_prefix, is_main=True, write=True):
+def logger(log_prefix, is_main=True, write=True, hold=False):
     """The release's logger: ``log(*msg, **fields)`` prints a line and appends it to
     ``{log_prefix}.txt`` and, as one JSON object with "time" first, to ``{log_prefix}.jsonl``.
-    Only the main rank writes; with ``write=False`` nothing is written, only printed."""
+    Only the main rank writes; with ``write=False`` nothing is written, only printed.  With
+    ``hold`` the lines are printed at once but reach the files only when ``log.commit()`` is
+    called, so a start that fails leaves no trace."""
     jsonl_path, txt_path = f'{log_prefix}.jsonl', f'{log_prefix}.txt'
+    held = [] if hold else None
+
+    def append(txt_str, json_str):
+        os.makedirs(os.path.dirname(jsonl_path) or '.', exist_ok=True)
+        with open(txt_path, 'a+') as f:
+            print(txt_str, file=f, flush=True)
+        with open(jsonl_path, 'a+') as f:
+            print(json_str, file=f, flush=True)
+
+    def commit():
+        nonlocal held
+        lines, held = held or [], None
+        for line in lines:
+            append(*line)
 
     def log(*args, pprint=False, **kwargs):
         if not is_main:
@@ -209,13 +228,13 @@ def logger(log_prefix, is_main=True, write=True):
         tqdm.write(txt_str)
         if not write:
             return
-        os.makedirs(os.path.dirname(jsonl_path) or '.', exist_ok=True)
-        with open(txt_path, 'a+') as f:
-            print(txt_str, file=f, flush=True)
-        with open(jsonl_path, 'a+') as f:
-            print(json_str, file=f, flush=True)
+        if held is not None:
+            held.append((txt_str, json_str))
+        else:
+            append(txt_str, json_str)
 
     log.jsonl_path = jsonl_path
+    log.commit = commit
     return log
 
 
@@ -258,8 +277,8 @@ def restore_log(path):
 @contextlib.contextmanager
 def atomic_write(path):
     """Open a temporary file beside ``path`` for binary writing; on success fsync it and
-    rename it over ``path``.  A crash leaves the old file or the new one, never a torn one,
-    and no temporary behind."""
+    rename it over ``path``.  A crash leaves the old file or the new one, never a torn one;
+    a kill -9 may leave the temporary ``{path}.tmp.{pid}`` (see remove_stale_temporaries)."""
     tmp = f'{path}.tmp.{os.getpid()}'
     try:
         with open(tmp, 'wb') as f:
@@ -267,9 +286,50 @@ def atomic_write(path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _crash_point(path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# Crash testing: VDVAE_KILL_AFTER_RENAME=NAME:K makes the process SIGKILL itself right
+# after the K-th rename onto a file called NAME (e.g. latest-opt.th:3), as a power cut
+# between the renames of a checkpoint save would.
+_renames = collections.Counter()
+
+
+def _crash_point(path):
+    spec = os.environ.get('VDVAE_KILL_AFTER_RENAME')
+    if not spec:
+        return
+    name, k = spec.rsplit(':', 1)
+    if os.path.basename(path) == name:
+        _renames[name] += 1
+        if _renames[name] == int(k):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_stale_temporaries(folder):
+    """Delete the ``*.tmp.PID`` files atomic_write left in ``folder`` when its process was
+    killed (kill -9, power loss): those whose PID is no live process on this machine.
+    Returns the names removed.  Call it on the one process that writes the folder."""
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        m = re.fullmatch(r'.+\.tmp\.(\d+)', name)
+        if m and not _pid_alive(int(m.group(1))):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def atomic_save(obj, path):
