@@ -52,6 +52,86 @@ def draw_gaussian_diag_samples(mu, logsigma):
     return torch.exp(logsigma) * eps + mu
 
 
+# ----------------------------------------------------------------------------- keyed noise
+
+MASK32 = 0xFFFFFFFF
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Philox-4x32 round multipliers
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # Philox key increments (golden ratio, sqrt(3) - 1)
+
+
+def _mulhilo32(a, m):
+    """(hi, lo): the upper and lower 32 bits of a * m, for an int64 tensor a of 32-bit words
+    and a 32-bit constant m.  m is split into 16-bit halves so that no int64 product
+    overflows (each is below 2**48): exact integer arithmetic, the same bits on any device."""
+    p1, p0 = a * (m >> 16), a * (m & 0xFFFF)
+    t = ((p1 & 0xFFFF) << 16) + p0
+    return (p1 >> 16) + (t >> 32), t & MASK32
+
+
+def philox4x32(counter, key, rounds=10):
+    """The Philox-4x32-10 counter-based generator (Salmon et al. 2011, "Parallel random
+    numbers: as easy as 1, 2, 3"; Random123's philox4x32_R) on int64 tensors.
+
+    counter: four int64 tensors of 32-bit words (broadcastable against each other);
+    key: two 32-bit ints.  Returns four int64 tensors of 32-bit random words, a bijective
+    function of the counter for a fixed key."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo32(c0, PHILOX_M[0])
+        hi1, lo1 = _mulhilo32(c2, PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
+    return c0, c1, c2, c3
+
+
+def uniform_from_bits(w):
+    """32-bit words -> uniforms in (0, 1] (float32): (top 24 bits + 1/2) / 2**24."""
+    return ((w >> 8).to(torch.float32) + 0.5) * 2. ** -24
+
+
+class KeyedNormal:
+    """Standard-normal noise that is a function of (seed, image, sample, layer, element)
+    only, so an image gets the same noise whatever the batch it shares, the process that
+    evaluates it or the device (EDM's per-sample seeding, taken down to the element).
+
+    Row r of the batch is sample ``samples[r]`` of image ``images[r]`` (global positions in
+    the split).  ``normal(layer, shape)`` draws (rows, *shape): elements 4g .. 4g+3 (in C order of
+    ``shape``) of row r come from one Philox-4x32-10 block with key (seed, 0) and counter
+    (g, layer, image, sample), whose four words become two pairs of normals by Box-Muller
+    on 24-bit uniforms.  The integer part gives identical bits on every device; the
+    float part (log, sqrt, cos, sin in float32) agrees to a few ulps."""
+
+    def __init__(self, seed, images, samples=None):
+        self.key = (int(seed) & MASK32, 0)
+        self.images = torch.as_tensor(images, dtype=torch.int64)
+        self.samples = torch.zeros_like(self.images) if samples is None else \
+            torch.as_tensor(samples, dtype=torch.int64, device=self.images.device).expand_as(self.images)
+
+    def __len__(self):
+        return len(self.images)
+
+    def repeat(self, first, n):
+        """Samples first .. first+n-1 of every image, rows ordered sample-major (row k*N + i is
+        sample first+k of image i, as ``evaluate.log_weights`` repeats a batch)."""
+        k = torch.arange(first, first + n, dtype=torch.int64, device=self.images.device)
+        return KeyedNormal(self.key[0], self.images.repeat(n),
+                           (self.samples.repeat(n) + k.repeat_interleave(len(self))))
+
+    def normal(self, layer, shape, device=None):
+        """float32 standard normals (rows, *shape) on ``device`` (default: the images')."""
+        device = self.images.device if device is None else torch.device(device)
+        images = self.images.to(device)
+        n = math.prod(shape)
+        groups = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)  # (G,): 4 normals each
+        w = philox4x32((groups, torch.full_like(groups, layer), (images & MASK32)[:, None],
+                        (self.samples.to(device) & MASK32)[:, None]), self.key)
+        u1, u2 = uniform_from_bits(torch.stack(w[0::2], -1)), uniform_from_bits(torch.stack(w[1::2], -1))
+        r, theta = torch.sqrt(-2. * torch.log(u1)), (2 * math.pi) * u2  # (rows, G, 2) each
+        z = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], -1)  # (rows, G, 2, 2)
+        return z.reshape(len(images), -1)[:, :n].reshape(len(images), *shape)
+
+
 # ----------------------------------------------------------------------------- DMoL
 
 def dmol_params_per_mixture(channels):
