@@ -61,11 +61,15 @@ PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # Philox key increments (golden ratio, sqrt
 
 def _mulhilo32(a, m):
     """(hi, lo): the upper and lower 32 bits of a * m, for an int64 tensor a of 32-bit words
-    and a 32-bit constant m.  m is split into 16-bit halves so that no int64 product
-    overflows (each is below 2**48): exact integer arithmetic, the same bits on any device."""
-    p1, p0 = a * (m >> 16), a * (m & 0xFFFF)
-    t = ((p1 & 0xFFFF) << 16) + p0
-    return (p1 >> 16) + (t >> 32), t & MASK32
+    (overwritten: it becomes hi) and a 32-bit constant m.  m is split into 16-bit halves so
+    that no int64 product overflows (each is below 2**48): exact integer arithmetic, the
+    same bits on any device."""
+    lo = a * (m & 0xFFFF)
+    hi = a.mul_(m >> 16)
+    tmp = hi & 0xFFFF
+    lo.add_(tmp, alpha=1 << 16)  # the low 48 bits of a * m
+    hi.bitwise_right_shift_(16).add_(torch.bitwise_right_shift(lo, 32, out=tmp))
+    return hi, lo.bitwise_and_(MASK32)
 
 
 def philox4x32(counter, key, rounds=10):
@@ -75,19 +79,19 @@ def philox4x32(counter, key, rounds=10):
     counter: four int64 tensors of 32-bit words (broadcastable against each other);
     key: two 32-bit ints.  Returns four int64 tensors of 32-bit random words, a bijective
     function of the counter for a fixed key."""
-    c0, c1, c2, c3 = counter
+    c0, c1, c2, c3 = (c.expand(torch.broadcast_shapes(*(c.shape for c in counter))).clone() for c in counter)
     k0, k1 = key
     for _ in range(rounds):
         hi0, lo0 = _mulhilo32(c0, PHILOX_M[0])
         hi1, lo1 = _mulhilo32(c2, PHILOX_M[1])
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        c0, c1, c2, c3 = hi1.bitwise_xor_(c1).bitwise_xor_(k0), lo1, hi0.bitwise_xor_(c3).bitwise_xor_(k1), lo0
         k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
     return c0, c1, c2, c3
 
 
 def uniform_from_bits(w):
     """32-bit words -> uniforms in (0, 1] (float32): (top 24 bits + 1/2) / 2**24."""
-    return ((w >> 8).to(torch.float32) + 0.5) * 2. ** -24
+    return (w >> 8).to(torch.float32).add_(0.5).mul_(2. ** -24)
 
 
 class KeyedNormal:
@@ -96,11 +100,12 @@ class KeyedNormal:
     evaluates it or the device (EDM's per-sample seeding, taken down to the element).
 
     Row r of the batch is sample ``samples[r]`` of image ``images[r]`` (global positions in
-    the split).  ``normal(layer, shape)`` draws (rows, *shape): elements 4g .. 4g+3 (in C order of
-    ``shape``) of row r come from one Philox-4x32-10 block with key (seed, 0) and counter
-    (g, layer, image, sample), whose four words become two pairs of normals by Box-Muller
-    on 24-bit uniforms.  The integer part gives identical bits on every device; the
-    float part (log, sqrt, cos, sin in float32) agrees to a few ulps."""
+    the split).  ``normal(layer, shape)`` draws (rows, *shape) from Philox-4x32-10 blocks
+    with key (seed, 0) and counter (g, layer, image, sample), g = 0 .. G-1 with G = n/4
+    rounded up (n elements in ``shape``): the block's words (w0, w1) and (w2, w3) become two
+    pairs of normals by Box-Muller on 24-bit uniforms, elements g, G+g (from w0, w1) and
+    2G+g, 3G+g (from w2, w3) of the row in C order.  The integer part gives identical bits
+    on every device; the float part (log, sqrt, cos, sin in float32) agrees to a few ulps."""
 
     def __init__(self, seed, images, samples=None):
         self.key = (int(seed) & MASK32, 0)
@@ -121,15 +126,18 @@ class KeyedNormal:
     def normal(self, layer, shape, device=None):
         """float32 standard normals (rows, *shape) on ``device`` (default: the images')."""
         device = self.images.device if device is None else torch.device(device)
-        images = self.images.to(device)
-        n = math.prod(shape)
-        groups = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)  # (G,): 4 normals each
-        w = philox4x32((groups, torch.full_like(groups, layer), (images & MASK32)[:, None],
-                        (self.samples.to(device) & MASK32)[:, None]), self.key)
-        u1, u2 = uniform_from_bits(torch.stack(w[0::2], -1)), uniform_from_bits(torch.stack(w[1::2], -1))
-        r, theta = torch.sqrt(-2. * torch.log(u1)), (2 * math.pi) * u2  # (rows, G, 2) each
-        z = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], -1)  # (rows, G, 2, 2)
-        return z.reshape(len(images), -1)[:, :n].reshape(len(images), *shape)
+        images, samples = self.images.to(device), self.samples.to(device)
+        n, rows = math.prod(shape), len(images)
+        g = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
+        w = philox4x32((g, torch.full_like(g, layer), images[:, None] & MASK32, samples[:, None] & MASK32),
+                       self.key)  # 4 x (rows, G) words
+        z = torch.empty(rows, 4, len(g), device=device)
+        for j in (0, 2):  # Box-Muller: radius from one word, angle from the next
+            r = uniform_from_bits(w[j]).log_().mul_(-2.).sqrt_()
+            theta = uniform_from_bits(w[j + 1]).mul_(2 * math.pi)
+            torch.mul(r, torch.cos(theta), out=z[:, j])
+            torch.mul(r, theta.sin_(), out=z[:, j + 1])
+        return z.view(rows, -1)[:, :n].reshape(rows, *shape)
 
 
 # ----------------------------------------------------------------------------- DMoL
