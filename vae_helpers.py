@@ -72,21 +72,31 @@ def _mulhilo32(a, m):
     return hi, lo.bitwise_and_(MASK32)
 
 
-def philox4x32(counter, key, rounds=10):
-    """The Philox-4x32-10 counter-based generator (Salmon et al. 2011, "Parallel random
-    numbers: as easy as 1, 2, 3"; Random123's philox4x32_R) on int64 tensors.
+def _xor(a, b, k):
+    """a ^ b ^ k, in a's memory when a already has the broadcast shape."""
+    a = a.bitwise_xor_(b) if a.shape == torch.broadcast_shapes(a.shape, b.shape) else a ^ b
+    return a.bitwise_xor_(k)
 
-    counter: four int64 tensors of 32-bit words (broadcastable against each other);
-    key: two 32-bit ints.  Returns four int64 tensors of 32-bit random words, a bijective
-    function of the counter for a fixed key."""
-    c0, c1, c2, c3 = (c.expand(torch.broadcast_shapes(*(c.shape for c in counter))).clone() for c in counter)
+
+def philox4x32(counter, key, rounds=10):
+    """The Philox-4x32-R counter-based generator (Salmon et al. 2011, "Parallel random
+    numbers: as easy as 1, 2, 3"; Random123's philox4x32_R; R = 10 is its default) on
+    int64 tensors.
+
+    counter: four int64 tensors of 32-bit words (broadcastable against each other, e.g. an
+    element index (G,) against an image index (B, 1): the first rounds then work on the
+    small shapes); key: two 32-bit ints.  Returns four int64 tensors of 32-bit random words
+    of the broadcast shape, a bijective function of the counter for a fixed key."""
+    c0, c1, c2, c3 = counter
+    c0, c2 = c0.clone(), c2.clone()  # _mulhilo32 works in place
     k0, k1 = key
     for _ in range(rounds):
         hi0, lo0 = _mulhilo32(c0, PHILOX_M[0])
         hi1, lo1 = _mulhilo32(c2, PHILOX_M[1])
-        c0, c1, c2, c3 = hi1.bitwise_xor_(c1).bitwise_xor_(k0), lo1, hi0.bitwise_xor_(c3).bitwise_xor_(k1), lo0
+        c0, c1, c2, c3 = _xor(hi1, c1, k0), lo1, _xor(hi0, c3, k1), lo0
         k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
-    return c0, c1, c2, c3
+    shape = torch.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape)
+    return tuple(c.expand(shape) for c in (c0, c1, c2, c3))
 
 
 def uniform_from_bits(w):
@@ -129,8 +139,8 @@ class KeyedNormal:
         images, samples = self.images.to(device), self.samples.to(device)
         n, rows = math.prod(shape), len(images)
         g = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
-        w = philox4x32((g, torch.full_like(g, layer), images[:, None] & MASK32, samples[:, None] & MASK32),
-                       self.key)  # 4 x (rows, G) words
+        w = philox4x32((g, torch.full((1,), layer, device=device), images[:, None] & MASK32,
+                        samples[:, None] & MASK32), self.key)  # 4 x (rows, G) words
         z = torch.empty(rows, 4, len(g), device=device)
         for j in (0, 2):  # Box-Muller: radius from one word, angle from the next
             r = uniform_from_bits(w[j]).log_().mul_(-2.).sqrt_()
