@@ -129,3 +129,129 @@ def test_evaluate_modes_keep_tensors_on_the_device(H, images, mode, tmp_path):
         else:
             grid, _ = evaluate.run_interpolate(H, d, ema, images[:2], bar)
             assert grid.shape == (2, 5, 28, 28, 1)
+
+
+# ----------------------------------------------------------------------------- optimizer files
+
+def _grads(model, step):
+    """The same gradient values for every layout: each laid out like its parameter."""
+    g = torch.Generator().manual_seed(step)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g))
+
+
+def test_optimizer_state_from_the_other_layout_takes_its_parameters_strides(H, tmp_path):
+    """A contiguous run's -opt.th continued by a --channels_last run: the fused AdamW steps
+    equal those of the contiguous run (before, the state kept the file's strides and the
+    updates went to the wrong elements)."""
+    cpu = torch.device('cpu')
+    ref_model, _ = train.build_models(H, Dist())
+    opt = train.make_optimizer(H, ref_model, cpu)
+    for step in range(2):
+        _grads(ref_model, step)
+        opt.step()
+    torch.save(opt.state_dict(), tmp_path / 'latest-opt.th')
+    weights = {k: v.clone() for k, v in ref_model.state_dict().items()}
+    for step in range(2, 5):
+        _grads(ref_model, step)
+        opt.step()
+    H.channels_last = True
+    model, _ = train.build_models(H, Dist())
+    model.load_state_dict(weights)
+    conv = model.decoder.dec_blocks[-1].resnet.c2.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    opt = train.make_optimizer(H, model, cpu)
+    utils.load_optimizer_file(opt, str(tmp_path / 'latest-opt.th'))
+    for p in model.parameters():
+        assert all(opt.state[p][k].stride() == p.stride() for k in ('exp_avg', 'exp_avg_sq'))
+    for step in range(2, 5):
+        _grads(model, step)
+        opt.step()
+    for (name, a), b in zip(ref_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_loading_an_apex_file_keeps_the_fused_optimizer():
+    """The release's apex FusedAdam file has no 'fused' key in its param groups; loading it
+    must not switch this run (and every later checkpoint) to the foreach implementation."""
+    from conftest import load_tiny, ref
+    H, model, _, _, _ = load_tiny()
+    model.train()
+    opt = train.make_optimizer(H, model, torch.device('cpu'))
+    assert opt.param_groups[0]['fused'] is True
+    utils.load_optimizer_file(opt, ref('tiny32', 'apex_opt.th'))
+    for g in opt.param_groups:
+        assert g['fused'] is True and not g['foreach'] and not g['capturable'] and g['decoupled_weight_decay']
+        for p in g['params']:
+            step = opt.state[p]['step']
+            assert step.dtype == torch.float32 and step.device == p.device and step.item() == 10
+    # and a file from a foreach run loaded into a fused one stays fused, and vice versa
+    foreach = torch.optim.AdamW(model.parameters(), foreach=True)
+    utils.load_optimizer_file(foreach, ref('tiny32', 'apex_opt.th'))
+    assert foreach.param_groups[0]['foreach'] is True and not foreach.param_groups[0]['fused']
+
+
+# ----------------------------------------------------------------------------- launch
+
+class _FakeUdp:
+    """Stands in for socket.socket: records connect() and answers getsockname()."""
+    calls = []
+
+    def __init__(self, family, kind):
+        assert kind == utils.socket.SOCK_DGRAM  # UDP: connect() sends nothing
+        self.calls.append(('socket', family, kind))
+
+    def connect(self, addr):
+        self.calls.append(('connect', addr))
+        if self.fail:
+            raise OSError('Network is unreachable')
+
+    def getsockname(self):
+        return (self.addr, 40000)
+
+    def send(self, *a):
+        raise AssertionError('nothing may be sent')
+
+    sendto = send
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@pytest.mark.parametrize('case', ['env', 'one_node', 'route', 'no_route'])
+def test_master_address(monkeypatch, capsys, case):
+    monkeypatch.delenv('MASTER_ADDR', raising=False)
+    monkeypatch.setattr(utils.socket, 'gethostname', lambda: 'node0')
+    monkeypatch.setattr(utils.socket, 'gethostbyname', lambda name: '127.0.1.1')  # Debian's /etc/hosts
+    _FakeUdp.calls, _FakeUdp.addr, _FakeUdp.fail = [], '10.1.2.3', case == 'no_route'
+    monkeypatch.setattr(utils.socket, 'socket', _FakeUdp)
+    if case == 'env':
+        monkeypatch.setenv('MASTER_ADDR', 'head.cluster')
+        assert utils.master_address(one_node=False) == 'head.cluster'
+    elif case == 'one_node':
+        assert utils.master_address(one_node=True) == '127.0.0.1'
+    elif case == 'route':
+        assert utils.master_address(one_node=False) == '10.1.2.3'
+        dest = [c[1] for c in _FakeUdp.calls if c[0] == 'connect'][0]
+        assert not dest[0].startswith('127.')  # a route off this machine
+    else:
+        assert utils.master_address(one_node=False) == '127.0.1.1'
+        assert 'set MASTER_ADDR' in capsys.readouterr().err
+    assert case in ('route', 'no_route') or not _FakeUdp.calls
+
+
+@pytest.mark.parametrize('visible,local_rank,want', [(1, 0, 0), (1, 3, 0), (4, 0, 0), (4, 3, 3), (8, 5, 5),
+                                                     (2, 2, None), (0, 0, None)])
+def test_cuda_device_of_a_rank(monkeypatch, visible, local_rank, want):
+    """Per-rank CUDA_VISIBLE_DEVICES (one GPU visible) -> that GPU; all visible -> GPU local_rank."""
+    from hps import UserError
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: visible)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: visible > 0)
+    if want is None:
+        with pytest.raises(UserError, match='visible'):
+            utils.cuda_device(local_rank)
+    else:
+        assert utils.cuda_device(local_rank) == torch.device('cuda', want)
