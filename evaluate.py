@@ -243,7 +243,8 @@ def _repeat(t, n):
 
 def _positions(idx, device):
     """Positions in the split (a contiguous numpy block) as an int64 tensor on ``device``."""
-    return int(idx[0]) + torch.arange(len(idx), device=device) if len(idx) else torch.zeros(0, dtype=torch.int64)
+    first = int(idx[0]) if len(idx) else 0
+    return first + torch.arange(len(idx), device=device)
 
 
 @torch.no_grad()
