@@ -567,9 +567,10 @@ def input_images(H):
 
 @torch.no_grad()
 def posterior_latents(H, model, x_uint8, device, position):
-    """z of every decoder block for one image (batch of 1), seeded by its position."""
+    """z of every decoder block for one image (batch of 1), its noise keyed by its position
+    among the input images (so --images files and --indices of the same images agree)."""
     x_in, _ = data.preprocess(H, torch.from_numpy(x_uint8[None]).to(device))
-    with model.keyed_noise(KeyedNormal(H.seed, torch.tensor([int(position)], device=device))):
+    with model.keyed_noise(KeyedNormal(H.seed, torch.full((1,), int(position), device=device))):
         return [s['z'] for s in model.forward_get_latents(x_in)]
 
 
