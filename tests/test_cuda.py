@@ -78,6 +78,13 @@ def _mpiexec():
     return exe
 
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 def run(script, args, launcher=(), timeout=300, check=True):
     """Run an entry point on DEVICE; returns the CompletedProcess."""
     if launcher and launcher[0] == 'torchrun':
@@ -138,7 +145,7 @@ def test_train(root, tmp_path, case):
             pytest.skip('mpiexec or mpi4py not found')
         launcher = (exe,) + launcher[1:]
     run('train.py', TINY + flags + ['--data_root', root, '--save_dir', str(tmp_path), '--desc', case,
-                                    '--max_iters', '4'], launcher=launcher)
+                                    '--max_iters', '4', '--port', str(_free_port())], launcher=launcher)
     check_run(str(tmp_path / case), 4)
     via = 'torchrun' if case.startswith('torchrun') else 'mpiexec' if case == 'mpiexec' else 'single'
     assert any(f'1 process(es) via {via} ' in z.get('message', '') for z in log_lines(tmp_path / case))
