@@ -28,15 +28,32 @@ TINY32 = ['--hps', 'cifar10', '--width', '32', '--zdim', '4', '--num_mixtures', 
 
 # ----------------------------------------------------------------------------- the generator
 
-@pytest.mark.parametrize('counter,key,want', [  # Random123 kat_vectors, philox4x32_10
-    ((0, 0, 0, 0), (0, 0), (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
-    ((0xffffffff,) * 4, (0xffffffff,) * 2, (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd)),
-    ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), (0xa4093822, 0x299f31d0),
-     (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1)),
+PI_COUNTER, PI_KEY = (0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), (0xa4093822, 0x299f31d0)
+
+
+@pytest.mark.parametrize('rounds,counter,key,want', [  # Random123's kat_vectors, philox4x32 7 and 10
+    (7, (0, 0, 0, 0), (0, 0), (0x5f6fb709, 0x0d893f64, 0x4f121f81, 0x4f730a48)),
+    (7, (0xffffffff,) * 4, (0xffffffff,) * 2, (0x5207ddc2, 0x45165e59, 0x4d8ee751, 0x8c52f662)),
+    (7, PI_COUNTER, PI_KEY, (0x4dfccaba, 0x190a87f0, 0xc47362ba, 0xb6b5242a)),
+    (10, (0, 0, 0, 0), (0, 0), (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
+    (10, (0xffffffff,) * 4, (0xffffffff,) * 2, (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd)),
+    (10, PI_COUNTER, PI_KEY, (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1)),
 ])
-def test_philox_matches_the_known_answers(counter, key, want):
-    out = philox4x32([torch.tensor([c]) for c in counter], key)
+def test_philox_matches_the_known_answers(rounds, counter, key, want):
+    out = philox4x32([torch.tensor([c]) for c in counter], key, rounds)
     assert [int(w) for w in out] == list(want)
+
+
+def test_keyed_normal_is_philox_then_box_muller():
+    """Element g of plane 0/1 of a row: radius from word 0, angle from word 1 of block g."""
+    z = KeyedNormal(9, torch.tensor([4, 11]), samples=torch.tensor([0, 2])).normal(5, (3, 3))  # 9 elements, G = 3
+    w = philox4x32((torch.arange(3), torch.tensor([5]), torch.tensor([[4], [11]]), torch.tensor([[0], [2]])),
+                   (9, 0), KeyedNormal.ROUNDS)
+    u = [((x >> 8).double() + 0.5) / 2 ** 24 for x in w]
+    r, theta = torch.sqrt(-2 * torch.log(u[0])), 2 * np.pi * u[1]
+    flat = z.view(2, -1).double()
+    torch.testing.assert_close(flat[:, :3], r * torch.cos(theta), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flat[:, 3:6], r * torch.sin(theta), rtol=1e-5, atol=1e-6)
 
 
 def test_mulhilo_is_exact_integer_arithmetic():
