@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU tests in one command: tests/test_cuda.py (marker "cuda") on the first visible GPU,
 # with whatever python is on PATH (it needs torch with CUDA, numpy, pytest, tqdm, matplotlib;
-# mpi4py + mpiexec for the mpiexec case, which is skipped without them).  About 3 minutes on
+# mpi4py + mpiexec for the mpiexec case, which is skipped without them).  Sized for about 3 minutes on
 # one GPU.  Results: device.txt, pytest-cuda.log and junit-cuda.xml in $OUT if set, else in
 # ./gpu-test-results.  Extra arguments go to pytest (e.g. -k bundle).
 set -uo pipefail

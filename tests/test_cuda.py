@@ -4,8 +4,8 @@ mpiexec; resume after SIGTERM; the release bundle restored, continued and tested
 same test ELBO as on the CPU; sample.py; every evaluate.py mode; one bench.py line; and
 the device-side pieces (keyed noise bits, fused AdamW state layout).
 
-Marked ``cuda`` and skipped without a GPU.  Run them with ``./run_gpu_tests.sh`` (about
-3 minutes on one GPU with tiny models).  ``VDVAE_TEST_DEVICE=cpu`` runs the same commands
+Marked ``cuda`` and skipped without a GPU.  Run them with ``./run_gpu_tests.sh`` (sized for
+about 3 minutes on one GPU: tiny models, few steps).  ``VDVAE_TEST_DEVICE=cpu`` runs the same commands
 on the CPU instead (fp16 and the GPU-only checks skipped), to check the commands on a
 machine without a GPU; it is slower there (torch.compile on the CPU).
 
