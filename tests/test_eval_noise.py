@@ -87,7 +87,7 @@ def test_every_key_part_gives_independent_noise():
     z = draw()
     assert torch.equal(z, draw())  # a pure function of the key
     others = [draw(seed=2), draw(images=torch.arange(32) + 32), draw(samples=torch.ones(32, dtype=torch.int64)),
-              draw(layer=1), draw(seed=1 + 2 ** 32 * 0 + 0x10000)]
+              draw(layer=1), draw(seed=1 + 0x10000)]
     n = len(z)
     for o in others:
         corr = torch.corrcoef(torch.stack([z, o]))[0, 1]
@@ -96,9 +96,7 @@ def test_every_key_part_gives_independent_noise():
     rows = KeyedNormal(1, torch.arange(2048)).normal(0, (8,)).double()
     c = torch.corrcoef(rows.T)
     assert (c - torch.eye(8)).abs().max() < 5 / 2048 ** 0.5
-    c = torch.corrcoef(rows)
-    assert (c - torch.eye(2048)).abs().max() < 1.0  # distinct rows
-    assert len({tuple(r) for r in rows.tolist()}) == 2048
+    assert len({tuple(r) for r in rows.tolist()}) == 2048  # no two images share their noise
 
 
 def test_a_slice_of_the_batch_draws_the_same_noise():
