@@ -15,10 +15,14 @@ run's saved configuration (the 'H' of its -state.th, also beside an explicit wei
 the default for every setting: flags given on the command line win, everything else
 (architecture, data_root, ...) comes from the run.  List flags take values separated by
 spaces or commas.  Outputs go to --out_dir (default {save_dir}/{desc}), next to a log
-evaluate.jsonl/.txt; nothing else is written.  Evaluation runs in float32, with
-posterior noise seeded from --seed and the position of each image in the split.
+evaluate.jsonl/.txt; nothing else is written.  Evaluation runs in IEEE float32.
+Posterior sample k of image i (its position in the split) uses noise keyed by (--seed, i, k,
+layer, element) (vae_helpers.KeyedNormal), the same as train.py's --test_eval: every
+figure is the same for any --n_batch_eval, --iw_batch, process count and device.  The
+prior draws of the picture modes come from the RNG, seeded per picture from --seed.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -33,16 +37,16 @@ from tqdm import tqdm
 import data
 from hps import (UserError, add_vae_arguments, apply_run_config, at_least, check_ranges, explicit_flags,
                  Hyperparams, int_list, parse_args_and_update_hparams)
-from train import find_checkpoint, tile, write_png
+from train import find_checkpoint, standard_error, tile, write_png
 from utils import (Dist, allreduce, barrier, check_writable, cleanup_distributed, configure_cpu, gather_objects,
                    ieee_fp32, logger, restore_params, run_main, saved_run_config, setup_distributed)
 from vae import VAE, parse_layer_string
-from vae_helpers import gaussian_log_density
+from vae_helpers import KeyedNormal, gaussian_log_density
 
 LN2 = math.log(2)
 MODES = ('n_importance', 'kl_stats', 'encode', 'reconstruct', 'interpolate')
-# Tags that keep the posterior / prior noise of different modes apart (see _seed).
-TAG_IWAE, TAG_KL, TAG_ENCODE, TAG_RECON, TAG_INTERP = range(1, 6)
+# Tags that keep the prior noise of the picture modes apart (see _seed).
+TAG_RECON, TAG_INTERP = 4, 5
 RANGES = {'n_importance': (at_least(1), '>= 1'), 'n_images': (at_least(0), '>= 0 (0: all)'),
           'iw_batch': (at_least(0), '>= 0'), 'inactive_threshold': (at_least(0), '>= 0'),
           'rest_temperature': (at_least(0), '>= 0'), 'interp_steps': (at_least(2), '>= 2 (end points included)')}
@@ -212,10 +216,8 @@ def build_model(H, d, path):
 
 
 def _seed(H, tag, *key):
-    """A torch seed from --seed, the mode and a key (the position in the split of the first
-    image of a pass, a chunk of samples).  Where a pass holds one image (--n_importance with
-    K >= --iw_batch, --reconstruct, --interpolate, or --n_batch_eval 1), the noise an image
-    sees does not depend on how many processes share the work."""
+    """A torch seed for the prior draws of one picture, from --seed, the mode and a key
+    (the image's position, the number of latents kept)."""
     return int(np.random.SeedSequence([H.seed % 2 ** 32, tag, *map(int, key)]).generate_state(1, np.uint64)[0])
 
 
@@ -240,8 +242,14 @@ def _repeat(t, n):
     return t.repeat(n, 1, 1, 1).contiguous(memory_format=fmt)
 
 
+def _positions(idx, device):
+    """Positions in the split (a contiguous numpy block) as an int64 tensor on ``device``."""
+    first = int(idx[0]) if len(idx) else 0
+    return first + torch.arange(len(idx), device=device)
+
+
 @torch.no_grad()
-def log_weights(model, activations, x_target, n_samples):
+def log_weights(model, activations, x_target, n_samples, noise=None):
     """log w = log p(x|z) + log p(z) - log q(z|x) in nats, float64 (n_samples, B).
 
     activations: the encoder's output for B images; z ~ q(z|x) is drawn top-down from the
@@ -249,7 +257,8 @@ def log_weights(model, activations, x_target, n_samples):
     row k*B + i = sample k of image i), p(z) = prod_i p(z_i | z_<i) and q(z|x) = prod_i
     q(z_i | z_<i, x) are the Gaussian densities of every element of every block, and
     log p(x|z) = -DMoL NLL.  With n_samples = 1 this is the single-sample ELBO of the
-    same noise that ``model.forward_with_dists`` would draw.
+    same noise that ``model.forward_with_dists`` would draw.  ``noise``: a KeyedNormal with
+    one row per image (rows sample-major, see KeyedNormal.repeat), else the RNG's noise.
     """
     b = x_target.shape[0]
     if n_samples > 1:
@@ -257,7 +266,8 @@ def log_weights(model, activations, x_target, n_samples):
         x_target = x_target.repeat(n_samples, 1, 1, 1)
     hooks = [blk.register_forward_hook(_log_ratio_hook) for blk in model.decoder.dec_blocks]
     try:
-        px_z, stats = model.decoder(activations, get_dists=True)
+        with model.keyed_noise(noise) if noise is not None else contextlib.nullcontext():
+            px_z, stats = model.decoder(activations, get_dists=True)
     finally:
         for h in hooks:
             h.remove()
@@ -269,19 +279,19 @@ def log_weights(model, activations, x_target, n_samples):
 
 
 @torch.no_grad()
-def importance_weighted_bound(model, x_in, x_target, K, chunk, seed_fn=None):
+def importance_weighted_bound(model, x_in, x_target, K, chunk, noise=None):
     """Per image: the IWAE bound log (1/K) sum_k w_k in nats (float64, (B,)), the mean of
     log w_k (a K-sample estimate of the ELBO) and the effective sample size
     (sum w)^2 / sum w^2.  The K samples are drawn ``chunk`` at a time with a running
-    logsumexp, so memory does not grow with K; ``seed_fn(c0)`` seeds chunk c0."""
+    logsumexp, so memory does not grow with K.  ``noise``: a KeyedNormal for the B images
+    (sample k of every image keyed by k, whatever the chunking), else the RNG's noise."""
     acts = model.encoder(x_in)
     b = x_in.shape[0]
     lse = torch.full((b,), -math.inf, dtype=torch.float64, device=x_in.device)
     lse2, total = lse.clone(), torch.zeros_like(lse)
     for c0 in range(0, K, chunk):
-        if seed_fn is not None:
-            torch.manual_seed(seed_fn(c0))
-        lw = log_weights(model, acts, x_target, min(chunk, K - c0))
+        n = min(chunk, K - c0)
+        lw = log_weights(model, acts, x_target, n, noise=None if noise is None else noise.repeat(c0, n))
         lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
         lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
         total += lw.sum(0)
@@ -295,16 +305,16 @@ def run_iwae(H, d, model, source, bar):
     per_pass = max(1, budget // chunk)  # images sharing a pass when K is small
     ndims = H.image_size ** 2 * H.image_channels
     shard = data.eval_shard(len(source), d.rank, d.world_size)
-    rows = []
+    rows = []  # (B, 3) per pass on the device: bound, elbo, ess fraction; copied to the host once
     for s in range(0, len(shard), per_pass):
         idx = shard[s:s + per_pass]
         x_in, x_target = data.preprocess(H, torch.from_numpy(source[idx]).to(d.device))
         bound, elbo, ess = importance_weighted_bound(model, x_in, x_target, K, chunk,
-                                                     seed_fn=lambda c0: _seed(H, TAG_IWAE, idx[0], c0))
-        rows.append(np.stack([idx.astype(np.float64), (-bound / ndims).cpu().numpy(),
-                              (-elbo / ndims).cpu().numpy(), (ess / K).cpu().numpy()], 1))
+                                                     noise=KeyedNormal(H.seed, _positions(idx, d.device)))
+        rows.append(torch.stack([-bound / ndims, -elbo / ndims, ess / K], 1))
         bar.update(len(idx))
-    mine = np.concatenate(rows) if rows else np.zeros((0, 4))
+    values = torch.cat(rows).cpu().numpy() if rows else np.zeros((0, 3))
+    mine = np.concatenate([shard[:, None].astype(np.float64), values], 1)
     every = np.concatenate(gather_objects(mine))  # contiguous shards: rank order = split order
     if not d.is_main:
         return None
@@ -353,22 +363,25 @@ def run_kl_stats(H, d, model, source, bar):
     res = block_resolutions(H)
     nb = len(res)
     ndims = H.image_size ** 2 * H.image_channels
-    sums = torch.zeros(4 + 2 * nb, dtype=torch.float64, device=d.device)  # n, distortion, rate, elbo, kl, kl^2
+    # n, distortion, rate, elbo, elbo^2, then kl and kl^2 per block: per-image sums
+    sums = torch.zeros(5 + 2 * nb, dtype=torch.float64, device=d.device)
     for pos, x in _batches(H, d, source):
-        torch.manual_seed(_seed(H, TAG_KL, pos[0]))
         x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
-        out = model.forward_per_image(x_in, x_target)
+        with model.keyed_noise(KeyedNormal(H.seed, _positions(pos, d.device))):
+            out = model.forward_per_image(x_in, x_target)
         kl = out['kl_per_block'].double()
-        sums += torch.cat([torch.stack([torch.tensor(float(len(x)), dtype=torch.float64, device=d.device),
-                                        out['distortion'].double().sum(), out['rate'].double().sum(),
-                                        out['elbo'].double().sum()]), kl.sum(0), (kl ** 2).sum(0)])
+        elbo = out['elbo'].double()
+        sums += torch.cat([torch.stack([torch.full_like(elbo[0], len(x)), out['distortion'].double().sum(),
+                                        out['rate'].double().sum(), elbo.sum(), elbo.square().sum()]),
+                           kl.sum(0), (kl ** 2).sum(0)])
         bar.update(len(x))
     sums = allreduce(sums).cpu().numpy()
     if not d.is_main:
         return None
     n = sums[0]
-    kl_mean = sums[4:4 + nb] / n
-    kl_std = np.sqrt(np.maximum(sums[4 + nb:] / n - kl_mean ** 2, 0))
+    kl_mean = sums[5:5 + nb] / n
+    kl_std = np.sqrt(np.maximum(sums[5 + nb:] / n - kl_mean ** 2, 0))
+    elbo_se = standard_error(n, sums[3], sums[4])
     rate = sums[2] / n
     blocks = []
     for i, r in enumerate(res):
@@ -386,8 +399,9 @@ def run_kl_stats(H, d, model, source, bar):
                                 share_of_rate=kl_r / ndims / rate if rate > 0 else float('nan'),
                                 inactive_blocks=sum(b['inactive'] for b in sel)))
     return dict(mode='kl_stats', split=H.split, dataset=H.dataset, n_images=int(n), ndims=ndims, seed=H.seed,
-                elbo_nats_per_dim=sums[3] / n, distortion_nats_per_dim=sums[1] / n, rate_nats_per_dim=rate,
-                elbo_bits_per_dim=sums[3] / n / LN2, inactive_threshold_nats=H.inactive_threshold,
+                elbo_nats_per_dim=sums[3] / n, elbo_nats_per_dim_stderr=elbo_se,
+                distortion_nats_per_dim=sums[1] / n, rate_nats_per_dim=rate, elbo_bits_per_dim=sums[3] / n / LN2,
+                elbo_bits_per_dim_stderr=elbo_se / LN2, inactive_threshold_nats=H.inactive_threshold,
                 inactive_blocks=[b['index'] for b in blocks if b['inactive']], blocks=blocks,
                 resolutions=resolutions)
 
@@ -458,28 +472,25 @@ def run_encode(H, d, model, source, path, bar):
     barrier()
     os.makedirs(rank_dir, exist_ok=True)
     files = {(kind, i): open(os.path.join(rank_dir, f'{kind}_{i}.f32'), 'wb') for i in H.encode_list for kind in kinds}
-    small = dict(image_index=[], distortion=[], rate=[], kl_per_block=[])
+    per_image = []  # (B, 2 + blocks) on the device per batch: distortion, rate, kl per block
     ndims = H.image_size ** 2 * H.image_channels
     try:
         for pos, x in _batches(H, d, source):
-            torch.manual_seed(_seed(H, TAG_ENCODE, pos[0]))
             x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
-            distortion, stats = model.forward_with_dists(x_in, x_target)
-            for (kind, i), f in files.items():  # rows of (zdim, R, R), C order
+            with model.keyed_noise(KeyedNormal(H.seed, _positions(pos, d.device))):
+                distortion, stats = model.forward_with_dists(x_in, x_target)
+            for (kind, i), f in files.items():  # rows of (zdim, R, R), C order; streamed to disk
                 f.write(stats[i][_STAT_KEY[kind]].float().contiguous().cpu().numpy().tobytes())
             kl = torch.stack([s['kl'].float().sum(dim=(1, 2, 3)) for s in stats], 1)
-            small['image_index'].append(pos)
-            small['distortion'].append(distortion.float().cpu().numpy())
-            small['kl_per_block'].append(kl.cpu().numpy())
-            small['rate'].append((kl.sum(1) / ndims).cpu().numpy())
+            per_image.append(torch.cat([distortion.float()[:, None], (kl.sum(1) / ndims)[:, None], kl], 1))
             bar.update(len(x))
     finally:
         for f in files.values():
             f.close()
     with open(os.path.join(rank_dir, 'done.json'), 'w') as f:
         json.dump(dict(rows=len(shard)), f)
-    small = {k: (np.concatenate(v) if v else np.zeros((0, len(res)) if k == 'kl_per_block' else 0, np.float32))
-             for k, v in small.items()}
+    per_image = torch.cat(per_image).cpu().numpy() if per_image else np.zeros((0, 2 + len(res)), np.float32)
+    small = dict(image_index=shard, distortion=per_image[:, 0], rate=per_image[:, 1], kl_per_block=per_image[:, 2:])
     everything = gather_objects(small)  # small per-image arrays only; also a barrier
     if d.is_main:
         try:
@@ -557,10 +568,11 @@ def input_images(H):
 
 @torch.no_grad()
 def posterior_latents(H, model, x_uint8, device, position):
-    """z of every decoder block for one image (batch of 1), seeded by its position."""
+    """z of every decoder block for one image (batch of 1), its noise keyed by its position
+    among the input images (so --images files and --indices of the same images agree)."""
     x_in, _ = data.preprocess(H, torch.from_numpy(x_uint8[None]).to(device))
-    torch.manual_seed(_seed(H, TAG_RECON, position))
-    return [s['z'] for s in model.forward_get_latents(x_in)]
+    with model.keyed_noise(KeyedNormal(H.seed, torch.full((1,), int(position), device=device))):
+        return [s['z'] for s in model.forward_get_latents(x_in)]
 
 
 @torch.no_grad()

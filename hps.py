@@ -115,8 +115,9 @@ _preset('fashion_mnist_quick', 'fashion_mnist', width=32, zdim=8, lr=0.001, n_ba
 def add_vae_arguments(parser):
     """Every flag of the release (dead ones removed or made to work) plus ours."""
     a = parser.add_argument
-    a('--seed', type=int, default=0, help='random seed (offset by rank for data and sampling noise)')
-    a('--port', type=int, default=29500, help='rendezvous port for mpiexec launches')
+    a('--seed', type=int, default=0, help='random seed (offset by rank for data and sampling noise; with each '
+                                          'image\'s position in the split, the key of the evaluation\'s posterior noise)')
+    a('--port', type=int, default=29500, help='rendezvous port for mpiexec launches (MASTER_PORT wins when set)')
     a('--save_dir', type=str, default='./saved_models', help='root folder of all runs')
     a('--data_root', type=str, default='./', help='folder that holds the dataset files')
     a('--desc', type=str, default='test', help='run name: outputs go to {save_dir}/{desc}/')

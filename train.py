@@ -38,6 +38,7 @@ from utils import (allreduce, atomic_copy, atomic_save, atomic_write, barrier, c
                    remove_stale_temporaries, restore_log, restore_params, run_main, safe_torch_load,
                    setup_distributed, stats_over_ranks)
 from vae import VAE
+from vae_helpers import KeyedNormal
 
 LN2 = math.log(2)
 CHECKPOINT_FILES = ['-model.th', '-model-ema.th', '-opt.th', '-log.jsonl']
@@ -426,21 +427,25 @@ def accumulate_stats(stats, frequency):
 @torch.no_grad()
 def evaluate(H, d, ema, source, desc='eval'):
     """Exact per-image averages over every image of ``source`` (each visited once across
-    ranks), in IEEE fp32 (no TF32, see utils.ieee_fp32).  Posterior noise comes from a
-    fixed seed, so a checkpoint always gets the same number, and the training RNG stream
-    is left untouched."""
+    ranks), in IEEE fp32 (no TF32, see utils.ieee_fp32).  The posterior noise of image i
+    is keyed by (--seed, i, layer, element) (vae_helpers.KeyedNormal), so a checkpoint gets
+    the same number for any --n_batch_eval, process count and device, and the training
+    RNG stream is not touched."""
     ema.eval()
     # n, elbo, distortion, rate, n_finite, finite elbo, elbo^2 (for the standard error)
     sums = torch.zeros(7, dtype=torch.float64, device=d.device)
-    loader = data.eval_loader(source, H.n_batch_eval or 4 * H.n_batch, rank=d.rank, world_size=d.world_size,
+    batch = H.n_batch_eval or 4 * H.n_batch
+    shard = data.eval_shard(len(source), d.rank, d.world_size)  # a contiguous block of positions
+    first = int(shard[0]) if len(shard) else 0
+    loader = data.eval_loader(source, batch, rank=d.rank, world_size=d.world_size,
                               num_workers=min(H.num_workers, 1), pin_memory=d.device.type == 'cuda',
                               mp_context=worker_start_method(d))
-    devices = [d.device] if d.device.type == 'cuda' else []
-    with torch.random.fork_rng(devices=devices), ieee_fp32():
-        torch.manual_seed(H.seed + 1_000_003 * (d.rank + 1))
-        for x in tqdm(loader, desc=desc, disable=not d.is_main or H.no_progress, leave=False):
+    with ieee_fp32():
+        for i, x in enumerate(tqdm(loader, desc=desc, disable=not d.is_main or H.no_progress, leave=False)):
             x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
-            out = ema.forward_per_image(x_in, x_target)
+            images = first + i * batch + torch.arange(len(x), device=d.device)  # positions in the split
+            with ema.keyed_noise(KeyedNormal(H.seed, images)):
+                out = ema.forward_per_image(x_in, x_target)
             elbo = out['elbo'].double()
             finite = torch.isfinite(elbo)
             sums += torch.stack([torch.full_like(elbo[0], len(elbo)), elbo.sum(), out['distortion'].double().sum(),

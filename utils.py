@@ -51,9 +51,9 @@ def setup_distributed(port=29500, device=None):
     """Detect the launcher and join the process group.
 
     torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; mpiexec sets its own
-    variables, and rank 0's address is broadcast over MPI (mpi4py is imported only then);
-    otherwise one process.  NCCL on GPUs, gloo on CPU.  ``device`` forces 'cpu' or 'cuda'.
-    """
+    variables, and rank 0's address (``master_address``) and port (MASTER_PORT, else
+    ``port``) are broadcast over MPI (mpi4py is imported only then); otherwise one process.
+    NCCL on GPUs, gloo on CPU.  ``device`` forces 'cpu' or 'cuda'."""
     use_cuda = torch.cuda.is_available() if device is None else device == 'cuda'
     if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
         rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
@@ -65,18 +65,62 @@ def setup_distributed(port=29500, device=None):
             raise UserError("launched under mpiexec but mpi4py is missing: pip install mpi4py mpich") from None
         comm = MPI.COMM_WORLD
         rank, world = comm.Get_rank(), comm.Get_size()
-        local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-        addr = comm.bcast(socket.gethostbyname(socket.gethostname()) if rank == 0 else None, root=0)
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        local_rank, one_node = node.Get_rank(), node.Get_size() == world
+        addr, port = comm.bcast((master_address(one_node), int(os.environ.get('MASTER_PORT', port)))
+                                if rank == 0 else None, root=0)
         launcher, init = 'mpiexec', f'tcp://{addr}:{port}'
     else:
         rank, world, local_rank, launcher, init = 0, 1, 0, 'single', None
-    dev = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
+    dev = cuda_device(local_rank) if use_cuda else torch.device('cpu')
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1:
         dist.init_process_group('nccl' if use_cuda else 'gloo', init_method=init, rank=rank, world_size=world,
                                 **({'device_id': dev} if use_cuda else {}))
     return Dist(rank, world, local_rank, dev, launcher)
+
+
+def master_address(one_node):
+    """The address rank 0 announces to the others under mpiexec: MASTER_ADDR when set;
+    127.0.0.1 when every process runs on this machine; else the address of the interface
+    that routes off this machine.  That one comes from a UDP socket "connected" to a
+    documentation address (192.0.2.1, RFC 5737): connect() on UDP only picks a route and
+    sends nothing.  gethostbyname(gethostname()) is no substitute: on Debian and Ubuntu
+    defaults it is 127.0.1.1, which the other machines cannot reach."""
+    if os.environ.get('MASTER_ADDR'):
+        return os.environ['MASTER_ADDR']
+    if one_node:
+        return '127.0.0.1'
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(('192.0.2.1', 9))
+            addr = s.getsockname()[0]
+    except OSError:
+        addr = None
+    if addr and not addr.startswith('127.') and addr != '0.0.0.0':
+        return addr
+    addr = socket.gethostbyname(socket.gethostname())
+    print(f'warning: no network route off this machine found; announcing {addr} to the other nodes, which they '
+          'may not reach: set MASTER_ADDR to an address of this machine that they can reach', file=sys.stderr,
+          flush=True)
+    return addr
+
+
+def cuda_device(local_rank):
+    """The GPU of the process with this node-local rank, among the visible ones: the only
+    one when a launcher gives each process its own (per-rank CUDA_VISIBLE_DEVICES, Slurm's
+    --gpus-per-task), else GPU ``local_rank`` of the node."""
+    n = torch.cuda.device_count()
+    if n == 0:
+        raise UserError("no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver); "
+                        "run with --device cpu to use the CPU")
+    if n == 1:
+        return torch.device('cuda', 0)
+    if local_rank >= n:
+        raise UserError(f"process {local_rank} on this node but only {n} GPUs are visible to it: start at most "
+                        f"{n} processes per node (torchrun --nproc_per_node, mpiexec -n / -ppn)")
+    return torch.device('cuda', local_rank)
 
 
 def cleanup_distributed():
@@ -99,10 +143,12 @@ def barrier():
 def stats_over_ranks(stats):
     """{name: scalar tensor} -> {name: float} averaged over ranks, with ONE host sync."""
     keys = sorted(stats)
-    t = torch.stack([torch.as_tensor(stats[k]).detach().float().reshape(()) for k in keys])
+    # stacked where the statistics live: a host value (a flag, a CPU tensor) is copied there
+    device = next((v.device for v in stats.values() if torch.is_tensor(v) and v.device.type != 'cpu'), 'cpu')
+    t = torch.stack([torch.as_tensor(stats[k], device=device).detach().float().reshape(()) for k in keys])
     world = dist.get_world_size() if dist.is_initialized() else 1
     t = allreduce(t.to(_collective_device())).cpu() / world
-    return {k: t[i].item() for i, k in enumerate(keys)}
+    return dict(zip(keys, t.tolist()))
 
 
 def _collective_device():
@@ -539,21 +585,37 @@ def convert_apex_optimizer_state(sd):
     return {'state': state, 'param_groups': new_groups}
 
 
+# Flags that choose the optimizer's implementation: they belong to this run, not to the file.
+OPTIMIZER_IMPL_KEYS = ('fused', 'foreach', 'capturable', 'differentiable')
+
+
 def load_optimizer_file(optimizer, path):
+    """Load an optimizer state file (ours, or the release's apex FusedAdam file) into
+    ``optimizer``.  The param groups keep the optimizer's own implementation flags
+    (fused/foreach/capturable/differentiable) whatever the file says or lacks, so loading
+    decides the ``step`` tensors' device as this optimizer needs, and each state tensor
+    (exp_avg, exp_avg_sq) is laid out like its parameter (a file written with the other
+    --channels_last setting has the other strides; the fused kernels need them equal)."""
     check_recorded_checksum(path)
     sd = convert_apex_optimizer_state(safe_torch_load(path, 'optimizer state'))
     n_file = sum(len(g['params']) for g in sd['param_groups'])
     n_model = sum(len(g['params']) for g in optimizer.param_groups)
-    if n_file != n_model:
+    if n_file != n_model or len(sd['param_groups']) != len(optimizer.param_groups):
         raise UserError(f"{path} holds optimizer state for {n_file} parameter tensors, the model has {n_model}; "
                         "is it from another preset?")
+    own = [{k: g[k] for k in OPTIMIZER_IMPL_KEYS if k in g} for g in optimizer.param_groups]
+    sd = dict(sd, param_groups=[dict(g, **flags) for g, flags in zip(sd['param_groups'], own)])
     try:
         optimizer.load_state_dict(sd)
     except (ValueError, KeyError) as e:
         raise UserError(f"cannot load optimizer state {path}: {e}") from None
-    # the decoupled-decay flag must stay AdamW's even if the file says otherwise
     for g in optimizer.param_groups:
-        g['decoupled_weight_decay'] = True
+        g['decoupled_weight_decay'] = True  # AdamW's, even if the file says otherwise
+        for p in g['params']:
+            state = optimizer.state.get(p, {})
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)  # p's strides, v's values
 
 
 def clip_grad_norm(params, max_norm):

@@ -9,6 +9,7 @@ blocks; parameter names and order match the released checkpoints.
     from hps import preset; from vae import VAE; import torch
     with torch.device('meta'): print(VAE(preset('cifar10')).num_params())   # 39145700
 """
+import contextlib
 import itertools
 import math
 from collections import defaultdict
@@ -151,6 +152,8 @@ class DecBlock(nn.Module):
         self.zdim = H.zdim
         self.grad_checkpoint = False
         self.noise_slice = None
+        self.noise = None  # a vae_helpers.KeyedNormal while VAE.keyed_noise is active
+        self.index = None  # position in the decoder, set by Decoder (keys the keyed noise)
         self.enc = Block(width * 2, cond_width, H.zdim * 2, residual=False, use_3x3=use_3x3)
         self.prior = Block(width, cond_width, H.zdim * 2 + width, residual=False, use_3x3=use_3x3, zero_last=True)
         self.z_proj = get_1x1(H.zdim, width)
@@ -214,8 +217,14 @@ class DecBlock(nn.Module):
         return xs, stats
 
     def _noise(self, n, device):
-        """Standard normal (n,zdim,R,R).  With a noise slice (rank, world) the draw is for the
-        global batch of world*n images and this rank keeps its rows (see --rank_invariant_noise)."""
+        """Standard normal (n,zdim,R,R).  Keyed by (image, layer, element) when a KeyedNormal
+        is set (evaluation), else from the device's RNG; with a noise slice (rank, world) that
+        draw is for the global batch of world*n images and this rank keeps its rows (see
+        --rank_invariant_noise)."""
+        if self.noise is not None:
+            if len(self.noise) != n:
+                raise ValueError(f"keyed noise for {len(self.noise)} rows, batch of {n}")
+            return self.noise.normal(self.index, (self.zdim, self.base, self.base), device)
         rank, world = self.noise_slice or (0, 1)
         eps = torch.empty((n * world, self.zdim, self.base, self.base), device=device).normal_(0., 1.)
         return eps if world == 1 else eps[rank * n:(rank + 1) * n]
@@ -251,6 +260,8 @@ class Decoder(nn.Module):
         self.widths = get_width_settings(H.width, H.custom_width_str)
         blocks = parse_layer_string(H.dec_blocks)
         self.dec_blocks = nn.ModuleList([DecBlock(H, res, mixin, n_blocks=len(blocks)) for res, mixin in blocks])
+        for i, block in enumerate(self.dec_blocks):
+            block.index = i
         self.resolutions = sorted({res for res, _ in blocks})
         self.bias_xs = nn.ParameterList([nn.Parameter(torch.zeros(1, self.widths[res], res, res))
                                          for res in self.resolutions if res <= H.no_bias_above])
@@ -314,6 +325,21 @@ class VAE(nn.Module):
         """Make posterior noise independent of how the batch is split over processes."""
         for block in self.decoder.dec_blocks:
             block.noise_slice = (rank, world_size)
+
+    @contextlib.contextmanager
+    def keyed_noise(self, noise):
+        """Inside, every decoder block draws its posterior noise from ``noise`` (a
+        vae_helpers.KeyedNormal with one row per image of the batch) instead of the RNG, so
+        an image's ELBO depends on the weights, the seed and its position in the split only,
+        not on batch size, process count or device.  Evaluation uses this; training keeps
+        the device's RNG."""
+        for block in self.decoder.dec_blocks:
+            block.noise = noise
+        try:
+            yield self
+        finally:
+            for block in self.decoder.dec_blocks:
+                block.noise = None
 
     def compile_blocks(self, **compile_kwargs):
         """torch.compile every residual ``Block`` (the encoder's, and each decoder block's

@@ -1,0 +1,292 @@
+"""Every entry point on a GPU: train.py in fp32/bf16/fp16, with --channels_last,
+--grad_checkpoint and --compile (both scopes), launched by python, torchrun (NCCL) and
+mpiexec; resume after SIGTERM; the release bundle restored, continued and tested with the
+same test ELBO as on the CPU; sample.py; every evaluate.py mode; one bench.py line; and
+the device-side pieces (keyed noise bits, fused AdamW state layout).
+
+Marked ``cuda`` and skipped without a GPU.  Run them with ``./run_gpu_tests.sh`` (sized for
+about 3 minutes on one GPU: tiny models, few steps).  ``VDVAE_TEST_DEVICE=cpu`` runs the same commands
+on the CPU instead (fp16 and the GPU-only checks skipped), to check the commands on a
+machine without a GPU; it is slower there (torch.compile on the CPU).
+
+Needs only torch, numpy, pytest, tqdm, matplotlib (and its Pillow) and, for the mpiexec
+case, mpi4py: the data are synthetic fashion_mnist and imagenet32 files written here (no
+scikit-learn, which only cifar10's split needs).
+"""
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE = os.environ.get('VDVAE_TEST_DEVICE', 'cuda')
+ON_GPU = DEVICE == 'cuda'
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(), reason='no CUDA device')]
+gpu_only = pytest.mark.skipif(not ON_GPU, reason='needs a GPU (VDVAE_TEST_DEVICE=cpu)')
+
+TINY = ['--hps', 'fashion_mnist', '--width', '16', '--zdim', '2', '--num_mixtures', '2',
+        '--enc_blocks', '28x1,28d2,14x1,14d2,7x1,7d7,1x1', '--dec_blocks', '1x1,7m1,14m7,28m14',
+        '--no_progress', '--num_workers', '0', '--n_batch', '8', '--n_batch_eval', '32', '--valid_images', '64',
+        '--iters_per_print', '1', '--iters_per_images', '100000']
+# the release bundle's architecture (tests/reference/tiny32), on imagenet32-format files
+TINY32 = ['--hps', 'imagenet32', '--width', '32', '--zdim', '4', '--num_mixtures', '3',
+          '--enc_blocks', '32x2,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x2',
+          '--dec_blocks', '1x1,4m1,4x2,8m4,8x2,16m8,16x2,32m16,32x2', '--no_progress', '--num_workers', '0',
+          '--n_batch', '4', '--n_batch_eval', '32', '--valid_images', '32', '--iters_per_images', '100000']
+
+
+# ----------------------------------------------------------------------------- data and runs
+
+def _write_idx(path, images):
+    n, h, w = images.shape
+    with gzip.open(path, 'wb', compresslevel=1) as f:
+        f.write(np.array([2051, n, h, w], dtype='>i4').tobytes() + images.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope='module')
+def root(tmp_path_factory):
+    """fashion_mnist (5200 train: 5000 go to valid; 64 test) and imagenet32 (5100 train; 48 test)."""
+    root = tmp_path_factory.mktemp('data')
+    rng = np.random.RandomState(0)
+    os.makedirs(root / 'fashion_mnist')
+    base = rng.randint(0, 256, (8, 28, 28))
+    fm = base[rng.randint(0, 8, 5200)] // 2 + rng.randint(0, 128, (5200, 28, 28))
+    _write_idx(root / 'fashion_mnist' / 'train-images-idx3-ubyte.gz', fm)
+    _write_idx(root / 'fashion_mnist' / 't10k-images-idx3-ubyte.gz', fm[:64])
+    np.save(root / 'imagenet32-train.npy', rng.randint(0, 256, (5100, 32, 32, 3)).astype(np.uint8))
+    np.save(root / 'imagenet32-valid.npy', rng.randint(0, 256, (48, 32, 32, 3)).astype(np.uint8))
+    return str(root)
+
+
+def _mpiexec():
+    exe = shutil.which('mpiexec', path=os.path.dirname(sys.executable)) or shutil.which('mpiexec')
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return None
+    return exe
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run(script, args, launcher=(), timeout=300, check=True):
+    """Run an entry point on DEVICE; returns the CompletedProcess."""
+    if launcher and launcher[0] == 'torchrun':
+        cmd = [sys.executable, '-m', 'torch.distributed.run', *launcher[1:], script]
+    else:
+        cmd = [*launcher, sys.executable, script]
+    cmd += [*args, '--device', DEVICE] + (['--threads', '2'] if not ON_GPU else [])
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f'{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}')
+    return p
+
+
+def log_lines(run_dir, kind=None, name='log.jsonl'):
+    lines = [json.loads(x) for x in open(os.path.join(run_dir, name))]
+    return [z for z in lines if kind is None or z.get('type') == kind]
+
+
+def check_run(run_dir, steps):
+    """A finished run: one train_loss per step with finite numbers, a finite valid ELBO with
+    its standard error, the sample grid of step 0 and the latest checkpoint."""
+    tl = {z['step']: z for z in log_lines(run_dir, 'train_loss') if 'lr' in z}
+    assert sorted(tl) == list(range(steps))
+    assert all(np.isfinite(z['elbo']) and np.isfinite(z['grad_norm']) for z in tl.values())
+    ev = log_lines(run_dir, 'eval_loss')[-1]
+    assert np.isfinite(ev['elbo']) and ev['elbo_se'] > 0
+    for f in ['samples-0.png', 'loss.png', 'latest-model.th', 'latest-opt.th', 'latest-state.th']:
+        assert os.path.exists(os.path.join(run_dir, f)), f
+    info = next(z['message'] for z in log_lines(run_dir) if 'process(es) via' in z.get('message', ''))
+    assert f'device {DEVICE}' in info, info
+    return tl, ev
+
+
+# ----------------------------------------------------------------------------- train.py
+
+TRAIN_CASES = {  # name: (flags, launcher)
+    'fp32': ([], ()),
+    'bf16-channels_last': (['--precision', 'bf16', '--channels_last'], ()),
+    'fp16': (['--precision', 'fp16'], ()),
+    'fp32-grad_checkpoint': (['--grad_checkpoint'], ()),
+    'bf16-compile-model': (['--precision', 'bf16', '--compile', '--compile_scope', 'model'], ()),
+    'bf16-compile-blocks': (['--precision', 'bf16', '--compile', '--compile_scope', 'blocks', '--channels_last'], ()),
+    'torchrun-nccl': ([], ('torchrun', '--standalone', '--nproc_per_node', '1')),
+    'mpiexec': ([], ('mpiexec', '-n', '1')),
+}
+
+
+@pytest.mark.parametrize('case', list(TRAIN_CASES))
+def test_train(root, tmp_path, case):
+    flags, launcher = TRAIN_CASES[case]
+    if 'fp16' in flags and not ON_GPU:
+        pytest.skip('fp16 needs a GPU')
+    if '--compile' in flags and not ON_GPU:  # torch 2.13's CPU inductor fails on bf16 backward (avg-pool scatter)
+        flags = ['fp32' if f == 'bf16' else f for f in flags]
+    if launcher and launcher[0] == 'mpiexec':
+        exe = _mpiexec()
+        if exe is None:
+            pytest.skip('mpiexec or mpi4py not found')
+        launcher = (exe,) + launcher[1:]
+    run('train.py', TINY + flags + ['--data_root', root, '--save_dir', str(tmp_path), '--desc', case,
+                                    '--max_iters', '4', '--port', str(_free_port())], launcher=launcher)
+    check_run(str(tmp_path / case), 4)
+    via = 'torchrun' if case.startswith('torchrun') else 'mpiexec' if case == 'mpiexec' else 'single'
+    assert any(f'1 process(es) via {via} ' in z.get('message', '') for z in log_lines(tmp_path / case))
+
+
+def test_sigterm_then_resume(root, tmp_path):
+    """SIGTERM mid-run writes latest and exits 0; the same command continues to the end."""
+    args = TINY + ['--data_root', root, '--save_dir', str(tmp_path), '--desc', 's', '--max_iters', '40',
+                   '--device', DEVICE]
+    p = subprocess.Popen([sys.executable, 'train.py', *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    log = tmp_path / 's' / 'log.jsonl'
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.exists() and '"step": 3,' in log.read_text()) and p.poll() is None:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    st = torch.load(tmp_path / 's' / 'latest-state.th', weights_only=True)
+    assert 4 <= st['step'] < 40, 'the run should have been stopped by the signal'
+    p = run('train.py', args[:-2])
+    assert 'resuming from' in p.stdout
+    check_run(str(tmp_path / 's'), 40)
+
+
+# ----------------------------------------------------------------------------- the release bundle
+
+def test_release_bundle_restore_continue_and_test_elbo_as_on_the_cpu(root, tmp_path):
+    b = ref('tiny32', 'tiny32-iter-10-')
+    restore = ['--restore_path', b + 'model.th', '--restore_ema_path', b + 'model-ema.th',
+               '--restore_optimizer_path', b + 'opt.th', '--restore_log_path', b + 'log.jsonl']
+    p = run('train.py', TINY32 + restore + ['--data_root', root, '--save_dir', str(tmp_path), '--desc', 'r',
+                                            '--max_iters', '13', '--iters_per_print', '1', '--channels_last'])
+    assert 'starting at epoch 2, step 10' in p.stdout
+    assert sorted(z['step'] for z in log_lines(tmp_path / 'r', 'train_loss') if 'lr' in z) == [10, 11, 12]
+    # the test ELBO of the released EMA weights: the same number on this device as on the CPU
+    test = {}
+    for dev in dict.fromkeys([DEVICE, 'cpu']):
+        cmd = [sys.executable, 'train.py', *TINY32, '--data_root', root, '--save_dir', str(tmp_path),
+               '--desc', f't-{dev}', '--test_eval', '--restore_ema_path', b + 'model-ema.th', '--device', dev,
+               '--n_batch_eval', '16' if dev == 'cpu' else '48']
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        test[dev] = log_lines(tmp_path / f't-{dev}', 'test_loss')[-1]
+        assert test[dev]['n_images'] == 48 and 'test elbo over 48 images' in p.stdout
+    for k in ('elbo', 'distortion', 'rate'):
+        assert test[DEVICE][k] == pytest.approx(test['cpu'][k], rel=1e-5, abs=0), k
+
+
+# ----------------------------------------------------------------------------- sample.py, evaluate.py, bench.py
+
+@pytest.fixture(scope='module')
+def trained(root, tmp_path_factory):
+    """A run folder with checkpoints of the tiny fashion_mnist model, trained here."""
+    save = tmp_path_factory.mktemp('runs')
+    run('train.py', TINY + ['--data_root', root, '--save_dir', str(save), '--desc', 'tiny', '--max_iters', '6'])
+    return str(save)
+
+
+@pytest.mark.parametrize('mode', ['grid', 'uncond', 'recon'])
+def test_sample(root, trained, tmp_path, mode):
+    extra = {'grid': [], 'uncond': ['--n', '4', '--temperatures', '1.0,0.8'], 'recon': ['--indices', '0,1,2']}[mode]
+    out = tmp_path / f'{mode}.png'
+    p = run('sample.py', ['--hps', 'fashion_mnist', '--data_root', root, '--save_dir', trained, '--desc', 'tiny',
+                          '--mode', mode, '--out', str(out), *extra])
+    assert out.exists() and 'wrote' in p.stdout
+
+
+EVAL_MODES = {'n_importance': ['--n_importance', '8', '--iw_batch', '16'], 'kl_stats': ['--kl_stats'],
+              'encode': ['--encode', '--encode_what', 'both'], 'reconstruct': ['--reconstruct', '--indices', '0', '1'],
+              'interpolate': ['--interpolate', '--indices', '0', '1', '--interp_steps', '3']}
+
+
+def test_evaluate_every_mode(root, trained, tmp_path):
+    """All five modes, one launch (evaluate.main called in one process)."""
+    common = ['--hps', 'fashion_mnist', '--data_root', root, '--save_dir', trained, '--desc', 'tiny',
+              '--n_images', '24', '--no_progress', '--num_workers', '0', '--device', DEVICE]
+    driver = tmp_path / 'driver.py'
+    driver.write_text(f'import json, sys; sys.path.insert(0, {ROOT!r})\nimport evaluate\nout = {{}}\n' + ''.join(
+        f'out[{m!r}] = evaluate.main({common + ["--out_dir", str(tmp_path / m)] + flags!r})\n'
+        for m, flags in EVAL_MODES.items()) + f'json.dump(out, open({str(tmp_path / "out.json")!r}, "w"))\n')
+    p = subprocess.run([sys.executable, str(driver)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.load(open(tmp_path / 'out.json'))
+    iw = out['n_importance']
+    assert iw['n_images'] == 24 and np.isfinite(iw['iw_nll_nats_per_dim']) and iw['iw_nll_nats_per_dim_stderr'] > 0
+    assert iw['iw_nll_nats_per_dim'] <= iw['elbo_nats_per_dim'] + 1e-6
+    assert out['kl_stats']['n_images'] == 24 and out['kl_stats']['elbo_nats_per_dim_stderr'] > 0
+    with np.load(out['encode']['path']) as z:
+        assert z['z_3'].shape == (24, 2, 28, 28)
+    assert os.path.exists(out['reconstruct']['png']) and os.path.exists(out['interpolate']['png'])
+
+
+def test_bench_one_line(tmp_path):
+    out = tmp_path / 'bench.json'
+    p = run('bench.py', ['--tiny', '--steps', '3', '--warmup', '2', '--eval_steps', '1', '--sample_steps', '1',
+                         '--json', str(out)])
+    r = json.loads(out.read_text())
+    assert r['device'].startswith(DEVICE) and r['results'][0]['train_steps_per_s'] > 0, p.stdout
+
+
+# ----------------------------------------------------------------------------- device-side pieces
+
+@gpu_only
+def test_keyed_noise_is_the_same_on_the_gpu():
+    """Philox words bit for bit, normals to float32 rounding of log/sqrt/cos/sin."""
+    from vae_helpers import KeyedNormal, philox4x32
+    g, img = torch.arange(5000), torch.arange(3)[:, None]
+    counter = (g, torch.full((1,), 7), img, torch.zeros_like(img))
+    on_cpu = philox4x32(counter, (123, 0))
+    on_gpu = philox4x32(tuple(c.cuda() for c in counter), (123, 0))
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(on_cpu, on_gpu))
+    a = KeyedNormal(5, torch.arange(40)).normal(3, (4, 16, 16))
+    b = KeyedNormal(5, torch.arange(40, device='cuda')).normal(3, (4, 16, 16))
+    assert b.device.type == 'cuda'
+    torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+
+
+@gpu_only
+def test_fused_adamw_on_the_gpu_after_loading_the_other_layout_and_an_apex_file(tmp_path):
+    """The fused CUDA kernel refuses state whose layout differs from its parameter's; an apex
+    file must leave the optimizer fused with its step tensors on the GPU."""
+    import train
+    import utils
+    from conftest import load_tiny
+    H, model, _, _, _ = load_tiny()
+    dev = torch.device('cuda')
+    model.to(dev).train()
+    opt = train.make_optimizer(H, model, dev)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / 'opt.th')
+    model.set_channels_last(True)
+    for src in (str(tmp_path / 'opt.th'), ref('tiny32', 'apex_opt.th')):
+        opt = train.make_optimizer(H, model, dev)
+        utils.load_optimizer_file(opt, src)
+        assert all(g['fused'] for g in opt.param_groups)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+            st = opt.state[p]
+            assert st['step'].device.type == 'cuda' and st['exp_avg'].stride() == p.stride()
+        opt.step()
+        torch.cuda.synchronize()
