@@ -303,6 +303,138 @@ def test_nan_and_huge_gradient_batches_are_skipped():
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def _release_step(H, x_in, x_target, model, ema, optimizer, lr):
+    """The training step as it was before the skip decision moved to the device (commit
+    a1ebccf, one process, fp32): the host reads loss and grad norm, then decides."""
+    for g in optimizer.param_groups:
+        g['lr'] = lr
+    optimizer.zero_grad(set_to_none=True)
+    stats = model(x_in, x_target)
+    stats['elbo'].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), H.grad_clip).item()
+    nans = torch.isnan(stats['distortion']).item() or torch.isnan(stats['rate']).item()
+    update = not nans and np.isfinite(grad_norm) and (H.skip_threshold == -1 or grad_norm < H.skip_threshold)
+    if update:
+        optimizer.step()
+        rate = torch.as_tensor(H.ema_rate, dtype=torch.float32)
+        with torch.no_grad():
+            for p1, p2 in zip(model.parameters(), ema.parameters()):
+                p2.mul_(rate)
+                p2.add_(p1 * (1 - rate))
+    return stats['elbo'].item(), grad_norm, 0 if update else 1
+
+
+def _tiny_run_state(H):
+    import train
+    d = train.setup_distributed(device='cpu')
+    model, ema = train.build_models(H, d)
+    return model, ema, train.make_optimizer(H, model, d.device)
+
+
+def test_device_side_step_equals_host_side_step():
+    """train.training_step (skip decision on the device, masked fused AdamW and EMA) against
+    the host-side step over seven batches: normal, NaN input, an input x300 (grad norm ~6e6:
+    over skip_threshold), x1000 (infinite grad norm), x100 (grad norm ~150: clipped at
+    grad_clip, applied).  Loss, grad norm, skip decisions, parameters, EMA and the optimizer
+    state (moments and step counts) are bitwise equal after every step."""
+    import train
+    from hps import get_hparams
+    H = get_hparams(TINY + ['--skip_threshold', '400', '--grad_clip', '100', '--ema_rate', '0.99'])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 28, 28, 1, generator=gen)
+    xt = torch.rand(4, 28, 28, 1, generator=gen) * 2 - 1
+    x_nan = x.clone()
+    x_nan[1, 3, 4, 0] = float('nan')
+    batches = [x, x_nan, x, 300 * x, 1000 * x, x, 100 * x]
+    new, ref = _tiny_run_state(H), _tiny_run_state(H)
+    ctx = train.precision_context(H, torch.device('cpu'))
+    skips = []
+    for i, xb in enumerate(batches):
+        lr = train.learning_rate(H, i + 10)
+        torch.manual_seed(i)
+        st, stop = train.training_step(H, xb, xt, new[0], new[0], new[1], new[2], None, ctx, lr, False)
+        torch.manual_seed(i)
+        elbo, grad_norm, skipped = _release_step(H, xb, xt, ref[0], ref[1], ref[2], lr)
+        assert st['elbo'].item() == elbo or (np.isnan(elbo) and st['elbo'].isnan())
+        assert st['grad_norm'].item() == grad_norm or (np.isnan(grad_norm) and st['grad_norm'].isnan())
+        assert st['skipped_updates'].item() == skipped and st['overflow_steps'].item() == 0 and stop.item() == 0
+        skips.append(skipped)
+        for a, b in zip(list(new[0].parameters()) + list(new[1].parameters()),
+                        list(ref[0].parameters()) + list(ref[1].parameters())):
+            assert torch.equal(a, b)
+        for p, q in zip(new[0].parameters(), ref[0].parameters()):
+            sa, sb = new[2].state[p], ref[2].state[q]
+            assert all(torch.equal(sa[k], sb[k]) for k in ('exp_avg', 'exp_avg_sq', 'step'))
+    assert skips == [0, 1, 0, 1, 1, 0, 0]
+    assert new[2].state[next(new[0].parameters())]['step'].item() == 4
+
+
+class _NoHostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on any device-to-host read of a tensor's value (.item(), bool(), .tolist())."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert func is not torch.ops.aten._local_scalar_dense.default, 'the host read a value during the step'
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_step_never_reads_the_device():
+    """With the fused optimizer train.py uses, a training step, skipped or not, queues its
+    work without the host waiting for a value (no per-step synchronisation on a GPU)."""
+    import train
+    from hps import get_hparams
+    H = get_hparams(TINY + ['--skip_threshold', '400'])
+    model, ema, opt = _tiny_run_state(H)
+    x = torch.randn(4, 28, 28, 1)
+    xt = torch.rand(4, 28, 28, 1) * 2 - 1
+    ctx = train.precision_context(H, torch.device('cpu'))
+    for xb in [x, 1000 * x]:
+        with _NoHostReads():
+            st, _ = train.training_step(H, xb, xt, model, model, ema, opt, None, ctx, 1e-3, False)
+    assert st['skipped_updates'].item() == 1
+
+
+def test_step_outcome_counts_overflow_apart():
+    """The device-side rule: NaN losses and large or non-finite grad norms skip; a loss-scaler
+    overflow with finite losses is an overflow step (not a skipped update)."""
+    from train import step_outcome
+    t = torch.tensor
+    inf, nan = float('inf'), float('nan')
+    cases = [  # nans, grad_norm, found_inf, threshold -> (update, skipped, overflow)
+        (0., 5., None, 400, (1, 0, 0)), (0.5, 5., None, 400, (0, 1, 0)), (0., 400., None, 400, (0, 1, 0)),
+        (0., 399., None, 400, (1, 0, 0)), (0., 1e9, None, -1, (1, 0, 0)), (0., inf, None, -1, (0, 1, 0)),
+        (0., nan, None, 400, (0, 1, 0)), (0., inf, 1., 400, (0, 0, 1)), (0., nan, 1., -1, (0, 0, 1)),
+        (1., nan, 1., 400, (0, 1, 0)), (0., 5., 0., 400, (1, 0, 0))]
+    for nans, gn, found_inf, thr, want in cases:
+        got = step_outcome(thr, t(nans), t(gn), None if found_inf is None else t(found_inf))
+        assert tuple(int(v.item()) for v in got) == want, (nans, gn, found_inf, thr)
+
+
+def test_loss_scaler_overflow_is_not_a_skipped_update():
+    """fp16's GradScaler, exercised on the CPU in fp32: a step whose scaled gradients hold an
+    inf (put there by a hook on one parameter, as an fp16 overflow would) is an overflow step
+    (counted apart, nothing updated, the loss scale halved); the next step updates."""
+    import train
+    from hps import get_hparams
+    H = get_hparams(TINY + ['--skip_threshold', '400'])
+    model, ema, opt = _tiny_run_state(H)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2. ** 10)
+    before = [p.detach().clone() for p in list(model.parameters()) + list(ema.parameters())]
+    x = torch.randn(4, 28, 28, 1)
+    xt = torch.rand(4, 28, 28, 1) * 2 - 1
+    ctx = train.precision_context(H, torch.device('cpu'))
+    hook = model.decoder.out_net.out_conv.weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float('inf')))
+    st, _ = train.training_step(H, x, xt, model, model, ema, opt, scaler, ctx, 1e-3, False)
+    hook.remove()
+    assert (st['overflow_steps'].item(), st['skipped_updates'].item()) == (1, 0)
+    assert np.isfinite(st['elbo'].item()) and scaler.get_scale() == 2. ** 9
+    assert all(torch.equal(a, b) for a, b in zip(before, list(model.parameters()) + list(ema.parameters())))
+    assert all(s['step'].item() == 0 for s in opt.state.values())
+    st, _ = train.training_step(H, x, xt, model, model, ema, opt, scaler, ctx, 1e-3, False)
+    assert (st['overflow_steps'].item(), st['skipped_updates'].item()) == (0, 0)
+    assert all(s['step'].item() == 1 for s in opt.state.values())
+    assert not torch.equal(before[0], next(model.parameters()))
+
+
 def test_skipped_updates_are_counted_and_stalls_warned(fmnist_root, tmp_path):
     run(TINY + ['--data_root', fmnist_root, '--save_dir', str(tmp_path), '--desc', 'k', '--max_iters', '6',
                 '--n_batch', '4', '--iters_per_print', '1', '--skip_threshold', '1e-9', '--warn_skipped', '5'])
