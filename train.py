@@ -44,6 +44,8 @@ def set_up(argv=None):
     d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device)
     if d.device.type == 'cpu':
         configure_cpu(H.threads)
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     H.run_dir = os.path.join(H.save_dir, H.desc)
     check_restore_paths(H)
     log = logger(os.path.join(H.run_dir, 'log'), is_main=d.is_main)

@@ -93,9 +93,11 @@ class Block(nn.Module):
 
 
 def _maybe_checkpoint(enabled, fn, *args):
-    """Activation checkpointing (recompute in backward) when enabled and training."""
+    """Activation checkpointing (recompute in backward) when enabled and training.  The
+    recomputed functions draw no random numbers (Block: none; DecBlock._step gets its noise
+    as an argument), so the RNG states are not saved and restored around each block."""
     if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
     return fn(*args)
 
 
