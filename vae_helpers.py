@@ -35,8 +35,42 @@ def get_1x1(in_dim, out_dim, zero_bias=True, zero_weights=False, groups=1):
 # ----------------------------------------------------------------------------- Gaussians
 
 def gaussian_analytical_kl(mu1, mu2, logsigma1, logsigma2):
-    """KL(N(mu1, sigma1^2) || N(mu2, sigma2^2)) per element, in nats (sigmas given as log std)."""
-    return -0.5 + logsigma2 - logsigma1 + 0.5 * (logsigma1.exp() ** 2 + (mu1 - mu2) ** 2) / (logsigma2.exp() ** 2)
+    """KL(N(mu1, sigma1^2) || N(mu2, sigma2^2)) per element, in nats (sigmas given as log std).
+
+    The release's formula, value for value.  When a gradient is needed and the four inputs
+    have one shape, its backward is the closed form (GaussianKL): 7 elementwise operations
+    instead of about 20 through autograd, equal to float rounding."""
+    if torch.is_grad_enabled() and mu1.shape == mu2.shape == logsigma1.shape == logsigma2.shape and any(
+            t.requires_grad for t in (mu1, mu2, logsigma1, logsigma2)):
+        return GaussianKL.apply(mu1, mu2, logsigma1, logsigma2)
+    return _kl_terms(mu1, mu2, logsigma1, logsigma2)[0]
+
+
+def _kl_terms(mu1, mu2, logsigma1, logsigma2):
+    """The release's KL expression, evaluated in its order; returns (kl, mu1 - mu2, sigma1^2,
+    sigma2^2, the fraction 0.5 (sigma1^2 + (mu1 - mu2)^2) / sigma2^2)."""
+    diff = mu1 - mu2
+    var1, var2 = logsigma1.exp() ** 2, logsigma2.exp() ** 2
+    frac = 0.5 * (var1 + diff ** 2) / var2
+    return -0.5 + logsigma2 - logsigma1 + frac, diff, var1, var2, frac
+
+
+class GaussianKL(torch.autograd.Function):
+    """gaussian_analytical_kl with its gradient in closed form.  With d = mu1 - mu2 and
+    v1, v2 the variances:  dKL/dmu1 = d / v2 = -dKL/dmu2,  dKL/dlogsigma1 = v1 / v2 - 1,
+    dKL/dlogsigma2 = 1 - (v1 + d^2) / v2 = 1 - 2 * frac."""
+
+    @staticmethod
+    def forward(ctx, mu1, mu2, logsigma1, logsigma2):
+        kl, diff, var1, var2, frac = _kl_terms(mu1, mu2, logsigma1, logsigma2)
+        ctx.save_for_backward(diff, var1, var2, frac)
+        return kl
+
+    @staticmethod
+    def backward(ctx, g):
+        diff, var1, var2, frac = ctx.saved_tensors
+        g_mu1 = g * diff / var2
+        return g_mu1, -g_mu1, g * (var1 / var2 - 1), torch.addcmul(g, g, frac, value=-2)
 
 
 def gaussian_log_density(z, mu, logsigma):
