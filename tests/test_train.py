@@ -276,6 +276,55 @@ def test_sigterm_writes_latest_and_exits_cleanly(fmnist_root, tmp_path):
     assert 'stopped by signal' in out
 
 
+def _worker_pid(launcher_pid, rank):
+    """Pid of the train.py process with RANK=rank started (at any depth) by launcher_pid."""
+    parents = {}
+    for d in os.listdir('/proc'):
+        if d.isdigit():
+            try:
+                with open(f'/proc/{d}/stat') as f:
+                    parents[int(d)] = int(f.read().rsplit(')', 1)[1].split()[1])
+            except OSError:
+                pass
+    for pid in parents:
+        up = pid
+        while up in parents and up != launcher_pid:
+            up = parents[up]
+        if up != launcher_pid or pid == launcher_pid:
+            continue
+        try:
+            env = open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')
+            cmd = open(f'/proc/{pid}/cmdline', 'rb').read()
+        except OSError:
+            continue
+        if f'RANK={rank}'.encode() in env and b'train.py' in cmd:
+            return pid
+    return None
+
+
+def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(fmnist_root, tmp_path):
+    """SIGTERM to rank 1 alone: the ranks agree through the all-reduced stop vote (read one
+    step late, without waiting for the step in flight), stop after the same step, write
+    one complete checkpoint together and exit cleanly."""
+    args = TINY + ['--data_root', fmnist_root, '--save_dir', str(tmp_path), '--desc', 'v', '--max_iters', '100000',
+                   '--iters_per_print', '1', '--n_batch', '4', '--port', str(free_port())]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py', *args]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / 'v' / 'log.jsonl'
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.exists() and '"step": 3,' in log.read_text()):
+        time.sleep(0.2)
+    pid = _worker_pid(p.pid, 1)
+    assert pid, 'rank 1 not found'
+    os.kill(pid, signal.SIGTERM)
+    out, err = p.communicate(timeout=180)
+    assert p.returncode == 0, err[-3000:]
+    import train
+    prefix, st = train.find_checkpoint(str(tmp_path / 'v'))
+    assert prefix is not None and st['step'] >= 4 and st['world_size'] == 2
+    assert f'stopped by signal at step {st["step"]}' in out
+
+
 def test_nan_and_huge_gradient_batches_are_skipped():
     import train
     from hps import get_hparams
