@@ -137,6 +137,9 @@ def parse(argv=None):
     if H.device == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda: no CUDA device is visible to this PyTorch build')
     H.skip_threshold = -1  # time every update; a random model's grad norm may exceed the preset's threshold
+    if H.cuda_graphs and (H.device != 'cuda' or H.precision == 'fp16' or H.compile or H.adam_impl != 'train'):
+        raise UserError('--cuda_graphs needs --device cuda, --precision fp32 or bf16, no --compile and '
+                        '--adam_impl train (a capturable fused AdamW)')
     return H
 
 
@@ -268,6 +271,8 @@ def describe(H):
         parts.append(f'compile:{H.compile_scope}' + (f':{H.compile_mode}' if H.compile_mode else ''))
     if H.grad_checkpoint:
         parts.append('grad_checkpoint')
+    if H.cuda_graphs:
+        parts.append('cuda_graphs')
     if H.cudnn_benchmark:
         parts.append('cudnn_benchmark')
     parts.append(f'adam:{H.adam_impl}')
@@ -358,10 +363,10 @@ def run_config(H, device, flops):
     it = [0]
     last = {}
 
+    step = train.make_step(H, net, model, ema, optimizer, scaler, ctx)  # train.py's step (a CUDA graph with --cuda_graphs)
+
     def train_step():
-        x_in, x_target = data.preprocess(H, batch)
-        stats, _ = train.training_step(H, x_in, x_target, net, model, ema, optimizer, scaler, ctx,
-                                       train.learning_rate(H, it[0]), False)
+        stats, _ = step(batch, train.learning_rate(H, it[0]))
         it[0] += 1
         last.update(stats)
 
@@ -425,7 +430,7 @@ def baseline_of(H):
     checkpointing, torch's default AdamW, glibc's default heap settings."""
     B = Hyperparams(H)
     B.update(precision='fp32', compile=False, channels_last=False, grad_checkpoint=False, adam_impl='default',
-             cudnn_benchmark=False, cpu_heap='default')
+             cudnn_benchmark=False, cpu_heap='default', cuda_graphs=False)
     return B
 
 

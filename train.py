@@ -47,19 +47,21 @@ def set_up(argv=None):
     else:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     H.run_dir = os.path.join(H.save_dir, H.desc)
+    check_cuda_graphs(H, d)
     check_restore_paths(H)
     log = logger(os.path.join(H.run_dir, 'log'), is_main=d.is_main)
     return H, d, log
 
 
 def precision_context(H, device):
-    """One autocast context for the whole training forward (nanoGPT's ``ctx``)."""
+    """One autocast context for the whole training forward (nanoGPT's ``ctx``); without the
+    cast cache under --cuda_graphs (a captured step must recompute its casts)."""
     if H.precision == 'fp32':
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if H.precision == 'bf16' else torch.float16
     if device.type == 'cpu' and H.precision == 'fp16':
         raise UserError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=not H.get('cuda_graphs'))
 
 
 def build_models(H, d):
@@ -101,10 +103,28 @@ def wrap_for_training(H, model, d):
 
 def make_optimizer(H, model, device):
     """AdamW as the release (eps 1e-8).  The fused implementation (one kernel for all
-    parameters) on CUDA and CPU; it matches the per-parameter loop to float rounding."""
+    parameters) on CUDA and CPU; it matches the per-parameter loop to float rounding.
+    With --cuda_graphs: capturable (step counts on the device) and the learning rate a
+    device tensor, which the captured step reads (GraphedStep)."""
     kw = dict(fused=True) if device.type in ('cuda', 'cpu') else {}
-    return torch.optim.AdamW(model.parameters(), weight_decay=H.wd, lr=H.lr, betas=(H.adam_beta1, H.adam_beta2),
+    lr = H.lr
+    if H.get('cuda_graphs'):
+        kw['capturable'], lr = True, torch.tensor(H.lr, dtype=torch.float32, device=device)
+    return torch.optim.AdamW(model.parameters(), weight_decay=H.wd, lr=lr, betas=(H.adam_beta1, H.adam_beta2),
                              eps=1e-8, **kw)
+
+
+def check_cuda_graphs(H, d):
+    """--cuda_graphs needs one CUDA device and a step without host decisions."""
+    if not H.cuda_graphs:
+        return
+    if d.device.type != 'cuda':
+        raise UserError("--cuda_graphs needs a CUDA GPU (it captures the step in a CUDA graph); drop it on the CPU")
+    if d.world_size > 1:
+        raise UserError("--cuda_graphs runs in one process for now; drop it under torchrun/mpiexec")
+    if H.precision == 'fp16' or H.compile:
+        raise UserError("--cuda_graphs works with --precision fp32 or bf16 and without --compile "
+                        f"(got --precision {H.precision}{' --compile' if H.compile else ''})")
 
 
 def learning_rate(H, it):
@@ -336,6 +356,72 @@ def update_ema(model, ema, rate, update=None):
     torch._foreach_add_(ema_params, scratch)
 
 
+class EagerStep:
+    """One training step from a uint8 batch on the device: preprocess, then training_step."""
+
+    def __init__(self, H, net, model, ema, optimizer, scaler, ctx):
+        self.H, self.net, self.model, self.ema, self.optimizer, self.scaler, self.ctx = \
+            H, net, model, ema, optimizer, scaler, ctx
+
+    def __call__(self, x, lr, stop_flag=False):
+        x_in, x_target = data.preprocess(self.H, x)
+        return training_step(self.H, x_in, x_target, self.net, self.model, self.ema, self.optimizer, self.scaler,
+                             self.ctx, lr, stop_flag)
+
+
+class GraphedStep(EagerStep):
+    """The whole training step in one CUDA graph (--cuda_graphs), replayed every step.
+
+    The graph reads a static uint8 batch buffer and the learning rate from a device tensor
+    (the optimizer's, see make_optimizer), and writes its statistics to static tensors that
+    each call copies out.  The first ``warmup`` steps run eagerly on a side stream (lazy
+    initialisation: optimizer state, cuDNN/cuBLAS handles), the next one captures the
+    graph, and every step after replays it.  Everything the step decides (skip, clip) is
+    decided on the device already, so a replay is the eager step's arithmetic; the
+    posterior noise comes from the same generator, through the graph's own offsets."""
+
+    def __init__(self, H, net, model, ema, optimizer, scaler, ctx, warmup=3):
+        super().__init__(H, net, model, ema, optimizer, scaler, ctx)
+        self.lr = optimizer.param_groups[0]['lr']
+        self.warmup, self.calls, self.graph = warmup, 0, None
+        self.x = self.stats = None
+
+    def _step(self):
+        stats, _ = super().__call__(self.x, self.lr)
+        return stats
+
+    def __call__(self, x, lr, stop_flag=False):
+        if self.x is None:
+            self.x = torch.empty_like(x)
+        if x.shape != self.x.shape:
+            raise UserError(f"--cuda_graphs replays one batch shape, {tuple(self.x.shape)}; got {tuple(x.shape)}")
+        self.x.copy_(x, non_blocking=True)
+        self.lr.fill_(lr)
+        if self.x.device.type != 'cuda':  # the same arithmetic, eagerly (tests on the CPU)
+            stats = self._step()
+        elif self.calls < self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                stats = self._step()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            if self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.stats = self._step()
+            self.graph.replay()
+            stats = self.stats
+        self.calls += 1
+        stats = {k: v.clone() for k, v in stats.items()}  # the static outputs are overwritten by the next replay
+        return stats, torch.zeros_like(stats['elbo'])  # one process: the loop reads the stop flag itself
+
+
+def make_step(H, net, model, ema, optimizer, scaler, ctx):
+    cls = GraphedStep if H.get('cuda_graphs') else EagerStep
+    return cls(H, net, model, ema, optimizer, scaler, ctx)
+
+
 def accumulate_stats(stats, frequency):
     """The release's summary of the last ``frequency`` steps."""
     window = list(stats)[-frequency:]
@@ -508,6 +594,7 @@ class StopSignal:
 def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
     net = wrap_for_training(H, model, d)
     ctx = precision_context(H, d.device)
+    step = make_step(H, net, model, ema, optimizer, scaler, ctx)
     stopper = StopSignal()
     viz_batch = visualization_batch(H, splits.valid)
     valid = splits.valid if not H.valid_images else splits.valid.view(np.arange(min(H.valid_images, len(splits.valid))))
@@ -566,10 +653,8 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
                                    world_size=d.world_size, start_batch=start_batch, num_workers=H.num_workers,
                                    pin_memory=d.device.type == 'cuda')
         for b, x in enumerate(loader, start=start_batch):
-            x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
             t0 = time.time()
-            st, vote = training_step(H, x_in, x_target, net, model, ema, optimizer, scaler, ctx,
-                                     learning_rate(H, it), stopper.requested)
+            st, vote = step(x.to(d.device, non_blocking=True), learning_rate(H, it), stopper.requested)
             pending.append((it, st, time.time() - t0))
             if d.world_size == 1:
                 stop = stopper.requested
