@@ -386,6 +386,11 @@ class GraphedStep(EagerStep):
         self.warmup, self.calls, self.graph = warmup, 0, None
         self.x = self.stats = None
 
+    @property
+    def captures_next(self):
+        """Whether the next call captures the graph (takes a while: the progress bar says so)."""
+        return self.graph is None and self.calls >= self.warmup and self.x is not None and self.x.is_cuda
+
     def _step(self):
         stats, _ = super().__call__(self.x, self.lr)
         return stats
@@ -653,8 +658,13 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
                                    world_size=d.world_size, start_batch=start_batch, num_workers=H.num_workers,
                                    pin_memory=d.device.type == 'cuda')
         for b, x in enumerate(loader, start=start_batch):
+            capturing = getattr(step, 'captures_next', False)
+            if capturing:
+                bar.set_description('train (capturing the step in a CUDA graph)')
             t0 = time.time()
             st, vote = step(x.to(d.device, non_blocking=True), learning_rate(H, it), stopper.requested)
+            if capturing:
+                bar.set_description('train')
             pending.append((it, st, time.time() - t0))
             if d.world_size == 1:
                 stop = stopper.requested
