@@ -363,7 +363,7 @@ def run_config(H, device, flops):
     it = [0]
     last = {}
 
-    step = train.make_step(H, net, model, ema, optimizer, scaler, ctx)  # train.py's step (a CUDA graph with --cuda_graphs)
+    step = train.make_step(H, net, model, ema, optimizer, scaler, ctx)  # train.py's (a CUDA graph: --cuda_graphs)
 
     def train_step():
         stats, _ = step(batch, train.learning_rate(H, it[0]))

@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 import torch.distributed as dist
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -423,6 +423,7 @@ class GraphedStep(EagerStep):
 
 
 def make_step(H, net, model, ema, optimizer, scaler, ctx):
+    """The training loop's step: a GraphedStep with --cuda_graphs, else an EagerStep."""
     cls = GraphedStep if H.get('cuda_graphs') else EagerStep
     return cls(H, net, model, ema, optimizer, scaler, ctx)
 
@@ -630,7 +631,7 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
         t0 = time.time()
         values = torch.stack([s[k] for _, s, _ in pending for k in STEP_STATS]).view(len(pending), -1).tolist()
         wait = (time.time() - t0) / len(pending)  # the device time the host did not wait for at each step
-        for (step, _, secs), row in zip(pending, values):
+        for (step_no, _, secs), row in zip(pending, values):
             st = dict(zip(STEP_STATS, row), iter_time=secs + wait)
             st.update({k: int(st[k]) for k in COUNTS})
             stats.append(st)
@@ -640,7 +641,7 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
                 if consecutive_skips % H.warn_skipped == 0:
                     log(f'WARNING: the last {consecutive_skips} updates were all skipped (grad norm '
                         f'{st["grad_norm"]:.1f} >= skip_threshold {H.skip_threshold}). Training is stalled: '
-                        'raise --skip_threshold (or -1 to never skip).', type='warning', step=step)
+                        'raise --skip_threshold (or -1 to never skip).', type='warning', step=step_no)
             elif not st['overflow_steps']:  # an fp16 overflow step neither counts nor breaks a stall
                 consecutive_skips = 0
         pending.clear()

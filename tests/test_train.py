@@ -471,7 +471,8 @@ def test_loss_scaler_overflow_is_not_a_skipped_update():
     x = torch.randn(4, 28, 28, 1)
     xt = torch.rand(4, 28, 28, 1) * 2 - 1
     ctx = train.precision_context(H, torch.device('cpu'))
-    hook = model.decoder.out_net.out_conv.weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float('inf')))
+    weight = model.decoder.out_net.out_conv.weight
+    hook = weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float('inf')))
     st, _ = train.training_step(H, x, xt, model, model, ema, opt, scaler, ctx, 1e-3, False)
     hook.remove()
     assert (st['overflow_steps'].item(), st['skipped_updates'].item()) == (1, 0)
