@@ -428,6 +428,13 @@ def make_step(H, net, model, ema, optimizer, scaler, ctx):
     return cls(H, net, model, ema, optimizer, scaler, ctx)
 
 
+def skip_streak(streak, skipped, overflow):
+    """Consecutive skipped updates after one more step: one more after a skipped update,
+    unchanged after an fp16 overflow step (it says nothing about the gradient's size, and
+    the loss scaler deals with it), none after an applied update."""
+    return streak + 1 if skipped else streak if overflow else 0
+
+
 def accumulate_stats(stats, frequency):
     """The release's summary of the last ``frequency`` steps."""
     window = list(stats)[-frequency:]
@@ -636,14 +643,11 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
             st.update({k: int(st[k]) for k in COUNTS})
             stats.append(st)
             progress['skipped'] += st['skipped_updates']
-            if st['skipped_updates']:
-                consecutive_skips += 1
-                if consecutive_skips % H.warn_skipped == 0:
-                    log(f'WARNING: the last {consecutive_skips} updates were all skipped (grad norm '
-                        f'{st["grad_norm"]:.1f} >= skip_threshold {H.skip_threshold}). Training is stalled: '
-                        'raise --skip_threshold (or -1 to never skip).', type='warning', step=step_no)
-            elif not st['overflow_steps']:  # an fp16 overflow step neither counts nor breaks a stall
-                consecutive_skips = 0
+            consecutive_skips = skip_streak(consecutive_skips, st['skipped_updates'], st['overflow_steps'])
+            if st['skipped_updates'] and consecutive_skips % H.warn_skipped == 0:
+                log(f'WARNING: the last {consecutive_skips} updates were all skipped (grad norm '
+                    f'{st["grad_norm"]:.1f} >= skip_threshold {H.skip_threshold}). Training is stalled: '
+                    'raise --skip_threshold (or -1 to never skip).', type='warning', step=step_no)
         pending.clear()
         bar.set_postfix(elbo_bpd=f'{stats[-1]["elbo"] / LN2:.3f}', skipped=progress['skipped'])
 

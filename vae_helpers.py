@@ -106,12 +106,12 @@ def _unpack(l, channels, nr_mix):
     Grayscale layout: [M logits | M means | M log-scales].
     """
     b, h, w, _ = l.shape
-    logit_probs = l[..., :nr_mix]
     per_channel = 3 if channels == 3 else 2
-    l = l[..., nr_mix:].reshape(b, h, w, channels, per_channel * nr_mix)
-    means = l[..., :nr_mix]
-    log_scales = l[..., nr_mix:2 * nr_mix].clamp_min(-7.)
-    coeffs = torch.tanh(l[..., 2 * nr_mix:3 * nr_mix]) if channels == 3 else None
+    # splits, not slices: in backward one concatenation instead of a zero-filled copy per slice
+    logit_probs, rest = l.split([nr_mix, l.shape[-1] - nr_mix], dim=-1)
+    parts = rest.reshape(b, h, w, channels, per_channel * nr_mix).split(nr_mix, dim=-1)
+    means, log_scales = parts[0], parts[1].clamp_min(-7.)
+    coeffs = torch.tanh(parts[2]) if channels == 3 else None
     return logit_probs, means, log_scales, coeffs
 
 
@@ -129,9 +129,8 @@ def discretized_mix_logistic_loss(x, l, low_bit=False):
     x = x.unsqueeze(-1)  # (B,H,W,C,1), broadcast against the M mixtures
     if channels == 3:
         # PixelCNN++ coupling: green's mean depends on red, blue's on red and green (targets).
-        m2 = means[..., 1, :] + coeffs[..., 0, :] * x[..., 0, :]
-        m3 = means[..., 2, :] + coeffs[..., 1, :] * x[..., 0, :] + coeffs[..., 2, :] * x[..., 1, :]
-        means = torch.stack([means[..., 0, :], m2, m3], dim=3)
+        (m1, m2, m3), (c0, c1, c2), (x1, x2, _) = means.unbind(3), coeffs.unbind(3), x.unbind(3)
+        means = torch.stack([m1, m2 + c0 * x1, m3 + c1 * x1 + c2 * x2], dim=3)
     centered_x = x - means
     inv_stdv = torch.exp(-log_scales)
     half_bin = 1. / 31. if low_bit else 1. / 255.

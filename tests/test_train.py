@@ -458,6 +458,18 @@ def test_step_outcome_counts_overflow_apart():
         assert tuple(int(v.item()) for v in got) == want, (nans, gn, found_inf, thr)
 
 
+def test_overflow_steps_do_not_make_a_stall():
+    """The stall warning counts consecutive skipped updates: fp16 overflow steps neither add
+    to the streak nor end it; an applied update ends it."""
+    from train import skip_streak
+    steps = [(1, 0), (0, 1), (0, 1), (1, 0), (0, 0), (0, 1), (1, 0)]  # (skipped, overflow)
+    streak, streaks = 0, []
+    for skipped, overflow in steps:
+        streak = skip_streak(streak, skipped, overflow)
+        streaks.append(streak)
+    assert streaks == [1, 1, 1, 2, 0, 0, 1]
+
+
 def test_loss_scaler_overflow_is_not_a_skipped_update():
     """fp16's GradScaler, exercised on the CPU in fp32: a step whose scaled gradients hold an
     inf (put there by a hook on one parameter, as an fp16 overflow would) is an overflow step
