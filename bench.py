@@ -4,6 +4,8 @@
     python bench.py --tiny --compare --threads 1 --repeat 3         # plain fp32 eager vs the flags given
     python bench.py --hps cifar10 --device cuda --precision bf16 --channels_last --compile --compare
     python bench.py --hps ffhq256 --device cuda --n_batch 4 --grad_checkpoint --compare --json ffhq.json
+    python bench.py --all_presets --device cuda --compare --steps 5 --warmup 2 --eval_steps 2 --sample_steps 1 \
+        --json all.json                                             # the five release presets, one table
 
 Each configuration is built, warmed up (``--warmup`` steps: compilation, allocator and
 optimizer state), then timed:
@@ -14,6 +16,11 @@ optimizer state), then timed:
 - evaluation: ``forward_per_image`` of the EMA model under ``no_grad`` in fp32, as
   ``train.evaluate`` (batch ``--n_batch_eval``, default 4 x n_batch);
 - sampling: ``forward_uncond_samples`` of the EMA model at ``--temperature``, uint8 on the host.
+
+After the timed steps, kernels/step: on CUDA the device kernels (with memcpy/memset) of
+``--profile_steps`` training steps under torch.profiler, and GPU busy % = their summed time
+over the timed step time; on the CPU the aten operators of one step, counted at the
+dispatcher below autograd (forward, backward, clip, AdamW, EMA), and no GPU busy %.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the process's peak resident
 set (VmHWM, reset before each phase) on CPU.  With ``--compare`` or ``--repeat`` every
@@ -37,6 +44,7 @@ import tempfile
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
@@ -79,7 +87,8 @@ RANGES = {'steps': (at_least(1), '>= 1'), 'warmup': (at_least(0), '>= 0'), 'eval
           'peak_tflops': (at_least(0), '>= 0 (0: the GPU table)'), 'repeat': (at_least(1), '>= 1')}
 CHILD_FLAG = '--run-one-config'  # internal: bench.py --run-one-config CONFIG.json RESULT.json
 COLUMNS = ['config', 'batch', 'train it/s', 'train img/s', 'eval img/s', 'sample img/s', 'peak mem MiB',
-           'GFLOP/img', 'train TFLOP/s', '% of peak', 'warm-up s']
+           'GFLOP/img', 'train TFLOP/s', '% of peak', 'kernels/step', 'GPU busy %', 'warm-up s']
+ALL_PRESETS = ['cifar10', 'imagenet32', 'imagenet64', 'ffhq256', 'ffhq1024']
 
 
 def bench_arguments(parser):
@@ -107,6 +116,11 @@ def bench_arguments(parser):
     a('--cudnn_benchmark', action='store_true',
       help='let cuDNN time its convolution algorithms for these fixed shapes (CUDA; last-bit differences)')
     a('--json', type=str, default=None, help='also write every figure to this JSON file')
+    a('--presets', type=str, default='',
+      help='comma-separated presets measured one after the other with the same flags, one table (instead of --hps)')
+    a('--all_presets', action='store_true', help=f'--presets {",".join(ALL_PRESETS)}')
+    a('--profile_steps', type=int, default=2,
+      help='training steps profiled after the timed ones for kernels/step and GPU busy %% (0: skip)')
     return parser
 
 
@@ -129,6 +143,9 @@ def parse(argv=None):
     if H.device == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda: no CUDA device is visible to this PyTorch build')
     H.skip_threshold = -1  # time every update; a random model's grad norm may exceed the preset's threshold
+    if H.cuda_graphs and (H.device != 'cuda' or H.precision == 'fp16' or H.compile or H.adam_impl != 'train'):
+        raise UserError('--cuda_graphs needs --device cuda, --precision fp32 or bf16, no --compile and '
+                        '--adam_impl train (a capturable fused AdamW)')
     return H
 
 
@@ -260,6 +277,8 @@ def describe(H):
         parts.append(f'compile:{H.compile_scope}' + (f':{H.compile_mode}' if H.compile_mode else ''))
     if H.grad_checkpoint:
         parts.append('grad_checkpoint')
+    if H.cuda_graphs:
+        parts.append('cuda_graphs')
     if H.cudnn_benchmark:
         parts.append('cudnn_benchmark')
     parts.append(f'adam:{H.adam_impl}')
@@ -270,7 +289,8 @@ def describe(H):
 
 def timed(fn, n, device):
     """Run fn n times between device synchronisations; (total seconds, per-call seconds;
-    the latter are exact only where fn synchronises itself, as the training step does)."""
+    the latter are exact on the CPU, and host (queueing) times on a GPU, where the training
+    step does not wait for the device)."""
     times = []
     sync(device)
     start = time.perf_counter()
@@ -280,6 +300,55 @@ def timed(fn, n, device):
         times.append(time.perf_counter() - t)
     sync(device)
     return time.perf_counter() - start, times
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators that reach the backends (below autograd: the forward's and
+    the backward's), in total and without the view operators (which launch no kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = self.compute = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        self.compute += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def count_aten_ops(fn):
+    """(aten ops, non-view aten ops) of one call of fn, or (None, None) where the counting
+    mode cannot run it (e.g. some compiled code)."""
+    counter = OpCounter()
+    try:
+        with counter:
+            fn()
+    except Exception as e:  # a measurement aid: report the gap instead of failing the benchmark
+        print(f'note: aten ops not counted ({type(e).__name__}: {str(e).splitlines()[0][:120]})', flush=True)
+        return None, None
+    return counter.total, counter.compute
+
+
+def step_profile(train_step, device, n, step_s):
+    """kernels/step and GPU busy % of the training step.  On every device: aten ops per step
+    (OpCounter over one step).  On CUDA also, from torch.profiler over n steps: device
+    activities per step (kernels, memcpy, memset) and their summed time, as a fraction of
+    ``step_s`` (the timed, unprofiled seconds per step): the GPU-busy fraction."""
+    ops, compute_ops = count_aten_ops(train_step)
+    sync(device)
+    out = dict(aten_ops_per_step=ops, aten_compute_ops_per_step=compute_ops, device_kernels_per_step=None,
+               device_kernel_s_per_step=None, device_busy_fraction=None)
+    if device.type == 'cuda' and n > 0:
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(n):
+                train_step()
+            sync(device)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / n
+        out.update(device_kernels_per_step=len(kernels) / n, device_kernel_s_per_step=busy,
+                   device_busy_fraction=busy / step_s)
+    return out
 
 
 def run_config(H, device, flops):
@@ -300,10 +369,10 @@ def run_config(H, device, flops):
     it = [0]
     last = {}
 
+    step = train.make_step(H, net, model, ema, optimizer, scaler, ctx)  # train.py's (a CUDA graph: --cuda_graphs)
+
     def train_step():
-        x_in, x_target = data.preprocess(H, batch)
-        stats, _ = train.training_step(H, x_in, x_target, net, model, ema, optimizer, scaler, ctx,
-                                       train.learning_rate(H, it[0]), False)
+        stats, _ = step(batch, train.learning_rate(H, it[0]))
         it[0] += 1
         last.update(stats)
 
@@ -323,7 +392,8 @@ def run_config(H, device, flops):
                warmup_s=warmup_s, train_steps=H.steps, train_s=total,
                train_steps_per_s=H.steps / total, train_images_per_s=H.steps * H.n_batch / total,
                train_step_ms_median=1000 * statistics.median(per_step), train_peak_mem_bytes=mem_train,
-               last_elbo=last.get('elbo'), last_grad_norm=last.get('grad_norm'))
+               last_elbo=float(last['elbo']), last_grad_norm=float(last['grad_norm']))
+    out.update(step_profile(train_step, device, H.profile_steps, total / H.steps))
 
     # evaluation and sampling: the EMA model in IEEE fp32 (no TF32) under no_grad, as train.evaluate and sample.py
     ema.eval()
@@ -366,18 +436,25 @@ def baseline_of(H):
     checkpointing, torch's default AdamW, glibc's default heap settings."""
     B = Hyperparams(H)
     B.update(precision='fp32', compile=False, channels_last=False, grad_checkpoint=False, adam_impl='default',
-             cudnn_benchmark=False, cpu_heap='default')
+             cudnn_benchmark=False, cpu_heap='default', cuda_graphs=False)
     return B
 
 
 # ----------------------------------------------------------------------------- report
 
+def kernels_cell(r):
+    """Device kernels per step on a GPU, aten ops per step on the CPU."""
+    n = r['device_kernels_per_step'] if r['device_kernels_per_step'] is not None else r['aten_ops_per_step']
+    return '' if n is None else f'{n:.0f}'
+
+
 def fmt_row(r):
     pct = f'{100 * r["train_fraction_of_peak"]:.1f}' if r['train_fraction_of_peak'] is not None else 'n/a'
+    busy = f'{100 * r["device_busy_fraction"]:.0f}' if r['device_busy_fraction'] is not None else ''
     return [r['label'], str(r['batch']), f'{r["train_steps_per_s"]:.3g}', f'{r["train_images_per_s"]:.4g}',
             f'{r["eval_images_per_s"]:.4g}', f'{r["sample_images_per_s"]:.4g}',
             f'{r["train_peak_mem_bytes"] / 2 ** 20:.0f}', f'{r["train_flops_per_image"] / 1e9:.4g}',
-            f'{r["train_tflops"]:.3g}', pct, f'{r["warmup_s"]:.1f}']
+            f'{r["train_tflops"]:.3g}', pct, kernels_cell(r), busy, f'{r["warmup_s"]:.1f}']
 
 
 def print_table(rows):
@@ -427,18 +504,16 @@ def median_row(runs):
     """One row from repeated runs of a configuration: the median of every measured figure."""
     row = dict(runs[0])
     for k, v in row.items():
-        if k.endswith(('_per_s', '_bytes', '_tflops', '_ms_median', 'warmup_s', 'train_s', '_of_peak')) and v is not None:
+        if k.endswith(('_per_s', '_bytes', '_tflops', '_ms_median', 'warmup_s', 'train_s', '_of_peak', '_per_step',
+                       '_busy_fraction')) and v is not None:
             row[k] = statistics.median(r[k] for r in runs)
     row['repeats'] = runs
     return row
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == [CHILD_FLAG]:
-        return child_main(*argv[1:3])
-    H = parse(argv)
-    set_up_process(H)
+def measure(H, prefix='', separate=False):
+    """Run H's configuration (and with --compare the plain baseline first); returns the
+    result dict, its table rows under 'results' (labels start with ``prefix``)."""
     device = torch.device('cuda', torch.cuda.current_device()) if H.device == 'cuda' else torch.device('cpu')
     H.run_device = str(device)
     flops = flops_per_image(H)
@@ -446,7 +521,7 @@ def main(argv=None):
         n_params = VAE(H).num_params()
     configs = ([('plain fp32 eager', baseline_of(H))] if H.compare else []) + [
         (('chosen: ' if H.compare else '') + describe(H), H)]
-    separate = H.compare or H.repeat > 1
+    separate = separate or H.compare or H.repeat > 1
     print(f'bench: --hps {H.hparam_sets}, {n_params:,} parameters, {H.image_size}x{H.image_size}x{H.image_channels}, '
           f'batch {H.n_batch}, device {device} ({device_name(device)}), torch {torch.__version__}'
           + (f'; each configuration in a fresh process, {H.repeat} time(s), alternating; medians' if separate else ''),
@@ -455,17 +530,8 @@ def main(argv=None):
     for _ in range(H.repeat):
         for label, C in configs:
             r = run_in_fresh_process(C, flops) if separate else run_config(C, device, flops)
-            runs[label].append(dict(r, label=label))
+            runs[label].append(dict(r, label=prefix + label))
     rows = [median_row(runs[label]) if separate else runs[label][0] for label, _ in configs]
-    print_table(rows)
-    r = rows[-1]
-    print(f'GFLOP/img = model FLOPs of one training step per image (forward {flops["forward"] / 1e9:.4g} + backward '
-          f'{flops["backward"] / 1e9:.4g}; {flops["source"]}; convolutions only, recomputation not counted); '
-          f'eval {r["eval_tflops"]:.3g} TFLOP/s, sampling {flops["sample"] / 1e9:.4g} GFLOP/img = '
-          f'{r["sample_tflops"]:.3g} TFLOP/s')
-    print(f'peak mem = {"CUDA max allocated" if device.type == "cuda" else "process peak RSS"} during training '
-          f'steps; % of peak against {r["peak_source"]}; eval fp32 no_grad batch {r["eval_batch"]}, '
-          f'sampling batch {r["sample_batch"]}')
     result = dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
                   threads=torch.get_num_threads(), hps=H.hparam_sets, n_params=n_params,
                   image_shape=[H.image_size, H.image_size, H.image_channels], flops=flops,
@@ -475,11 +541,74 @@ def main(argv=None):
         result['speedup'] = {k: c[k] / b[k] for k in ['train_images_per_s', 'eval_images_per_s',
                                                        'sample_images_per_s']}
         result['memory_ratio'] = c['train_peak_mem_bytes'] / b['train_peak_mem_bytes']
-        s = result['speedup']
-        print(f'speedup over plain fp32 eager: train {s["train_images_per_s"]:.2f}x, eval '
-              f'{s["eval_images_per_s"]:.2f}x, sampling {s["sample_images_per_s"]:.2f}x; training peak memory '
-              f'{result["memory_ratio"]:.2f}x ({(c["train_peak_mem_bytes"] - b["train_peak_mem_bytes"]) / 2 ** 20:+.0f} '
-              f'MiB)')
+    return result
+
+
+def print_notes(result):
+    flops, r = result['flops'], result['results'][-1]
+    print(f'GFLOP/img = model FLOPs of one training step per image (forward {flops["forward"] / 1e9:.4g} + backward '
+          f'{flops["backward"] / 1e9:.4g}; {flops["source"]}; convolutions only, recomputation not counted); '
+          f'eval {r["eval_tflops"]:.3g} TFLOP/s, sampling {flops["sample"] / 1e9:.4g} GFLOP/img = '
+          f'{r["sample_tflops"]:.3g} TFLOP/s')
+    cuda = result['device'].startswith('cuda')
+    print(f'peak mem = {"CUDA max allocated" if cuda else "process peak RSS"} during training '
+          f'steps; % of peak against {r["peak_source"]}; eval fp32 no_grad batch {r["eval_batch"]}, '
+          f'sampling batch {r["sample_batch"]}')
+    print('kernels/step = ' + ('device kernels (with memcpy/memset) per training step, torch.profiler; GPU busy % = '
+                               'their summed time / the timed step time' if cuda else
+                               'aten operators per training step (forward, backward, clip, AdamW, EMA; counted at '
+                               'the dispatcher); GPU busy %: GPU only'))
+
+
+def print_speedup(result, prefix=''):
+    if 'speedup' not in result:
+        return
+    b, c = result['results']
+    s = result['speedup']
+    print(f'{prefix}speedup over plain fp32 eager: train {s["train_images_per_s"]:.2f}x, eval '
+          f'{s["eval_images_per_s"]:.2f}x, sampling {s["sample_images_per_s"]:.2f}x; training peak memory '
+          f'{result["memory_ratio"]:.2f}x ({(c["train_peak_mem_bytes"] - b["train_peak_mem_bytes"]) / 2 ** 20:+.0f} '
+          f'MiB)')
+
+
+def preset_argv(argv):
+    """argv without --presets/--all_presets (and their value), for one preset's run."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == '--presets':
+            skip = True
+        elif a != '--all_presets' and not a.startswith('--presets='):
+            out.append(a)
+    return out
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [CHILD_FLAG]:
+        return child_main(*argv[1:3])
+    H = parse(argv)
+    set_up_process(H)
+    presets = ALL_PRESETS if H.all_presets else [p for p in H.presets.split(',') if p]
+    if not presets:
+        result = measure(H)
+        print_table(result['results'])
+        print_notes(result)
+        print_speedup(result)
+    else:  # one preset after the other, each configuration in a fresh process, one table
+        if '--tiny' in argv or any(a in ('--hps', '--hparam_sets') or a.startswith(('--hps=', '--hparam_sets='))
+                                   for a in argv):
+            raise UserError('--presets/--all_presets choose the presets themselves; drop --hps/--tiny')
+        t0 = time.perf_counter()
+        results = {name: measure(parse(['--hps', name] + preset_argv(argv)), prefix=f'{name}: ', separate=True)
+                   for name in presets}
+        print_table([r for res in results.values() for r in res['results']])
+        print_notes(results[presets[-1]])
+        for name, res in results.items():
+            print_speedup(res, prefix=f'{name}: ')
+        print(f'{len(presets)} presets measured in {time.perf_counter() - t0:.0f} s')
+        result = dict(presets=results, wall_s=time.perf_counter() - t0)
     if H.json:
         with open(H.json, 'w') as f:
             json.dump(result, f, indent=1, default=str)

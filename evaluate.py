@@ -642,6 +642,8 @@ def main(argv=None):
     threads = torch.get_num_threads()
     if d.device.type == 'cpu':
         configure_cpu(H.threads, keep_heap=joined)  # a caller's process keeps its own malloc settings
+    elif joined:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     try:
         with torch.random.fork_rng(devices=[d.device] if d.device.type == 'cuda' else []), ieee_fp32():
             return _run(H, d, weights, notes)

@@ -180,6 +180,9 @@ def add_vae_arguments(parser):
       help='with --compile: "model" = the whole training model; "blocks" = every residual block and the DMoL '
            'loss on its own (VAE.compile_blocks: a much shorter build on the deep presets)')
     a('--compile_mode', type=str, default=None, help='with --compile: torch.compile mode, e.g. max-autotune')
+    a('--cuda_graphs', action='store_true',
+      help='capture the whole training step (forward, backward, clip, fused AdamW, EMA, skip decision) in one '
+           'CUDA graph and replay it: no per-kernel launch cost (one GPU, fp32 or bf16)')
     a('--channels_last', action='store_true', help='NHWC memory layout for the convolutions (tensor cores)')
     a('--grad_checkpoint', action='store_true', help='recompute block activations in backward to save memory')
     a('--num_workers', type=int, default=2, help='data-loading worker processes per rank')

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU tests in one command: tests/test_cuda.py (marker "cuda") on the first visible GPU,
+# The GPU tests in one command: tests/test_cuda.py and tests/test_cuda_step.py (marker "cuda") on the first visible GPU,
 # with whatever python is on PATH (it needs torch with CUDA, numpy, pytest, tqdm, matplotlib;
 # mpi4py + mpiexec for the mpiexec case, which is skipped without them).  Sized for about 3 minutes on
 # one GPU.  Results: device.txt, pytest-cuda.log and junit-cuda.xml in $OUT if set, else in
@@ -17,6 +17,6 @@ if [ "${VDVAE_TEST_DEVICE:-cuda}" = cuda ] && ! python -c 'import torch, sys; sy
     echo "error: this python's torch sees no CUDA device, so every GPU test would be skipped" | tee -a "$out/device.txt"
     exit 1
 fi
-python -m pytest tests/test_cuda.py -m cuda -v -rs --durations=0 -p no:cacheprovider \
+python -m pytest tests/test_cuda.py tests/test_cuda_step.py -m cuda -v -rs --durations=0 -p no:cacheprovider \
     --junitxml="$out/junit-cuda.xml" "$@" 2>&1 | tee "$out/pytest-cuda.log"
 exit "${PIPESTATUS[0]}"

@@ -167,6 +167,8 @@ def unconditional(H, model, n, temperatures):
 def main(argv=None):
     H = parse(argv)
     d = setup_distributed(device=None if H.device == 'auto' else H.device)
+    if d.device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     with ieee_fp32():  # the release's numbers on any GPU: no TF32 convolutions
         return draw(H, d)
 

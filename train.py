@@ -26,6 +26,7 @@ import zlib
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -36,7 +37,7 @@ from utils import (allreduce, atomic_copy, atomic_save, atomic_write, barrier, c
                    clip_grad_norm, configure_cpu, file_crc, gather_objects, ieee_fp32, is_writable,
                    load_optimizer_file, logger, param_spread_across_ranks, print_once, read_log,
                    remove_stale_temporaries, restore_log, restore_params, run_main, safe_torch_load,
-                   setup_distributed, stats_over_ranks)
+                   setup_distributed)
 from vae import VAE
 from vae_helpers import KeyedNormal
 
@@ -52,7 +53,10 @@ def set_up(argv=None):
     d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device)
     if d.device.type == 'cpu':
         configure_cpu(H.threads)
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     H.run_dir = os.path.join(H.save_dir, H.desc)
+    check_cuda_graphs(H, d)
     check_restore_paths(H)
     if H.test_eval:  # evaluation only reads the run: a read-only run folder gets no log lines
         write = is_writable(H.run_dir)
@@ -67,13 +71,14 @@ def set_up(argv=None):
 
 
 def precision_context(H, device):
-    """One autocast context for the whole training forward (nanoGPT's ``ctx``)."""
+    """One autocast context for the whole training forward (nanoGPT's ``ctx``); without the
+    cast cache under --cuda_graphs (a captured step must recompute its casts)."""
     if H.precision == 'fp32':
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if H.precision == 'bf16' else torch.float16
     if device.type == 'cpu' and H.precision == 'fp16':
         raise UserError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=not H.get('cuda_graphs'))
 
 
 def build_models(H, d):
@@ -115,10 +120,28 @@ def wrap_for_training(H, model, d):
 
 def make_optimizer(H, model, device):
     """AdamW as the release (eps 1e-8).  The fused implementation (one kernel for all
-    parameters) on CUDA and CPU; it matches the per-parameter loop to float rounding."""
+    parameters) on CUDA and CPU; it matches the per-parameter loop to float rounding.
+    With --cuda_graphs: capturable (step counts on the device) and the learning rate a
+    device tensor, which the captured step reads (GraphedStep)."""
     kw = dict(fused=True) if device.type in ('cuda', 'cpu') else {}
-    return torch.optim.AdamW(model.parameters(), weight_decay=H.wd, lr=H.lr, betas=(H.adam_beta1, H.adam_beta2),
+    lr = H.lr
+    if H.get('cuda_graphs'):
+        kw['capturable'], lr = True, torch.tensor(H.lr, dtype=torch.float32, device=device)
+    return torch.optim.AdamW(model.parameters(), weight_decay=H.wd, lr=lr, betas=(H.adam_beta1, H.adam_beta2),
                              eps=1e-8, **kw)
+
+
+def check_cuda_graphs(H, d):
+    """--cuda_graphs needs one CUDA device and a step without host decisions."""
+    if not H.cuda_graphs:
+        return
+    if d.device.type != 'cuda':
+        raise UserError("--cuda_graphs needs a CUDA GPU (it captures the step in a CUDA graph); drop it on the CPU")
+    if d.world_size > 1:
+        raise UserError("--cuda_graphs runs in one process for now; drop it under torchrun/mpiexec")
+    if H.precision == 'fp16' or H.compile:
+        raise UserError("--cuda_graphs works with --precision fp32 or bf16 and without --compile "
+                        f"(got --precision {H.precision}{' --compile' if H.compile else ''})")
 
 
 def learning_rate(H, it):
@@ -354,50 +377,195 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
 
 # ----------------------------------------------------------------------------- one step
 
-def training_step(H, x_in, x_target, net, model, ema, optimizer, scaler, ctx, lr, stop_flag):
-    """Forward, backward, clip, and (unless skipped) update + EMA.  Returns stats averaged
-    over ranks with one host synchronisation; every rank takes the same skip decision."""
-    t0 = time.time()
+# per-step statistics, in the order the host reads them (train_loop's read_stats)
+STEP_STATS = ('elbo', 'distortion', 'rate', 'distortion_nans', 'rate_nans', 'grad_norm', 'skipped_updates',
+              'overflow_steps')
+COUNTS = ('distortion_nans', 'rate_nans', 'skipped_updates', 'overflow_steps')
+
+
+def training_step(H, x_in, x_target, net, model, ema, optimizer, scaler, ctx, lr, stop_flag=False):
+    """Forward, backward, clip, and (unless skipped) update + EMA, queued on the device without
+    the host waiting for any of it: the skip decision is taken on the device (step_outcome)
+    from statistics all-reduced over ranks, so every rank takes the same one.
+
+    Returns (stats, stop): stats = {name in STEP_STATS: 0-dim float tensor on the
+    parameters' device}, averaged over ranks (the counts are 0 or 1); stop = the ranks'
+    mean of ``stop_flag`` (> 0 when any rank was asked to stop)."""
     for g in optimizer.param_groups:
         g['lr'] = lr
     optimizer.zero_grad(set_to_none=True)
     with ctx:
-        stats = net(x_in, x_target)
-    loss = stats['elbo']
-    (scaler.scale(loss) if scaler else loss).backward()
+        out = net(x_in, x_target)
+    (scaler.scale(out['elbo']) if scaler else out['elbo']).backward()
+    found_inf = None
     if scaler:
         scaler.unscale_(optimizer)
-    grad_norm = clip_grad_norm(model.parameters(), H.grad_clip)  # pre-clip norm
-    stats = stats_over_ranks(dict(
-        elbo=stats['elbo'], distortion=stats['distortion'], rate=stats['rate'],
-        distortion_nans=torch.isnan(stats['distortion']).float(), rate_nans=torch.isnan(stats['rate']).float(),
-        grad_norm=grad_norm, stop=torch.tensor(float(stop_flag))))
-    stats['distortion_nans'] = int(stats['distortion_nans'] > 0)
-    stats['rate_nans'] = int(stats['rate_nans'] > 0)
-    stop = stats.pop('stop') > 0
-    gn = stats['grad_norm']
-    update = (stats['distortion_nans'] == 0 and stats['rate_nans'] == 0 and math.isfinite(gn)
-              and (H.skip_threshold == -1 or gn < H.skip_threshold))
-    if update:
-        if scaler:
-            scaler.step(optimizer)
-        else:
-            optimizer.step()
-        update_ema(model, ema, H.ema_rate)
+        found_inf = sum(scaler._found_inf_per_device(optimizer).values())  # what scaler.step would act on
+    grad_norm = clip_gradients(H, model)
+    distortion, rate = out['distortion'].detach().float(), out['rate'].detach().float()
+    # everything the ranks must agree on, in one all-reduce
+    row = mean_over_ranks(torch.stack([
+        out['elbo'].detach().float(), distortion, rate, torch.isnan(distortion).float(), torch.isnan(rate).float(),
+        grad_norm.float(), torch.zeros_like(grad_norm) if found_inf is None else found_inf.float().reshape(()),
+        torch.full((), float(stop_flag), device=grad_norm.device)]))
+    elbo, distortion, rate, distortion_nans, rate_nans, grad_norm, found_inf, stop = row.unbind()
+    update, skipped, overflow = step_outcome(H.skip_threshold, distortion_nans + rate_nans, grad_norm,
+                                             found_inf if scaler else None)
+    masked_update(optimizer, model, ema, H.ema_rate, update)
     if scaler:
-        scaler.update()
-    stats.update(skipped_updates=0 if update else 1, iter_time=time.time() - t0)
+        scaler.update()  # lowers the loss scale after an overflow
+    stats = dict(elbo=elbo, distortion=distortion, rate=rate, distortion_nans=(distortion_nans > 0).float(),
+                 rate_nans=(rate_nans > 0).float(), grad_norm=grad_norm, skipped_updates=skipped,
+                 overflow_steps=overflow)
     return stats, stop
 
 
+def clip_gradients(H, model):
+    """Clip the total gradient norm to --grad_clip (the one place gradients are clipped; -1:
+    no clipping); returns the pre-clip norm (0-dim, on the parameters' device, no host
+    synchronisation)."""
+    return clip_grad_norm(model.parameters(), H.grad_clip)
+
+
+def mean_over_ranks(t):
+    """Average of t over ranks (all-reduce on t's device, no host synchronisation)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return allreduce(t) / world if world > 1 else t
+
+
+def step_outcome(skip_threshold, nans, grad_norm, found_inf=None):
+    """(update, skipped, overflow): 0/1 float tensors on the device, exactly one of them 1.
+
+    The release's rule: skip the update when any rank saw NaN in distortion or rate
+    (``nans`` > 0, ranks' mean), when the grad norm is not finite, or when it reaches
+    ``skip_threshold`` (-1: never).  With fp16 loss scaling, ``found_inf`` > 0 says the
+    GradScaler found inf/NaN gradients; with finite losses that is an overflow, counted
+    apart from skipped updates (the scaler lowers its scale and the next step goes on)."""
+    bad = (nans > 0) | ~torch.isfinite(grad_norm)
+    if skip_threshold != -1:
+        bad = bad | (grad_norm >= skip_threshold)
+    overflow = (found_inf > 0) & (nans == 0) if found_inf is not None else torch.zeros_like(bad)
+    skipped = bad & ~overflow
+    return (~bad & ~overflow).float(), skipped.float(), overflow.float()
+
+
+def masked_update(optimizer, model, ema, rate, update):
+    """optimizer.step() and the EMA update where ``update`` (0-dim 0/1 float on the device) is 1;
+    where it is 0, parameters, optimizer state (step count included) and EMA stay exactly as
+    they are.  A fused optimizer takes the decision on the device, through the ``found_inf``
+    hook its kernels share with GradScaler (skip where found_inf == 1); other optimizers
+    need the host to read it (one synchronisation)."""
+    if all(g.get('fused') for g in optimizer.param_groups):
+        optimizer.found_inf = 1 - update
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        update_ema(model, ema, rate, update)
+    elif update.item():
+        optimizer.step()
+        update_ema(model, ema, rate)
+
+
 @torch.no_grad()
-def update_ema(model, ema, rate):
-    """ema = ema * rate + param * (1 - rate), with 1 - rate in float32 as the release."""
-    rate32 = torch.tensor(rate, dtype=torch.float32)
-    one_minus = (1 - rate32).item()
+def update_ema(model, ema, rate, update=None):
+    """ema = ema * rate + param * (1 - rate), with 1 - rate in float32 as the release:
+    bitwise the release's numbers.  ``update``: an optional 0/1 float tensor on the device;
+    where 0, the EMA stays as it is (ema * 1 + param * 0), without the host reading it.
+
+    param * (1 - rate) is formed in the gradient buffers, which the optimizer no longer
+    needs, so the update allocates nothing (parameters without a gradient get a temporary)."""
+    keep, take = float(np.float32(rate)), float(np.float32(1) - np.float32(rate))
+    if update is not None:
+        keep, take = update * keep + (1 - update), update * take  # (rate, 1 - rate) or (1, 0), exactly
     ema_params, params = list(ema.parameters()), list(model.parameters())
-    torch._foreach_mul_(ema_params, rate32.item())
-    torch._foreach_add_(ema_params, torch._foreach_mul(params, one_minus))
+    scratch = [p.grad for p in params]
+    if any(g is None or g.dtype != p.dtype for g, p in zip(scratch, params)):
+        scratch = torch._foreach_mul(params, take)
+    else:
+        torch._foreach_copy_(scratch, params)
+        torch._foreach_mul_(scratch, take)
+    torch._foreach_mul_(ema_params, keep)
+    torch._foreach_add_(ema_params, scratch)
+
+
+class EagerStep:
+    """One training step from a uint8 batch on the device: preprocess, then training_step."""
+
+    def __init__(self, H, net, model, ema, optimizer, scaler, ctx):
+        self.H, self.net, self.model, self.ema, self.optimizer, self.scaler, self.ctx = \
+            H, net, model, ema, optimizer, scaler, ctx
+
+    def __call__(self, x, lr, stop_flag=False):
+        x_in, x_target = data.preprocess(self.H, x)
+        return training_step(self.H, x_in, x_target, self.net, self.model, self.ema, self.optimizer, self.scaler,
+                             self.ctx, lr, stop_flag)
+
+
+class GraphedStep(EagerStep):
+    """The whole training step in one CUDA graph (--cuda_graphs), replayed every step.
+
+    The graph reads a static uint8 batch buffer and the learning rate from a device tensor
+    (the optimizer's, see make_optimizer), and writes its statistics to static tensors that
+    each call copies out.  The first ``warmup`` steps run eagerly on a side stream (lazy
+    initialisation: optimizer state, cuDNN/cuBLAS handles), the next one captures the
+    graph, and every step after replays it.  Everything the step decides (skip, clip) is
+    decided on the device already, so a replay is the eager step's arithmetic; the
+    posterior noise comes from the same generator, through the graph's own offsets."""
+
+    def __init__(self, H, net, model, ema, optimizer, scaler, ctx, warmup=3):
+        super().__init__(H, net, model, ema, optimizer, scaler, ctx)
+        self.lr = optimizer.param_groups[0]['lr']
+        self.warmup, self.calls, self.graph = warmup, 0, None
+        self.x = self.stats = None
+
+    @property
+    def captures_next(self):
+        """Whether the next call captures the graph (takes a while: the progress bar says so)."""
+        return self.graph is None and self.calls >= self.warmup and self.x is not None and self.x.is_cuda
+
+    def _step(self):
+        stats, _ = super().__call__(self.x, self.lr)
+        return stats
+
+    def __call__(self, x, lr, stop_flag=False):
+        if self.x is None:
+            self.x = torch.empty_like(x)
+        if x.shape != self.x.shape:
+            raise UserError(f"--cuda_graphs replays one batch shape, {tuple(self.x.shape)}; got {tuple(x.shape)}")
+        self.x.copy_(x, non_blocking=True)
+        self.lr.fill_(lr)
+        if self.x.device.type != 'cuda':  # the same arithmetic, eagerly (tests on the CPU)
+            stats = self._step()
+        elif self.calls < self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                stats = self._step()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            if self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.stats = self._step()
+            self.graph.replay()
+            stats = self.stats
+        self.calls += 1
+        stats = {k: v.clone() for k, v in stats.items()}  # the static outputs are overwritten by the next replay
+        return stats, torch.zeros_like(stats['elbo'])  # one process: the loop reads the stop flag itself
+
+
+def make_step(H, net, model, ema, optimizer, scaler, ctx):
+    """The training loop's step: a GraphedStep with --cuda_graphs, else an EagerStep."""
+    cls = GraphedStep if H.get('cuda_graphs') else EagerStep
+    return cls(H, net, model, ema, optimizer, scaler, ctx)
+
+
+def skip_streak(streak, skipped, overflow):
+    """Consecutive skipped updates after one more step: one more after a skipped update,
+    unchanged after an fp16 overflow step (it says nothing about the gradient's size, and
+    the loss scaler deals with it), none after an applied update."""
+    return streak + 1 if skipped else streak if overflow else 0
 
 
 def accumulate_stats(stats, frequency):
@@ -554,6 +722,22 @@ def write_loss_plot(log_path, png_path):
 
 # ----------------------------------------------------------------------------- loops
 
+def host_copy(t):
+    """Start copying a device tensor to the host without waiting; returns a function that
+    waits for that copy only (not for work queued after it) and returns the host tensor."""
+    if t.device.type != 'cuda':
+        return lambda: t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait():
+        copied.synchronize()
+        return host
+    return wait
+
+
 class StopSignal:
     """SIGTERM/SIGINT: finish the current step, write latest, exit.  A second Ctrl-C, more
     than ``grace`` seconds after the first, aborts; within it, it is the same request
@@ -586,6 +770,7 @@ def worker_start_method(d):
 def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
     net = wrap_for_training(H, model, d)
     ctx = precision_context(H, d.device)
+    step = make_step(H, net, model, ema, optimizer, scaler, ctx)
     stopper = StopSignal(d.is_main)
     viz_batch = visualization_batch(H, splits.valid)
     valid = splits.valid if not H.valid_images else splits.valid.view(np.arange(min(H.valid_images, len(splits.valid))))
@@ -595,6 +780,10 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
         raise UserError(f"the training split has {len(splits.train)} images, fewer than one batch of "
                         f"{H.n_batch} per process x {d.world_size} processes")
     stats = collections.deque(maxlen=max(1, H.iters_per_print))  # the window the log lines summarise
+    # Steps queue their statistics on the device (training_step); the host reads them in one
+    # go at print, save and checkpoint points (read_stats), not once per step.
+    pending = []  # (step, {name: device tensor}, host seconds) of the steps not read yet
+    stop_vote = None  # more than one process: the last step's stop vote, on its way to the host
     consecutive_skips, since_start = 0, 0
     it, epoch, start_batch = progress['step'], progress['epoch'], progress['batch']
     if start_batch >= n_batches:
@@ -603,7 +792,30 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
     bar = tqdm(total=total, initial=min(it, total), desc='train', unit='it', dynamic_ncols=True,
                disable=not d.is_main or H.no_progress)
 
+    def read_stats():
+        """Bring the pending steps' statistics to the host (one synchronisation), add them to
+        the window, count skipped updates and warn about stalls, in step order."""
+        nonlocal consecutive_skips
+        if not pending:
+            return
+        t0 = time.time()
+        values = torch.stack([s[k] for _, s, _ in pending for k in STEP_STATS]).view(len(pending), -1).tolist()
+        wait = (time.time() - t0) / len(pending)  # the device time the host did not wait for at each step
+        for (step_no, _, secs), row in zip(pending, values):
+            st = dict(zip(STEP_STATS, row), iter_time=secs + wait)
+            st.update({k: int(st[k]) for k in COUNTS})
+            stats.append(st)
+            progress['skipped'] += st['skipped_updates']
+            consecutive_skips = skip_streak(consecutive_skips, st['skipped_updates'], st['overflow_steps'])
+            if st['skipped_updates'] and consecutive_skips % H.warn_skipped == 0:
+                log(f'WARNING: the last {consecutive_skips} updates were all skipped (grad norm '
+                    f'{st["grad_norm"]:.1f} >= skip_threshold {H.skip_threshold}). Training is stalled: '
+                    'raise --skip_threshold (or -1 to never skip).', type='warning', step=step_no)
+        pending.clear()
+        bar.set_postfix(elbo_bpd=f'{stats[-1]["elbo"] / LN2:.3f}', skipped=progress['skipped'])
+
     def checkpoint(name, ep, batch):
+        read_stats()  # progress['skipped'] up to date
         progress.update(step=it, epoch=ep, batch=batch)
         save_checkpoint(H, d, name, model, ema, optimizer, scaler, log, progress)
 
@@ -615,17 +827,21 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
         model.train()
         loader.sampler.set_epoch(epoch, start_batch)  # one loader, persistent workers
         for b, x in enumerate(loader, start=start_batch):
-            x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
-            st, stop = training_step(H, x_in, x_target, net, model, ema, optimizer, scaler, ctx,
-                                     learning_rate(H, it), stopper.requested is not None)
-            stats.append(st)
-            progress['skipped'] += st['skipped_updates']
-            consecutive_skips = consecutive_skips + 1 if st['skipped_updates'] else 0
-            if consecutive_skips and consecutive_skips % H.warn_skipped == 0:
-                log(f'WARNING: the last {consecutive_skips} updates were all skipped (grad norm '
-                    f'{st["grad_norm"]:.1f} >= skip_threshold {H.skip_threshold}). Training is stalled: '
-                    'raise --skip_threshold (or -1 to never skip).', type='warning', step=it)
+            capturing = getattr(step, 'captures_next', False)
+            if capturing:
+                bar.set_description('train (capturing the step in a CUDA graph)')
+            t0 = time.time()
+            st, vote = step(x.to(d.device, non_blocking=True), learning_rate(H, it), stopper.requested is not None)
+            if capturing:
+                bar.set_description('train')
+            pending.append((it, st, time.time() - t0))
+            if d.world_size == 1:
+                stop = stopper.requested is not None
+            else:  # act on the previous step's vote, which every rank reads alike, without waiting for this step
+                stop = stop_vote is not None and stop_vote().item() > 0
+                stop_vote = host_copy(vote)
             if it % H.iters_per_print == 0 or since_start in early_evals:
+                read_stats()
                 log(model=H.desc, type='train_loss', lr=learning_rate(H, it), epoch=epoch, step=it,
                     total_skipped=progress['skipped'], **accumulate_stats(stats, H.iters_per_print))
             if d.is_main and (it % H.iters_per_images == 0 or (since_start in early_evals and H.dataset != 'ffhq_1024')):
@@ -633,9 +849,9 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
             it += 1
             since_start += 1
             bar.update(1)
-            bar.set_postfix(elbo_bpd=f'{st["elbo"] / LN2:.3f}', skipped=progress['skipped'])
             done = bool(H.max_iters) and it >= H.max_iters
             if it % H.iters_per_save == 0 or stop or done:
+                read_stats()
                 if np.isfinite(stats[-1]['elbo']) or stop or done:
                     log(model=H.desc, type='train_loss', epoch=epoch, step=it, **accumulate_stats(stats, H.iters_per_print))
                     checkpoint('latest', epoch, b + 1)

@@ -94,9 +94,11 @@ class Block(nn.Module):
 
 
 def _maybe_checkpoint(enabled, fn, *args):
-    """Activation checkpointing (recompute in backward) when enabled and training."""
+    """Activation checkpointing (recompute in backward) when enabled and training.  The
+    recomputed functions draw no random numbers (Block: none; DecBlock._step gets its noise
+    as an argument), so the RNG states are not saved and restored around each block."""
     if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
     return fn(*args)
 
 
@@ -165,12 +167,15 @@ class DecBlock(nn.Module):
         """x (B,w,R,R) -> prior mean, prior log-std (B,zdim,R,R) and residual xpp (B,w,R,R).
         ``activated``: x is GELU(state) (see Block.forward)."""
         feats = self.prior(x, activated=activated)
-        return feats[:, :self.zdim], feats[:, self.zdim:self.zdim * 2], feats[:, self.zdim * 2:]
+        # one split (its backward: one concatenation), not three slices (three zero-filled copies)
+        return feats.split([self.zdim, self.zdim, feats.shape[1] - 2 * self.zdim], dim=1)
 
     def _mix(self, xs, x):
         """Add the nearest-upsampled state of the mixin resolution (first w channels)."""
         if self.mixin is not None:
-            x = x + F.interpolate(xs[self.mixin][:, :x.shape[1]], scale_factor=self.base // self.mixin)
+            low = xs[self.mixin]
+            low = low if low.shape[1] == x.shape[1] else low[:, :x.shape[1]]  # no slice (and backward copy) when whole
+            x = x + F.interpolate(low, scale_factor=self.base // self.mixin)
         return x
 
     def _step(self, x, gelu_acts, eps):

@@ -62,3 +62,37 @@ def test_tiny_excludes_hps():
     H = bench.parse(['--tiny', '--n_batch', '2', '--device', 'cpu'])
     assert H.width == 32 and H.n_batch == 2 and H.skip_threshold == -1 and H.threads == 1
     assert bench.TINY_PRESET not in HPARAMS_REGISTRY  # no trace left for other code that walks the registry
+
+
+def test_presets_table_counts_aten_ops_per_step(tmp_path):
+    """--presets measures each preset in fresh processes into one table; on the CPU the
+    kernels/step column holds aten operators per training step (the same in every run: the
+    step's operator sequence is fixed) and GPU busy % stays blank."""
+    out = tmp_path / 'presets.json'
+    cmd = [sys.executable, 'bench.py', '--presets', 'fashion_mnist_quick', '--repeat', '2', '--device', 'cpu',
+           '--n_batch', '2', '--threads', '1', '--steps', '1', '--warmup', '1', '--eval_steps', '1',
+           '--sample_steps', '1', '--json', str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith('config'))
+    row = lines[header + 2]
+    assert row.startswith('fashion_mnist_quick: fp32')
+    result = json.loads(out.read_text())['presets']['fashion_mnist_quick']
+    r = result['results'][0]
+    counts = [run['aten_ops_per_step'] for run in r['repeats']]
+    assert len(counts) == 2 and counts[0] == counts[1] and 500 < counts[0] < 20_000
+    assert 0 < r['aten_compute_ops_per_step'] < r['aten_ops_per_step']
+    assert r['device_kernels_per_step'] is None and r['device_busy_fraction'] is None
+    # the kernels/step cell shows the count, the GPU busy % cell is empty (two spaces more before warm-up s)
+    cells = row.split()
+    assert cells[-2] == str(counts[0])
+    k = lines[header].index('kernels/step')
+    assert row[k:k + len('kernels/step')].strip() == str(counts[0])
+    b = lines[header].index('GPU busy %')
+    assert row[b:b + len('GPU busy %')].strip() == ''
+
+
+def test_presets_exclude_hps():
+    with pytest.raises(UserError):
+        bench.main(['--presets', 'cifar10', '--hps', 'cifar10', '--device', 'cpu'])

@@ -276,6 +276,55 @@ def test_sigterm_writes_latest_and_exits_cleanly(fmnist_root, tmp_path):
     assert 'stopped by signal' in out
 
 
+def _worker_pid(launcher_pid, rank):
+    """Pid of the train.py process with RANK=rank started (at any depth) by launcher_pid."""
+    parents = {}
+    for d in os.listdir('/proc'):
+        if d.isdigit():
+            try:
+                with open(f'/proc/{d}/stat') as f:
+                    parents[int(d)] = int(f.read().rsplit(')', 1)[1].split()[1])
+            except OSError:
+                pass
+    for pid in parents:
+        up = pid
+        while up in parents and up != launcher_pid:
+            up = parents[up]
+        if up != launcher_pid or pid == launcher_pid:
+            continue
+        try:
+            env = open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')
+            cmd = open(f'/proc/{pid}/cmdline', 'rb').read()
+        except OSError:
+            continue
+        if f'RANK={rank}'.encode() in env and b'train.py' in cmd:
+            return pid
+    return None
+
+
+def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(fmnist_root, tmp_path):
+    """SIGTERM to rank 1 alone: the ranks agree through the all-reduced stop vote (read one
+    step late, without waiting for the step in flight), stop after the same step, write
+    one complete checkpoint together and exit cleanly."""
+    args = TINY + ['--data_root', fmnist_root, '--save_dir', str(tmp_path), '--desc', 'v', '--max_iters', '100000',
+                   '--iters_per_print', '1', '--n_batch', '4', '--port', str(free_port())]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py', *args]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / 'v' / 'log.jsonl'
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.exists() and '"step": 3,' in log.read_text()):
+        time.sleep(0.2)
+    pid = _worker_pid(p.pid, 1)
+    assert pid, 'rank 1 not found'
+    os.kill(pid, signal.SIGTERM)
+    out, err = p.communicate(timeout=180)
+    assert p.returncode == 0, err[-3000:]
+    import train
+    prefix, st = train.find_checkpoint(str(tmp_path / 'v'))
+    assert prefix is not None and st['step'] >= 4 and st['world_size'] == 2
+    assert f'stopped by signal at step {st["step"]}' in out
+
+
 def test_nan_and_huge_gradient_batches_are_skipped():
     import train
     from hps import get_hparams
@@ -301,6 +350,151 @@ def test_nan_and_huge_gradient_batches_are_skipped():
     st, _ = train.training_step(H, x, xt, model, model, ema, opt, None, ctx, 1e-3, False)
     assert st['skipped_updates'] == 0
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _release_step(H, x_in, x_target, model, ema, optimizer, lr):
+    """The training step as it was before the skip decision moved to the device (commit
+    a1ebccf, one process, fp32): the host reads loss and grad norm, then decides."""
+    for g in optimizer.param_groups:
+        g['lr'] = lr
+    optimizer.zero_grad(set_to_none=True)
+    stats = model(x_in, x_target)
+    stats['elbo'].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), H.grad_clip).item()
+    nans = torch.isnan(stats['distortion']).item() or torch.isnan(stats['rate']).item()
+    update = not nans and np.isfinite(grad_norm) and (H.skip_threshold == -1 or grad_norm < H.skip_threshold)
+    if update:
+        optimizer.step()
+        rate = torch.as_tensor(H.ema_rate, dtype=torch.float32)
+        with torch.no_grad():
+            for p1, p2 in zip(model.parameters(), ema.parameters()):
+                p2.mul_(rate)
+                p2.add_(p1 * (1 - rate))
+    return stats['elbo'].item(), grad_norm, 0 if update else 1
+
+
+def _tiny_run_state(H):
+    import train
+    d = train.setup_distributed(device='cpu')
+    model, ema = train.build_models(H, d)
+    return model, ema, train.make_optimizer(H, model, d.device)
+
+
+def test_device_side_step_equals_host_side_step():
+    """train.training_step (skip decision on the device, masked fused AdamW and EMA) against
+    the host-side step over seven batches: normal, NaN input, an input x300 (grad norm ~6e6:
+    over skip_threshold), x1000 (infinite grad norm), x100 (grad norm ~150: clipped at
+    grad_clip, applied).  Loss, grad norm, skip decisions, parameters, EMA and the optimizer
+    state (moments and step counts) are bitwise equal after every step."""
+    import train
+    from hps import get_hparams
+    H = get_hparams(TINY + ['--skip_threshold', '400', '--grad_clip', '100', '--ema_rate', '0.99'])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 28, 28, 1, generator=gen)
+    xt = torch.rand(4, 28, 28, 1, generator=gen) * 2 - 1
+    x_nan = x.clone()
+    x_nan[1, 3, 4, 0] = float('nan')
+    batches = [x, x_nan, x, 300 * x, 1000 * x, x, 100 * x]
+    new, ref = _tiny_run_state(H), _tiny_run_state(H)
+    ctx = train.precision_context(H, torch.device('cpu'))
+    skips = []
+    for i, xb in enumerate(batches):
+        lr = train.learning_rate(H, i + 10)
+        torch.manual_seed(i)
+        st, stop = train.training_step(H, xb, xt, new[0], new[0], new[1], new[2], None, ctx, lr, False)
+        torch.manual_seed(i)
+        elbo, grad_norm, skipped = _release_step(H, xb, xt, ref[0], ref[1], ref[2], lr)
+        assert st['elbo'].item() == elbo or (np.isnan(elbo) and st['elbo'].isnan())
+        assert st['grad_norm'].item() == grad_norm or (np.isnan(grad_norm) and st['grad_norm'].isnan())
+        assert st['skipped_updates'].item() == skipped and st['overflow_steps'].item() == 0 and stop.item() == 0
+        skips.append(skipped)
+        for a, b in zip(list(new[0].parameters()) + list(new[1].parameters()),
+                        list(ref[0].parameters()) + list(ref[1].parameters())):
+            assert torch.equal(a, b)
+        for p, q in zip(new[0].parameters(), ref[0].parameters()):
+            sa, sb = new[2].state[p], ref[2].state[q]
+            assert all(torch.equal(sa[k], sb[k]) for k in ('exp_avg', 'exp_avg_sq', 'step'))
+    assert skips == [0, 1, 0, 1, 1, 0, 0]
+    assert new[2].state[next(new[0].parameters())]['step'].item() == 4
+
+
+class _NoHostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on any device-to-host read of a tensor's value (.item(), bool(), .tolist())."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert func is not torch.ops.aten._local_scalar_dense.default, 'the host read a value during the step'
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_step_never_reads_the_device():
+    """With the fused optimizer train.py uses, a training step, skipped or not, queues its
+    work without the host waiting for a value (no per-step synchronisation on a GPU)."""
+    import train
+    from hps import get_hparams
+    H = get_hparams(TINY + ['--skip_threshold', '400'])
+    model, ema, opt = _tiny_run_state(H)
+    x = torch.randn(4, 28, 28, 1)
+    xt = torch.rand(4, 28, 28, 1) * 2 - 1
+    ctx = train.precision_context(H, torch.device('cpu'))
+    for xb in [x, 1000 * x]:
+        with _NoHostReads():
+            st, _ = train.training_step(H, xb, xt, model, model, ema, opt, None, ctx, 1e-3, False)
+    assert st['skipped_updates'].item() == 1
+
+
+def test_step_outcome_counts_overflow_apart():
+    """The device-side rule: NaN losses and large or non-finite grad norms skip; a loss-scaler
+    overflow with finite losses is an overflow step (not a skipped update)."""
+    from train import step_outcome
+    t = torch.tensor
+    inf, nan = float('inf'), float('nan')
+    cases = [  # nans, grad_norm, found_inf, threshold -> (update, skipped, overflow)
+        (0., 5., None, 400, (1, 0, 0)), (0.5, 5., None, 400, (0, 1, 0)), (0., 400., None, 400, (0, 1, 0)),
+        (0., 399., None, 400, (1, 0, 0)), (0., 1e9, None, -1, (1, 0, 0)), (0., inf, None, -1, (0, 1, 0)),
+        (0., nan, None, 400, (0, 1, 0)), (0., inf, 1., 400, (0, 0, 1)), (0., nan, 1., -1, (0, 0, 1)),
+        (1., nan, 1., 400, (0, 1, 0)), (0., 5., 0., 400, (1, 0, 0))]
+    for nans, gn, found_inf, thr, want in cases:
+        got = step_outcome(thr, t(nans), t(gn), None if found_inf is None else t(found_inf))
+        assert tuple(int(v.item()) for v in got) == want, (nans, gn, found_inf, thr)
+
+
+def test_overflow_steps_do_not_make_a_stall():
+    """The stall warning counts consecutive skipped updates: fp16 overflow steps neither add
+    to the streak nor end it; an applied update ends it."""
+    from train import skip_streak
+    steps = [(1, 0), (0, 1), (0, 1), (1, 0), (0, 0), (0, 1), (1, 0)]  # (skipped, overflow)
+    streak, streaks = 0, []
+    for skipped, overflow in steps:
+        streak = skip_streak(streak, skipped, overflow)
+        streaks.append(streak)
+    assert streaks == [1, 1, 1, 2, 0, 0, 1]
+
+
+def test_loss_scaler_overflow_is_not_a_skipped_update():
+    """fp16's GradScaler, exercised on the CPU in fp32: a step whose scaled gradients hold an
+    inf (put there by a hook on one parameter, as an fp16 overflow would) is an overflow step
+    (counted apart, nothing updated, the loss scale halved); the next step updates."""
+    import train
+    from hps import get_hparams
+    H = get_hparams(TINY + ['--skip_threshold', '400'])
+    model, ema, opt = _tiny_run_state(H)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2. ** 10)
+    before = [p.detach().clone() for p in list(model.parameters()) + list(ema.parameters())]
+    x = torch.randn(4, 28, 28, 1)
+    xt = torch.rand(4, 28, 28, 1) * 2 - 1
+    ctx = train.precision_context(H, torch.device('cpu'))
+    weight = model.decoder.out_net.out_conv.weight
+    hook = weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float('inf')))
+    st, _ = train.training_step(H, x, xt, model, model, ema, opt, scaler, ctx, 1e-3, False)
+    hook.remove()
+    assert (st['overflow_steps'].item(), st['skipped_updates'].item()) == (1, 0)
+    assert np.isfinite(st['elbo'].item()) and scaler.get_scale() == 2. ** 9
+    assert all(torch.equal(a, b) for a, b in zip(before, list(model.parameters()) + list(ema.parameters())))
+    assert all(s['step'].item() == 0 for s in opt.state.values())
+    st, _ = train.training_step(H, x, xt, model, model, ema, opt, scaler, ctx, 1e-3, False)
+    assert (st['overflow_steps'].item(), st['skipped_updates'].item()) == (0, 0)
+    assert all(s['step'].item() == 1 for s in opt.state.values())
+    assert not torch.equal(before[0], next(model.parameters()))
 
 
 def test_skipped_updates_are_counted_and_stalls_warned(fmnist_root, tmp_path):
@@ -404,3 +598,48 @@ def test_mismatch_message_names_preset_and_block_override(tmp_path):
     msg = describe_mismatch(model, trimmed, 'x.th', H)
     assert f'The file has {n - 2} encoder blocks' in msg and f'builds {n}' in msg and '--enc_blocks' in msg
     assert f'encoder.enc_blocks.{n - 2}.c1.weight' in msg
+
+
+def test_cuda_graphs_step_runs_eagerly_with_the_same_numbers():
+    """GraphedStep's arithmetic (static uint8 batch buffer, learning rate read from a float32
+    device tensor, capturable fused AdamW), run eagerly on the CPU, against the plain step
+    over six steps at warm-up learning rates, one of them skipped (grad norm over the
+    threshold): the same skip decisions and step counts; losses, grad norms, parameters,
+    EMA and Adam moments equal to float rounding (the learning rate is rounded to float32)."""
+    import train
+    from hps import get_hparams
+    d = train.setup_distributed(device='cpu')
+    x = torch.randint(0, 256, (4, 28, 28, 1), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for graphs in (False, True):
+        H = get_hparams(TINY + ['--skip_threshold', '50', '--warmup_iters', '4', '--lr', '0.01']
+                        + (['--cuda_graphs'] if graphs else []))
+        model, ema = train.build_models(H, d)
+        opt = train.make_optimizer(H, model, d.device)
+        assert bool(opt.defaults.get('capturable')) == graphs
+        step = train.make_step(H, model, model, ema, opt, None, train.precision_context(H, d.device))
+        assert isinstance(step, train.GraphedStep) == graphs
+        out = []
+        for i in range(6):
+            torch.manual_seed(i)
+            H.skip_threshold = 1e-6 if i == 4 else 50
+            st, _ = step(x, train.learning_rate(H, i))
+            out.append([st[k].item() for k in train.STEP_STATS])
+        runs.append((torch.tensor(out), torch.cat([p.detach().flatten() for p in list(model.parameters()) +
+                                                   list(ema.parameters())]),
+                     torch.cat([s['exp_avg_sq'].flatten() for s in opt.state.values()]),
+                     [s['step'].item() for s in opt.state.values()]))
+    (o1, p1, s1, n1), (o2, p2, s2, n2) = runs
+    assert o1[:, train.STEP_STATS.index('skipped_updates')].tolist() == [0, 0, 0, 0, 1, 0]
+    torch.testing.assert_close(o2, o1, rtol=1e-6, atol=0)
+    torch.testing.assert_close(p2, p1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s2, s1, rtol=1e-5, atol=1e-12)
+    assert n1 == n2 and n1[0] == 5
+
+
+def test_cuda_graphs_flag_refused_on_cpu(fmnist_root, tmp_path):
+    p = run(TINY + ['--data_root', fmnist_root, '--save_dir', str(tmp_path), '--desc', 'g', '--cuda_graphs',
+                    '--device', 'cpu', '--max_iters', '2'], check=False)
+    assert p.returncode == 2 and 'error: --cuda_graphs needs a CUDA GPU' in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / 'g') or not os.listdir(tmp_path / 'g')
