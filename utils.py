@@ -140,17 +140,6 @@ def barrier():
         dist.barrier()
 
 
-def stats_over_ranks(stats):
-    """{name: scalar tensor} -> {name: float} averaged over ranks, with ONE host sync."""
-    keys = sorted(stats)
-    # stacked where the statistics live: a host value (a flag, a CPU tensor) is copied there
-    device = next((v.device for v in stats.values() if torch.is_tensor(v) and v.device.type != 'cpu'), 'cpu')
-    t = torch.stack([torch.as_tensor(stats[k], device=device).detach().float().reshape(()) for k in keys])
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    t = allreduce(t.to(_collective_device())).cpu() / world
-    return dict(zip(keys, t.tolist()))
-
-
 def _collective_device():
     if dist.is_initialized() and dist.get_backend() == 'nccl':
         return torch.device('cuda', torch.cuda.current_device())
