@@ -35,11 +35,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from hps import (UserError, add_vae_arguments, apply_run_config, at_least, check_ranges, explicit_flags,
+from hps import (UserError, add_vae_arguments, at_least, check_ranges, explicit_flags,
                  Hyperparams, int_list, parse_args_and_update_hparams)
-from train import find_checkpoint, standard_error, tile, write_png
+from train import resolve_weights, standard_error, tile, write_png
 from utils import (Dist, allreduce, barrier, check_writable, cleanup_distributed, configure_cpu, gather_objects,
-                   ieee_fp32, logger, restore_params, run_main, saved_run_config, setup_distributed)
+                   ieee_fp32, logger, restore_params, run_main, setup_distributed)
 from vae import VAE, parse_layer_string
 from vae_helpers import KeyedNormal, gaussian_log_density
 
@@ -182,26 +182,6 @@ def check_model_args(H, n_blocks):
 
 # ----------------------------------------------------------------------------- model
 
-def resolve_weights(H):
-    """(path of the weights, notes).  The run's saved config (from its run folder, or from
-    the -state.th beside an explicit weights file) becomes the default of every setting
-    not given on the command line: its architecture, data_root, ..."""
-    if H.restore_ema_path or H.restore_path:
-        path = H.restore_ema_path or H.restore_path
-        notes = [f'evaluating EMA weights {path}' if H.restore_ema_path else
-                 f"evaluating {path} (not an EMA file: pass --restore_ema_path for the paper's numbers)"]
-        saved = saved_run_config(path)
-    else:
-        prefix, st = find_checkpoint(H.run_dir)
-        if prefix is None:
-            raise UserError(f"no weights to evaluate: pass --restore_ema_path FILE, or the --save_dir/--desc of a "
-                            f"run whose folder ({H.run_dir}) holds checkpoints")
-        path, saved = prefix + '-model-ema.th', st.get('H')
-        notes = [f'evaluating EMA weights {path} (step {st.get("step")})']
-    changed = apply_run_config(H, saved, set(H.explicit))
-    if changed:
-        notes.append(f"from the run's saved config: {changed}")
-    return path, notes
 
 
 def build_model(H, d, path):

@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 
 import data
-from hps import (UserError, add_vae_arguments, apply_run_config, at_least, check_ranges, explicit_flags,
+from hps import (UserError, add_vae_arguments, at_least, check_ranges, explicit_flags,
                  float_list, Hyperparams, int_list, parse_args_and_update_hparams)
-from train import find_checkpoint, tile, sample_grid
-from utils import check_writable, ieee_fp32, restore_params, run_main, saved_run_config, setup_distributed
+from train import resolve_weights, sample_grid, tile
+from utils import check_writable, ieee_fp32, restore_params, run_main, setup_distributed
 from vae import VAE
 
 RANGES = {'n': (at_least(1), '>= 1')}
@@ -85,18 +85,9 @@ def parse(argv=None):
 def load_model(H, device):
     """The EMA (or given) weights.  The run's saved config becomes the default of H
     (explicit flags win), so the architecture, data and grid are the run's."""
-    path = H.restore_ema_path or H.restore_path
-    if path:
-        saved = saved_run_config(path)
-    else:
-        prefix, state = find_checkpoint(H.run_dir)
-        if prefix is None:
-            raise UserError(f"no weights: pass --restore_ema_path FILE, or the --save_dir/--desc of a run with "
-                            f"checkpoints ({H.run_dir} has none)")
-        path, saved = prefix + '-model-ema.th', state.get('H')
-    changed = apply_run_config(H, saved, set(H.explicit))
-    if changed:
-        print(f"from the run's saved config: {', '.join(sorted(changed))}", flush=True)
+    path, notes = resolve_weights(H)
+    for note in notes:
+        print(note, flush=True)
     with torch.device('meta'):
         VAE(H)  # check the configuration before allocating anything
     model = VAE(H)

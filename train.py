@@ -32,12 +32,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
-from hps import UserError, get_hparams
+from hps import UserError, apply_run_config, get_hparams
 from utils import (allreduce, atomic_copy, atomic_save, atomic_write, barrier, check_writable, cleanup_distributed,
                    clip_grad_norm, configure_cpu, file_crc, gather_objects, ieee_fp32, is_writable,
                    load_optimizer_file, logger, param_spread_across_ranks, print_once, read_log,
                    remove_stale_temporaries, restore_log, restore_params, run_main, safe_torch_load,
-                   setup_distributed)
+                   saved_run_config, setup_distributed)
 from vae import VAE
 from vae_helpers import KeyedNormal
 
@@ -303,6 +303,30 @@ def check_changes(H, st, prefix, data_id, log):
     if breaking and not H.allow_changes:
         raise UserError(f"resuming {prefix} with changed {', '.join(breaking)} would not continue the same run; "
                         "add --allow_changes to continue anyway, --restart to begin afresh, or use another --desc")
+
+
+def resolve_weights(H):
+    """Weights for the tools that read a run (evaluate.py, sample.py): (path, notes).
+    --restore_ema_path / --restore_path win, else the newest complete checkpoint of the run
+    folder.  The run's saved config (from its run folder, or from the -state.th beside an
+    explicit weights file) becomes the default of every setting not given on the command
+    line (``H.explicit``): its architecture, data_root, grid size, ..."""
+    if H.restore_ema_path or H.restore_path:
+        path = H.restore_ema_path or H.restore_path
+        notes = [f'EMA weights {path}' if H.restore_ema_path else
+                 f"weights {path} (not an EMA file: pass --restore_ema_path for the paper's numbers)"]
+        saved = saved_run_config(path)
+    else:
+        prefix, st = find_checkpoint(H.run_dir)
+        if prefix is None:
+            raise UserError(f"no weights to evaluate: pass --restore_ema_path FILE, or the --save_dir/--desc of a "
+                            f"run whose folder ({H.run_dir}) holds checkpoints")
+        path, saved = prefix + '-model-ema.th', st.get('H')
+        notes = [f'EMA weights {path} (step {st.get("step")})']
+    changed = apply_run_config(H, saved, set(H.explicit))
+    if changed:
+        notes.append(f"from the run's saved config: {changed}")
+    return path, notes
 
 
 def check_restore_paths(H):
