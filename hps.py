@@ -259,39 +259,38 @@ def check_ranges(H, ranges=None):
             raise UserError(f"--{name} {v}: must be {words}")
 
 
-def int_list(tokens, flag):
-    """Integers from a list flag (nargs='+'): space- and/or comma-separated, with ranges
-    a-b: ['0,1', '3', '5-7'] -> [0, 1, 3, 5, 6, 7].  None stays None."""
+def _list_flag(tokens, flag, parse, what, hint=''):
+    """Values of a list flag (nargs='+'): tokens separated by spaces and/or commas, each
+    turned into a list by ``parse``; a UserError naming the flag when one does not parse
+    or none is given.  None (flag unset) stays None."""
     if tokens is None:
         return None
+    given = tokens if isinstance(tokens, str) else ' '.join(tokens)
     out = []
-    for tok in ','.join([tokens] if isinstance(tokens, str) else tokens).split(','):
-        tok = tok.strip()
-        if not tok:
-            continue
-        try:
-            a, b = tok.split('-', 1) if '-' in tok[1:] else (tok, tok)
-            out += list(range(int(a), int(b) + 1))
-        except ValueError:
-            raise UserError(f"{flag} {' '.join(tokens) if not isinstance(tokens, str) else tokens}: expected "
-                            "integers separated by spaces or commas (ranges like 2-5 allowed)") from None
+    for tok in given.replace(' ', ',').split(','):
+        if tok.strip():
+            try:
+                out += parse(tok.strip())
+            except ValueError:
+                raise UserError(f"{flag} {given}: expected {what}s separated by spaces or commas{hint}") from None
     if not out:
-        raise UserError(f"{flag}: give at least one integer")
+        raise UserError(f"{flag}: give at least one {what}")
     return out
+
+
+def _int_range(tok):
+    a, b = tok.split('-', 1) if '-' in tok[1:] else (tok, tok)
+    return list(range(int(a), int(b) + 1))
+
+
+def int_list(tokens, flag):
+    """Integers from a list flag, with ranges a-b: ['0,1', '3', '5-7'] -> [0, 1, 3, 5, 6, 7]."""
+    return _list_flag(tokens, flag, _int_range, 'integer', ' (ranges like 2-5 allowed)')
 
 
 def float_list(tokens, flag):
-    """Numbers from a list flag: space- and/or comma-separated.  None stays None."""
-    if tokens is None:
-        return None
-    try:
-        out = [float(t) for t in ','.join([tokens] if isinstance(tokens, str) else tokens).split(',') if t.strip()]
-    except ValueError:
-        raise UserError(f"{flag} {' '.join(tokens) if not isinstance(tokens, str) else tokens}: expected numbers "
-                        "separated by spaces or commas") from None
-    if not out:
-        raise UserError(f"{flag}: give at least one number")
-    return out
+    """Numbers from a list flag: ['1.0,0.9', '0.8'] -> [1.0, 0.9, 0.8]."""
+    return _list_flag(tokens, flag, lambda tok: [float(tok)], 'number')
 
 
 def explicit_flags(parser, s=None):
