@@ -599,7 +599,7 @@ def accumulate_stats(stats, frequency):
     for k in stats[-1]:
         vals = np.array([a[k] for a in window], dtype=float)
         finite = vals[np.isfinite(vals)]
-        if k in ('distortion_nans', 'rate_nans', 'skipped_updates'):
+        if k in ('distortion_nans', 'rate_nans', 'skipped_updates', 'overflow_steps'):
             z[k] = int(vals.sum())
         elif k == 'grad_norm':
             z[k] = float(finite.max()) if len(finite) else 0.0

@@ -643,3 +643,14 @@ def test_cuda_graphs_flag_refused_on_cpu(fmnist_root, tmp_path):
     assert p.returncode == 2 and 'error: --cuda_graphs needs a CUDA GPU' in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / 'g') or not os.listdir(tmp_path / 'g')
+
+
+def test_log_window_counts_are_integers_summed_over_the_window():
+    """Skipped updates, NaN flags and fp16 overflow steps are counts of the print window."""
+    from train import accumulate_stats
+    rows = [dict(elbo=3.0, distortion=2.5, rate=0.5, distortion_nans=0., rate_nans=0., grad_norm=g,
+                 skipped_updates=s, overflow_steps=o, iter_time=0.1)
+            for g, s, o in [(1.0, 0., 1.), (5.0, 1., 0.), (2.0, 0., 1.)]]
+    z = accumulate_stats(rows, 3)
+    assert (z['skipped_updates'], z['overflow_steps']) == (1, 2) and type(z['overflow_steps']) is int
+    assert z['grad_norm'] == 5.0 and z['elbo_bpd'] == pytest.approx(3.0 / np.log(2))
