@@ -37,7 +37,8 @@ from tqdm import tqdm
 import data
 from hps import (UserError, add_vae_arguments, at_least, check_ranges, explicit_flags,
                  Hyperparams, int_list, parse_args_and_update_hparams)
-from train import resolve_weights, standard_error, tile, write_png
+from resume import resolve_weights
+from train import standard_error, tile, write_png
 from utils import (Dist, allreduce, barrier, check_writable, cleanup_distributed, configure_cpu, gather_objects,
                    ieee_fp32, logger, restore_params, run_main, setup_distributed)
 from vae import VAE, parse_layer_string

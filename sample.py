@@ -26,7 +26,8 @@ from PIL import Image
 import data
 from hps import (UserError, add_vae_arguments, at_least, check_ranges, explicit_flags,
                  float_list, Hyperparams, int_list, parse_args_and_update_hparams)
-from train import resolve_weights, sample_grid, tile
+from resume import resolve_weights
+from train import sample_grid, tile
 from utils import check_writable, ieee_fp32, restore_params, run_main, setup_distributed
 from vae import VAE
 

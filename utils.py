@@ -494,7 +494,7 @@ def describe_mismatch(model, sd, path, H):
     return '; '.join(parts)
 
 
-# The files of a checkpoint set whose size and CRC the set's -state.th records (train.save_checkpoint).
+# The files of a checkpoint set whose size and CRC the set's -state.th records (resume.save_checkpoint).
 RECORDED_SUFFIXES = ('-model.th', '-model-ema.th', '-opt.th')
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 import data
 import evaluate
+import resume
 from hps import UserError, preset
 from vae import VAE
 from vae_helpers import KeyedNormal, gaussian_log_density
@@ -273,13 +274,12 @@ def test_reconstruction_and_interpolation_grids(run, trained, tmp_path):
 def test_run_folder_checkpoint_brings_its_architecture(trained, fm_root, tmp_path):
     """No --restore_ema_path and no architecture flags: the newest checkpoint of
     {save_dir}/{desc} is evaluated with the architecture saved beside it."""
-    import train
     from utils import Dist, logger
     H, model, _ = trained
     H = preset('fashion_mnist', data_root=fm_root, save_dir=str(tmp_path), desc='run', **ARCH)
     H.run_dir = str(tmp_path / 'run')
     os.makedirs(H.run_dir)
-    train.save_checkpoint(H, Dist(), 'latest', model, model, torch.optim.AdamW(model.parameters()), None,
+    resume.save_checkpoint(H, Dist(), 'latest', model, model, torch.optim.AdamW(model.parameters()), None,
                           logger(os.path.join(H.run_dir, 'log')),
                           dict(step=100, epoch=0, batch=0, best_eval=float('inf')))
     st = evaluate.main(['--save_dir', str(tmp_path), '--desc', 'run', '--data_root', fm_root, '--kl_stats',

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+import resume
+
 from conftest import ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,16 +248,16 @@ def test_crash_during_checkpoint_write_keeps_previous(fmnist_root, tmp_path, mon
     model, ema = train.build_models(H, d)
     opt = train.make_optimizer(H, model, d.device)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=99, epoch=0, batch=0,
+        resume.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=99, epoch=0, batch=0,
                                                                                best_eval=1.0))
     after = {f: open(os.path.join(rd, f), 'rb').read() for f in os.listdir(rd) if f.startswith('latest-')}
     assert after == before  # nothing torn, no temporary left behind
-    prefix, st = train.find_checkpoint(rd)
+    prefix, st = resume.find_checkpoint(rd)
     assert prefix.endswith('latest') and st['step'] == 3
     # a set torn between renames (new model file, old state file) is recognised and skipped
     with open(os.path.join(rd, 'latest-model.th'), 'ab') as f:
         f.write(b'x')
-    assert train.find_checkpoint(rd) == (None, None)
+    assert resume.find_checkpoint(rd) == (None, None)
 
 
 def test_sigterm_writes_latest_and_exits_cleanly(fmnist_root, tmp_path):
@@ -270,8 +272,7 @@ def test_sigterm_writes_latest_and_exits_cleanly(fmnist_root, tmp_path):
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
-    import train
-    prefix, st = train.find_checkpoint(str(tmp_path / 's'))
+    prefix, st = resume.find_checkpoint(str(tmp_path / 's'))
     assert prefix is not None and st['step'] >= 4
     assert 'stopped by signal' in out
 
@@ -319,8 +320,7 @@ def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(fmnist_root, 
     os.kill(pid, signal.SIGTERM)
     out, err = p.communicate(timeout=180)
     assert p.returncode == 0, err[-3000:]
-    import train
-    prefix, st = train.find_checkpoint(str(tmp_path / 'v'))
+    prefix, st = resume.find_checkpoint(str(tmp_path / 'v'))
     assert prefix is not None and st['step'] >= 4 and st['world_size'] == 2
     assert f'stopped by signal at step {st["step"]}' in out
 
