@@ -83,36 +83,56 @@ def keep_previous(run_dir):
         os.replace(tmp, dst)
 
 
+def _state(prefix):
+    """The training state recorded in {prefix}-state.th, or None where it is unreadable."""
+    try:
+        st = safe_torch_load(prefix + '-state.th', 'training state')
+        return st if isinstance(st, dict) and 'step' in st and 'files' in st else None
+    except UserError:
+        return None
+
+
+def _complete(prefix, st):
+    """Whether every file of the set {prefix}-* is present with the size and CRC ``st`` recorded."""
+    try:
+        return all(os.path.exists(prefix + s) and file_crc(prefix + s) == tuple(st['files'][s])
+                   for s in CHECKPOINT_FILES)
+    except (KeyError, TypeError, OSError):
+        return False
+
+
 def checkpoint_state(prefix):
     """The training state of the set {prefix}-* if all its files are present and match the
     sizes and CRCs recorded in {prefix}-state.th; None if it is incomplete or torn."""
-    try:
-        st = safe_torch_load(prefix + '-state.th', 'training state')
-        complete = all(os.path.exists(prefix + s) and file_crc(prefix + s) == tuple(st['files'][s])
-                       for s in CHECKPOINT_FILES)
-    except (UserError, KeyError, TypeError, OSError):
-        return None
-    return st if complete else None
+    st = _state(prefix)
+    return st if st is not None and _complete(prefix, st) else None
 
 
 def find_checkpoint(run_dir):
-    """(prefix, state) of the newest complete checkpoint in run_dir, or (None, None)."""
+    """(prefix, state) of the newest complete checkpoint in run_dir, or (None, None).
+
+    Sets are checked newest first (by the step their -state.th records; on a tie, latest),
+    and only until one is complete, so the CRCs of older sets' files are not computed."""
     if not os.path.isdir(run_dir):
         return None, None
-    found = []
+    readable = []
     for f in sorted(os.listdir(run_dir)):
-        if not f.endswith('-state.th'):
-            continue
-        prefix = os.path.join(run_dir, f[:-len('-state.th')])
-        st = checkpoint_state(prefix)
-        if st is not None:
-            found.append((st['step'], prefix, st))
-        else:
-            print(f'warning: ignoring incomplete checkpoint {prefix}-* (torn or partly written)', flush=True)
-    if not found:
-        return None, None
-    _, prefix, st = max(found, key=lambda t: (t[0], t[1].endswith('latest')))  # a tie: latest
-    return prefix, st
+        if f.endswith('-state.th'):
+            prefix = os.path.join(run_dir, f[:-len('-state.th')])
+            st = _state(prefix)
+            if st is None:
+                _warn_incomplete(prefix)
+            else:
+                readable.append((st, prefix))
+    for st, prefix in sorted(readable, key=lambda c: (c[0]['step'], c[1].endswith('latest')), reverse=True):
+        if _complete(prefix, st):
+            return prefix, st
+        _warn_incomplete(prefix)
+    return None, None
+
+
+def _warn_incomplete(prefix):
+    print(f'warning: ignoring incomplete checkpoint {prefix}-* (torn or partly written)', flush=True)
 
 
 def checkpoint_files(run_dir):
@@ -231,9 +251,10 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
     if prefix is not None:
         check_changes(H, st, prefix, data_id, log)
         log(f'resuming from {prefix} (step {st["step"]}, epoch {st["epoch"]})')
-        restore_params(model, prefix + '-model.th', H)
-        restore_params(ema, prefix + '-model-ema.th', H)
-        load_optimizer_file(optimizer, prefix + '-opt.th')
+        # find_checkpoint has checked every file's size and CRC against the set's record
+        restore_params(model, prefix + '-model.th', H, verified=True)
+        restore_params(ema, prefix + '-model-ema.th', H, verified=True)
+        load_optimizer_file(optimizer, prefix + '-opt.th', verified=True)
         if scaler is not None and st.get('scaler'):
             scaler.load_state_dict(st['scaler'])
         rngs = st['rng']

@@ -498,13 +498,20 @@ def describe_mismatch(model, sd, path, H):
 RECORDED_SUFFIXES = ('-model.th', '-model-ema.th', '-opt.th')
 
 
+def _sibling_state(path):
+    """(suffix, path of the -state.th beside it) for a file of a checkpoint set whose
+    -state.th exists; (None, None) otherwise."""
+    suffix = next((s for s in RECORDED_SUFFIXES if path.endswith(s)), None)
+    state_path = path[:-len(suffix)] + '-state.th' if suffix else None
+    return (suffix, state_path) if state_path and os.path.isfile(state_path) else (None, None)
+
+
 def check_recorded_checksum(path):
     """If ``path`` is a file of a checkpoint set whose -state.th is beside it, refuse it
     when its size or CRC differ from those recorded at save time.  Returns whether a
     record was found and matched."""
-    suffix = next((s for s in RECORDED_SUFFIXES if path.endswith(s)), None)
-    state_path = path[:-len(suffix)] + '-state.th' if suffix else None
-    if not state_path or not os.path.isfile(state_path):
+    suffix, state_path = _sibling_state(path)
+    if state_path is None:
         return False
     try:
         recorded = tuple(safe_torch_load(state_path, 'training state')['files'][suffix])
@@ -520,13 +527,13 @@ def check_recorded_checksum(path):
 
 def saved_run_config(path):
     """The 'H' of the -state.th beside a checkpoint file (None where there is none)."""
-    for suffix in RECORDED_SUFFIXES:
-        if path.endswith(suffix) and os.path.isfile(path[:-len(suffix)] + '-state.th'):
-            try:
-                return safe_torch_load(path[:-len(suffix)] + '-state.th', 'training state').get('H')
-            except (UserError, AttributeError):
-                return None
-    return None
+    _, state_path = _sibling_state(path)
+    if state_path is None:
+        return None
+    try:
+        return safe_torch_load(state_path, 'training state').get('H')
+    except (UserError, AttributeError):
+        return None
 
 
 def check_finite(sd, path):
@@ -538,11 +545,13 @@ def check_finite(sd, path):
                         "checkpoint")
 
 
-def restore_params(model, path, H):
+def restore_params(model, path, H, verified=False):
     """Load a -model.th / -model-ema.th file into ``model`` (any device), strictly.  The
-    file must match the size and CRC its set's -state.th recorded (where there is one)
-    and hold only finite values."""
-    check_recorded_checksum(path)
+    file must match the size and CRC its set's -state.th recorded (where there is one;
+    ``verified``: the caller has checked that already, e.g. resume.find_checkpoint) and
+    hold only finite values."""
+    if not verified:
+        check_recorded_checksum(path)
     sd = load_state_dict_file(path)
     want = model.state_dict()
     if set(sd) != set(want) or any(sd[k].shape != want[k].shape for k in want):
@@ -578,14 +587,16 @@ def convert_apex_optimizer_state(sd):
 OPTIMIZER_IMPL_KEYS = ('fused', 'foreach', 'capturable', 'differentiable')
 
 
-def load_optimizer_file(optimizer, path):
+def load_optimizer_file(optimizer, path, verified=False):
     """Load an optimizer state file (ours, or the release's apex FusedAdam file) into
     ``optimizer``.  The param groups keep the optimizer's own implementation flags
     (fused/foreach/capturable/differentiable) whatever the file says or lacks, so loading
     decides the ``step`` tensors' device as this optimizer needs, and each state tensor
     (exp_avg, exp_avg_sq) is laid out like its parameter (a file written with the other
-    --channels_last setting has the other strides; the fused kernels need them equal)."""
-    check_recorded_checksum(path)
+    --channels_last setting has the other strides; the fused kernels need them equal).
+    ``verified``: as for restore_params."""
+    if not verified:
+        check_recorded_checksum(path)
     sd = convert_apex_optimizer_state(safe_torch_load(path, 'optimizer state'))
     n_file = sum(len(g['params']) for g in sd['param_groups'])
     n_model = sum(len(g['params']) for g in optimizer.param_groups)
