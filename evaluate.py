@@ -38,7 +38,7 @@ import data
 from hps import (UserError, add_vae_arguments, at_least, check_ranges, explicit_flags,
                  Hyperparams, int_list, parse_args_and_update_hparams)
 from resume import resolve_weights
-from train import standard_error, tile, write_png
+from train import eval_batches, standard_error, tile, write_png
 from utils import (Dist, allreduce, barrier, check_writable, cleanup_distributed, configure_cpu, gather_objects,
                    ieee_fp32, logger, restore_params, run_main, setup_distributed)
 from vae import VAE, parse_layer_string
@@ -325,16 +325,6 @@ def run_iwae(H, d, model, source, bar):
 
 # ----------------------------------------------------------------------------- per-layer KL
 
-def _batches(H, d, source):
-    """(positions, uint8 batch) over this rank's shard, prefetched by eval_loader."""
-    b = H.n_batch_eval or 4 * H.n_batch
-    shard = data.eval_shard(len(source), d.rank, d.world_size)
-    loader = data.eval_loader(source, b, rank=d.rank, world_size=d.world_size, num_workers=min(H.num_workers, 1),
-                              pin_memory=d.device.type == 'cuda')
-    for i, x in enumerate(loader):
-        yield shard[i * b:(i + 1) * b], x
-
-
 def block_resolutions(H):
     return [res for res, _ in parse_layer_string(H.dec_blocks)]
 
@@ -346,7 +336,7 @@ def run_kl_stats(H, d, model, source, bar):
     ndims = H.image_size ** 2 * H.image_channels
     # n, distortion, rate, elbo, elbo^2, then kl and kl^2 per block: per-image sums
     sums = torch.zeros(5 + 2 * nb, dtype=torch.float64, device=d.device)
-    for pos, x in _batches(H, d, source):
+    for pos, x in eval_batches(H, d, source):
         x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
         with model.keyed_noise(KeyedNormal(H.seed, _positions(pos, d.device))):
             out = model.forward_per_image(x_in, x_target)
@@ -456,7 +446,7 @@ def run_encode(H, d, model, source, path, bar):
     per_image = []  # (B, 2 + blocks) on the device per batch: distortion, rate, kl per block
     ndims = H.image_size ** 2 * H.image_channels
     try:
-        for pos, x in _batches(H, d, source):
+        for pos, x in eval_batches(H, d, source):
             x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
             with model.keyed_noise(KeyedNormal(H.seed, _positions(pos, d.device))):
                 distortion, stats = model.forward_with_dists(x_in, x_target)

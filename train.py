@@ -371,16 +371,11 @@ def evaluate(H, d, ema, source, desc='eval'):
     ema.eval()
     # n, elbo, distortion, rate, n_finite, finite elbo, elbo^2 (for the standard error)
     sums = torch.zeros(7, dtype=torch.float64, device=d.device)
-    batch = H.n_batch_eval or 4 * H.n_batch
-    shard = data.eval_shard(len(source), d.rank, d.world_size)  # a contiguous block of positions
-    first = int(shard[0]) if len(shard) else 0
-    loader = data.eval_loader(source, batch, rank=d.rank, world_size=d.world_size,
-                              num_workers=min(H.num_workers, 1), pin_memory=d.device.type == 'cuda',
-                              mp_context=worker_start_method(d))
+    batches = eval_batches(H, d, source)
     with ieee_fp32():
-        for i, x in enumerate(tqdm(loader, desc=desc, disable=not d.is_main or H.no_progress, leave=False)):
+        for positions, x in tqdm(batches, desc=desc, disable=not d.is_main or H.no_progress, leave=False):
             x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
-            images = first + i * batch + torch.arange(len(x), device=d.device)  # positions in the split
+            images = torch.from_numpy(positions).to(d.device)  # positions in the split
             with ema.keyed_noise(KeyedNormal(H.seed, images)):
                 out = ema.forward_per_image(x_in, x_target)
             elbo = out['elbo'].double()
@@ -395,6 +390,18 @@ def evaluate(H, d, ema, source, desc='eval'):
     return dict(n_images=int(n), elbo=elbo / n, elbo_se=se, distortion=distortion / n, rate=rate / n,
                 elbo_bpd=elbo / n / LN2, elbo_bpd_se=se / LN2, filtered_elbo=finite_elbo / max(n_finite, 1),
                 n_nonfinite=int(n - n_finite))
+
+
+def eval_batches(H, d, source):
+    """(positions in the split, uint8 batch) over this rank's contiguous shard of ``source``,
+    --n_batch_eval images at a time (default 4 x --n_batch), prefetched by one worker (spawned
+    under mpiexec, see worker_start_method)."""
+    b = H.n_batch_eval or 4 * H.n_batch
+    shard = data.eval_shard(len(source), d.rank, d.world_size)
+    loader = data.eval_loader(source, b, rank=d.rank, world_size=d.world_size, num_workers=min(H.num_workers, 1),
+                              pin_memory=d.device.type == 'cuda', mp_context=worker_start_method(d))
+    for i, x in enumerate(loader):
+        yield shard[i * b:(i + 1) * b], x
 
 
 def standard_error(n, total, total_sq):
