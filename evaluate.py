@@ -41,7 +41,7 @@ from resume import resolve_weights
 from train import eval_batches, standard_error, tile, write_png
 from utils import (Dist, allreduce, barrier, check_writable, cleanup_distributed, configure_cpu, gather_objects,
                    ieee_fp32, logger, restore_params, run_main, setup_distributed)
-from vae import VAE, parse_layer_string
+from vae import VAE, check_hparams, parse_layer_string
 from vae_helpers import KeyedNormal, gaussian_log_density
 
 LN2 = math.log(2)
@@ -605,6 +605,7 @@ def main(argv=None):
     check_args(H)
     H.run_dir = os.path.join(H.save_dir, H.desc)
     weights, notes = resolve_weights(H)
+    check_hparams(H)  # the architecture (perhaps the run's), before any data is read
     check_model_args(H, len(parse_layer_string(H.dec_blocks)))
     H.out_dir = H.out_dir or H.run_dir
     check_writable(H.out_dir, 'pass --out_dir DIR somewhere writable (evaluation only reads the run)')

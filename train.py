@@ -34,7 +34,7 @@ from utils import (allreduce, check_writable, cleanup_distributed, clip_grad_nor
                    is_writable, logger, param_spread_across_ranks, print_once, read_log, run_main, setup_distributed)
 from resume import (check_restore_paths, data_fingerprint, find_checkpoint, load_for_evaluation, open_run_folder,
                     restore, save_checkpoint)
-from vae import VAE
+from vae import VAE, check_hparams
 from vae_helpers import KeyedNormal
 
 LN2 = math.log(2)
@@ -45,6 +45,7 @@ LN2 = math.log(2)
 def set_up(argv=None):
     """Resolve H, join the process group, make the run folder and the logger."""
     H = get_hparams(argv)
+    check_hparams(H)  # the architecture, before any process group, file or data
     d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device)
     if d.device.type == 'cpu':
         configure_cpu(H.threads)

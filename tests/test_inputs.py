@@ -160,6 +160,43 @@ def test_presets_pass_the_checks():
         hps.preset(name)
 
 
+# Layer strings and widths that cannot build the tiny model (enc 28x1,28d2,14x1,14d2,7x1,7d7,1x1, dec
+# 1x1,7m1,14m7,28m14, width 16): (flags, the token or value the line must name, the rule it must state).
+BAD_ARCHITECTURE = [
+    (['--dec_blocks', '1x1,14m7,28m14'], "'14m7'", 'no earlier decoder block has produced'),
+    (['--dec_blocks', '1x1,7m14,14m7,28m14'], "'7m14'", 'S must be below R'),
+    (['--dec_blocks', '1x1,7m1,7m7,14m7,28m14'], "'7m7'", 'S must be below R'),
+    (['--dec_blocks', '1x1,7m1,14m7,7x1,28m14'], "'7x1'", 'must never decrease'),
+    (['--dec_blocks', '1x1,7m1,14m7'], "'1x1,7m1,14m7'", 'must end at the image resolution 28'),
+    (['--dec_blocks', '1x1,7m1,14d2,28m14'], "'14d2'", 'the decoder takes RxN, RmS and R'),
+    (['--dec_blocks', '1x1,7m1,9x1,28m7'], "'9x1'", 'the encoder provides only [1, 7, 14, 28]'),
+    (['--dec_blocks', '1x0,7m1,14m7,28m14'], "'1x0'", 'block count N of RxN = 0: it must be >= 1'),
+    (['--enc_blocks', '28x-1,28d2,14x1,14d2,7x1,7d7,1x1'], "'28x-1'", 'block count N of RxN = -1'),
+    (['--enc_blocks', '28d3,9x1,9d9,1x1', '--dec_blocks', '1x1,9m1,9x1,28m9'], "'28d3'", 'K of RdK must divide R'),
+    (['--enc_blocks', '28x1,28d2,28x1,14d2,7x1,7d7,1x1'], "'28x1'", 'the encoder is at resolution 14 there'),
+    (['--enc_blocks', '28x1,28m2,14x1,14d2,7x1,7d7,1x1'], "'28m2'", 'the encoder takes RxN, RdK and R'),
+    (['--enc_blocks', '28x1,28d0,14x1'], "'28d0'", 'down rate K of RdK = 0'),
+    (['--enc_blocks', '28x1,,28d2,14x1,14d2,7x1,7d7,1x1'], "''", 'expected RxN'),
+    (['--enc_blocks', '28x2x1'], "'28x2x1'", 'expected RxN'),
+    (['--custom_width_str', '14-64'], "'14-64'", 'resolution:width pairs of positive integers'),
+    (['--custom_width_str', '14:0'], "'14:0'", 'resolution:width pairs of positive integers'),
+    (['--custom_width_str', '14:8'], "'28d2'", 'cannot drop any'),
+    (['--bottleneck_multiple', '0.01'], '--bottleneck_multiple 0.01', 'int(16 x 0.01) = 0'),
+]
+
+
+@pytest.mark.parametrize('flags,token,rule', BAD_ARCHITECTURE, ids=[' '.join(c[0]) for c in BAD_ARCHITECTURE])
+def test_architecture_that_cannot_be_built_is_refused_before_any_data_is_read(tmp_path, capsys, flags, token,
+                                                                                 rule):
+    """train.py refuses each in one line naming the token and the rule, and does so before
+    it reads data: --data_root points at a folder with no data at all."""
+    argv = TINY + ['--data_root', str(tmp_path / 'no-data'), '--save_dir', str(tmp_path / 'runs'), '--desc', 'x',
+                   '--max_iters', '2'] + flags
+    err = exits_2(capsys, train.main, argv)
+    assert token in err and rule in err, err
+    assert not os.path.exists(tmp_path / 'runs')
+
+
 @pytest.mark.parametrize('flags', [
     ['--n_batch', '0'], ['--n_batch', '-4'], ['--iters_per_save', '0'], ['--iters_per_print', '0'],
     ['--iters_per_images', '0'], ['--lr', '-1'], ['--num_workers', '-1'], ['--threads', '-1'],
