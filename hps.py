@@ -132,7 +132,8 @@ def add_vae_arguments(parser):
     a('--restart', action='store_true',
       help='begin {save_dir}/{desc} afresh at step 0; its earlier files are moved to a before-restart-* folder in it')
     a('--allow_changes', action='store_true',
-      help='resume even though the batch size, seed, architecture or training data differ from the checkpoint\'s')
+      help='resume even though the global batch (n_batch x processes), seed, architecture or training data '
+           'differ from the checkpoint\'s')
     a('--dataset', type=str, default='fashion_mnist', help='dataset name (set by the presets)')
     a('--image_size', type=int, default=28, help='image height and width (set by the presets)')
     a('--image_channels', type=int, default=1, help='1 (grayscale) or 3 (RGB) (set by the presets)')

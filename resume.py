@@ -18,6 +18,7 @@ import zlib
 import numpy as np
 import torch
 
+import data
 from hps import UserError, apply_run_config
 from utils import (atomic_copy, atomic_save, atomic_write, barrier, file_crc, gather_objects, load_optimizer_file,
                    remove_stale_temporaries, restore_log, restore_params, safe_torch_load, saved_run_config)
@@ -157,11 +158,12 @@ def set_aside(run_dir):
     return folder
 
 
-# Hyperparameters whose change makes the saved state mean something else: the batch size
-# (the position in the epoch), the seed (the data order), the architecture (the weights).
+# Hyperparameters whose change makes the saved state mean something else: the seed (the
+# data order), the architecture (the weights).  The batch is checked as the global batch,
+# n_batch x processes (check_changes): that, not the per-process n_batch, sets the updates.
 ARCH_KEYS = ['dataset', 'image_size', 'image_channels', 'width', 'zdim', 'enc_blocks', 'dec_blocks',
              'custom_width_str', 'bottleneck_multiple', 'no_bias_above', 'num_mixtures']
-EXACT_RESUME_KEYS = ['n_batch', 'seed'] + ARCH_KEYS
+EXACT_RESUME_KEYS = ['seed'] + ARCH_KEYS
 # Where the run lives, how it is launched and shown, and what to restore: never a change of the run.
 NOT_RUN_KEYS = ['desc', 'save_dir', 'run_dir', 'resume', 'restart', 'allow_changes', 'no_progress', 'port',
                 'num_workers', 'threads', 'test_eval', 'restore_path', 'restore_ema_path', 'restore_log_path',
@@ -182,9 +184,17 @@ def data_fingerprint(source):
     return [n, zlib.crc32(np.ascontiguousarray(source[idx]).tobytes())]
 
 
-def check_changes(H, st, prefix, data_id, log):
+def global_batch(n_batch, world_size):
+    """The images of one update, in words: '--n_batch B x N processes = B*N'."""
+    return f'--n_batch {n_batch} x {world_size} process{"es" if world_size > 1 else ""} = {n_batch * world_size}'
+
+
+def check_changes(H, st, prefix, data_id, log, world_size=1):
     """Log the hyperparameters that differ from the checkpoint's (old -> new); refuse those
-    that break an exact continuation unless --allow_changes (--test_eval only reads)."""
+    that break an exact continuation unless --allow_changes (--test_eval only reads): the
+    seed, the architecture, the training data and the global batch (n_batch x processes,
+    which sets the updates and the order the images come in; the same global batch split
+    over another number of processes continues the same run)."""
     if H.test_eval:
         return
     changes = changed_hparams(st['H'], H)
@@ -192,11 +202,16 @@ def check_changes(H, st, prefix, data_id, log):
         log('hyperparameters changed since ' + os.path.basename(prefix) + ': '
             + ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changes.items()))
     breaking = [k for k in changes if k in EXACT_RESUME_KEYS]
+    old_batch, old_world = st['H']['n_batch'], st.get('world_size', 1)
+    if old_batch * old_world != H.n_batch * world_size:
+        breaking.append(f'global batch ({global_batch(old_batch, old_world)} -> '
+                        f'{global_batch(H.n_batch, world_size)} images per update)')
     if data_id is not None and st.get('data') is not None and list(st['data']) != list(data_id):
         breaking.append(f'training data ({st["data"][0]} -> {data_id[0]} images or their content)')
     if breaking and not H.allow_changes:
-        raise UserError(f"resuming {prefix} with changed {', '.join(breaking)} would not continue the same run; "
-                        "add --allow_changes to continue anyway, --restart to begin afresh, or use another --desc")
+        raise UserError(f"resuming {prefix} with changed {', '.join(breaking)} would not continue the same run (a "
+                        "changed global batch changes the optimisation and the order of the images); add "
+                        "--allow_changes to continue anyway, --restart to begin afresh, or use another --desc")
 
 
 def resolve_weights(H):
@@ -236,7 +251,8 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
     progress: step, epoch, batch (next batch within the epoch), best_eval, skipped.
 
     Refuses (UserError) to start from zero in a folder whose checkpoints are all torn, and
-    to resume with changed EXACT_RESUME_KEYS or data, unless --restart / --allow_changes."""
+    to resume with changed EXACT_RESUME_KEYS, global batch or data, unless --restart /
+    --allow_changes (check_changes)."""
     progress = dict(step=0, epoch=0, batch=0, best_eval=float('inf'), skipped=0)
     if H.resume and H.restart:
         raise UserError("--resume continues the run and --restart begins it afresh: pass one of them")
@@ -249,7 +265,7 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
                         "but no complete set, so the run cannot continue; to begin afresh add --restart (the old "
                         "files are moved to a before-restart-* folder beside them), or pick another --desc")
     if prefix is not None:
-        check_changes(H, st, prefix, data_id, log)
+        check_changes(H, st, prefix, data_id, log, d.world_size)
         log(f'resuming from {prefix} (step {st["step"]}, epoch {st["epoch"]})')
         # find_checkpoint has checked every file's size and CRC against the set's record
         restore_params(model, prefix + '-model.th', H, verified=True)
@@ -260,17 +276,16 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
         rngs = st['rng']
         if len(rngs) == d.world_size:
             set_rng_state(rngs[d.rank], d.device)
+        elif (H.rank_invariant_noise or d.world_size == 1) and same_states(rngs):
+            # every rank drew the global batch's noise from one stream: it goes on, on every rank
+            set_rng_state(rngs[0], d.device)
+            log(f'note: checkpoint written by {len(rngs)} process(es), now {d.world_size}: data order and '
+                'posterior noise continue (every process drew the same noise stream)')
         else:
-            log(f'note: checkpoint written by {len(rngs)} processes, now {d.world_size}: '
-                'data order is kept, posterior noise is reseeded')
+            log(f'note: checkpoint written by {len(rngs)} process(es), now {d.world_size}: data order is kept, '
+                'posterior noise is reseeded (with --rank_invariant_noise on both sides it would continue)')
         progress = {k: st.get(k, progress[k]) for k in progress}
-        # the position in the epoch counts global batches: convert it if their size changed
-        old_global, new_global = st['H']['n_batch'] * st.get('world_size', 1), H.n_batch * d.world_size
-        if old_global != new_global and progress['batch']:
-            images = progress['batch'] * old_global
-            progress['batch'] = images // new_global
-            log(f'note: {images} images of epoch {progress["epoch"]} were trained on in batches of {old_global}; '
-                f'continuing at batch {progress["batch"]} of {new_global}')
+        progress['batch'] = position_in_epoch(H, d, st, progress, data_id, log)
         return progress
     # load everything before logging anything, so a bad file leaves no trace in the run folder
     if H.restore_path:
@@ -292,6 +307,30 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
         log(f'starting at epoch {progress["epoch"]}, step {progress["step"]} (from the log); '
             f'best eval elbo so far {progress["best_eval"]}')
     return progress
+
+
+def same_states(rngs):
+    """Whether every rank's saved RNG state (rng_state) is the same."""
+    return all(set(r) == set(rngs[0]) and all(torch.equal(r[k], rngs[0][k]) for k in r) for r in rngs)
+
+
+def position_in_epoch(H, d, st, progress, data_id, log):
+    """The next global batch of the epoch for this run.  It counts global batches (n_batch x
+    processes); when their size changed (--allow_changes), the images already trained on
+    this epoch are carried over, rounded down to whole new global batches (the images of
+    the partial one are trained on again)."""
+    old_global, new_global = st['H']['n_batch'] * st.get('world_size', 1), H.n_batch * d.world_size
+    batch = progress['batch']
+    if old_global == new_global or not batch:
+        return batch
+    images = batch * old_global
+    batch, again = divmod(images, new_global)
+    per_epoch = f' of {data.train_batches_per_epoch(data_id[0], H.n_batch, d.world_size)}' if data_id else ''
+    log(f'note: {images} images of epoch {progress["epoch"]} were trained on in global batches of '
+        f'{global_batch(st["H"]["n_batch"], st.get("world_size", 1))}; continuing at global batch {batch}{per_epoch} '
+        f'of this epoch, in global batches of {global_batch(H.n_batch, d.world_size)}'
+        + (f' ({again} images of the last one are trained on again)' if again else ''))
+    return batch
 
 
 def load_for_evaluation(H, d, model, ema, optimizer, scaler, log):

@@ -155,8 +155,10 @@ def test_changed_hyperparameters_are_logged_refused_or_allowed(fmnist_root, tmp_
     before = folder_bytes(rd)
     # breaks exact resume: refused with one line naming the key and the flag; nothing touched
     p = run(args(fmnist_root, tmp_path, 'h', 4, '--n_batch', '8', '--lr', '0.01'), check=False)
-    assert p.returncode == 2 and 'n_batch' in p.stderr and '--allow_changes' in p.stderr
-    assert 'with changed n_batch would' in p.stderr  # only the breaking key is named
+    assert p.returncode == 2 and '--allow_changes' in p.stderr
+    named = p.stderr.split('with changed ', 1)[1].split(' would not', 1)[0]  # only the breaking change is named
+    assert named == 'global batch (--n_batch 4 x 1 process = 4 -> --n_batch 8 x 1 process = 8 images per update)'
+
     assert len(p.stderr.strip().splitlines()) == 1
     assert folder_bytes(rd) == before
     # an architecture change is refused before anything is loaded or logged
@@ -174,9 +176,34 @@ def test_changed_hyperparameters_are_logged_refused_or_allowed(fmnist_root, tmp_
     # confirmed batch-size change: the position in the epoch is kept in images (4 x 4 = 2 x 8)
     p = run(args(fmnist_root, tmp_path, 'h', 6, '--lr', '0.01', '--ema_rate', '0.5', '--n_batch', '8',
                  '--allow_changes'))
-    assert 'n_batch 4 -> 8' in p.stdout and 'continuing at batch 2 of 8' in p.stdout
+    assert 'n_batch 4 -> 8' in p.stdout and 'continuing at global batch 2 of 25 of this epoch' in p.stdout
     st = torch.load(rd / 'latest-state.th', weights_only=True)
     assert st['step'] == 6 and st['epoch'] == 0 and st['batch'] == 4
+
+
+def test_resume_across_process_counts_keeps_the_global_batch(fmnist_root, tmp_path, uninterrupted):
+    """1 process x 4 images -> 2 processes x 2 -> 1 process x 4: the same global batch, so each
+    resume is accepted and continues the uninterrupted run (the same images, and with
+    --rank_invariant_noise the same noise stream, to float tolerance); a different global
+    batch (1 x 2 after 2 x 2: the per-process batch kept, the update halved) is refused."""
+    full, _ = uninterrupted
+    rd = tmp_path / 'g'
+    run(args(fmnist_root, tmp_path, 'g', 2))
+    p = run(args(fmnist_root, tmp_path, 'g', 4, '--n_batch', '2', '--rank_invariant_noise'),
+            launcher=['torchrun', '--standalone', '--nproc_per_node', '2'])
+    assert f'resuming from {rd / "latest"} (step 2' in p.stdout and 'noise continue' in p.stdout
+    assert torch.load(rd / 'latest-state.th', weights_only=True)['world_size'] == 2
+    before = folder_bytes(rd)
+    p = run(args(fmnist_root, tmp_path, 'g', 6, '--n_batch', '2'), check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert 'changed global batch (--n_batch 2 x 2 processes = 4 -> --n_batch 2 x 1 process = 2 images' in p.stderr
+    assert '--allow_changes' in p.stderr and folder_bytes(rd) == before
+    run(args(fmnist_root, tmp_path, 'g', 6))  # one process: its one stream is the global one
+    losses = train_losses(rd)
+    assert sorted(losses) == list(range(6))
+    np.testing.assert_allclose([losses[i] for i in range(6)], [full[i] for i in range(6)], rtol=1e-5)
+    st = torch.load(rd / 'latest-state.th', weights_only=True)
+    assert (st['step'], st['epoch'], st['batch'], st['world_size']) == (6, 0, 6, 1)
 
 
 def test_other_training_data_is_refused(fmnist_root, tmp_path):
