@@ -32,7 +32,6 @@ import zipfile
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import data
 from hps import (UserError, add_vae_arguments, at_least, check_ranges, explicit_flags,
@@ -40,7 +39,7 @@ from hps import (UserError, add_vae_arguments, at_least, check_ranges, explicit_
 from resume import resolve_weights
 from train import eval_batches, standard_error, tile, write_png
 from utils import (Dist, allreduce, barrier, check_writable, cleanup_distributed, configure_cpu, gather_objects,
-                   ieee_fp32, logger, restore_params, run_main, setup_distributed)
+                   ieee_fp32, logger, progress_bar, restore_params, run_main, setup_distributed)
 from vae import VAE, check_hparams, parse_layer_string
 from vae_helpers import KeyedNormal, gaussian_log_density
 
@@ -656,7 +655,7 @@ def _run(H, d, weights, notes):
         log(note)
     log(f'{H.mode}: {model.num_params():,} parameters | {d.world_size} process(es) via {d.launcher} | '
         f'device {d.device} | outputs in {H.out_dir}')
-    bar = tqdm(total=todo, desc=H.mode, unit='img', dynamic_ncols=True, disable=not d.is_main or H.no_progress)
+    bar = progress_bar(is_main=d.is_main, off=H.no_progress, total=todo, desc=H.mode, unit='img', dynamic_ncols=True)
     try:
         return _dispatch(H, d, model, source, images, names, weights, bar, log)
     finally:

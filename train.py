@@ -26,12 +26,12 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import data
 from hps import UserError, get_hparams
 from utils import (allreduce, check_writable, cleanup_distributed, clip_grad_norm, configure_cpu, ieee_fp32,
-                   is_writable, logger, param_spread_across_ranks, print_once, read_log, run_main, setup_distributed)
+                   is_writable, logger, param_spread_across_ranks, print_once, progress_bar, read_log, run_main,
+                   setup_distributed)
 from resume import (check_restore_paths, data_fingerprint, find_checkpoint, load_for_evaluation, open_run_folder,
                     restore, save_checkpoint)
 from vae import VAE, check_hparams
@@ -374,7 +374,7 @@ def evaluate(H, d, ema, source, desc='eval'):
     sums = torch.zeros(7, dtype=torch.float64, device=d.device)
     batches = eval_batches(H, d, source)
     with ieee_fp32():
-        for positions, x in tqdm(batches, desc=desc, disable=not d.is_main or H.no_progress, leave=False):
+        for positions, x in progress_bar(batches, is_main=d.is_main, off=H.no_progress, desc=desc, leave=False):
             x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
             images = torch.from_numpy(positions).to(d.device)  # positions in the split
             with ema.keyed_noise(KeyedNormal(H.seed, images)):
@@ -462,34 +462,61 @@ def write_images(H, d, ema, viz_batch, fname, log):
     log(f'printing samples to {fname}')
 
 
+def log_series(records, kind, field, unit=1.0):
+    """[(step, value / unit)] of ``field`` in the run-log records of type ``kind``, sorted
+    by step.  A step logged more than once (a print and a save at the same step, or steps
+    trained again after a resume) keeps its last record."""
+    points = {}
+    for z in records:
+        if z.get('type') == kind and 'step' in z and field in z:
+            points[z['step']] = z[field] / unit
+    return sorted(points.items())
+
+
 def loss_curves(records):
     """(train, valid) lists of (step, bits/dim) from run-log records, sorted by step.
     train: every train_loss record, the per-print ones and those written with each
-    checkpoint (the run's last point); valid: eval_loss records.  A step logged more than
-    once (a print and a save at the same step, or steps trained again after a resume)
-    keeps its last record."""
-    curves = {'train_loss': {}, 'eval_loss': {}}
-    for z in records:
-        if z.get('type') in curves and 'step' in z and 'elbo' in z:
-            curves[z['type']][z['step']] = z['elbo'] / LN2
-    return [sorted(curves[k].items()) for k in ('train_loss', 'eval_loss')]
+    checkpoint (the run's last point); valid: eval_loss records (see log_series)."""
+    return [log_series(records, kind, 'elbo', LN2) for kind in ('train_loss', 'eval_loss')]
 
 
 def write_loss_plot(log_path, png_path):
-    """Train and valid bits/dim against step, from the run log."""
+    """Four panels against step, from the run log: train and valid bits/dim; the train
+    distortion and rate (bits/dim); the largest pre-clip gradient norm of each print window,
+    with --skip_threshold; the skipped updates since the start."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    tr, va = loss_curves(read_log(log_path))
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    if tr:
-        ax.plot(*zip(*tr), label='train (batch average)', lw=1)
-    if va:
-        ax.plot(*zip(*va), 'o-', label='valid (EMA model)', lw=1.5)
-    ax.set_xlabel('step')
-    ax.set_ylabel('negative ELBO (bits/dim)')
-    ax.grid(alpha=0.3)
-    ax.legend()
+    from matplotlib.ticker import MaxNLocator
+    records = read_log(log_path)
+    tr, va = loss_curves(records)
+    grad_norms = log_series(records, 'train_loss', 'grad_norm')
+    skipped = log_series(records, 'train_loss', 'total_skipped')
+    fig, ((loss, parts), (grad, skips)) = plt.subplots(2, 2, figsize=(9, 6), dpi=100, sharex=True)
+    for ax, points, style, label in [
+            (loss, tr, '-', 'train (batch average)'), (loss, va, 'o-', 'valid (EMA model)'),
+            (parts, log_series(records, 'train_loss', 'distortion', LN2), '-', 'distortion'),
+            (parts, log_series(records, 'train_loss', 'rate', LN2), '-', 'rate (KL)'),
+            (grad, grad_norms, '-', 'largest of the print window'),
+            (skips, skipped, '-', 'since the start')]:
+        if points:
+            ax.plot(*zip(*points), style, label=label, lw=1)
+    threshold = [z['value'] for z in records if z.get('type') == 'hparam' and z.get('key') == 'skip_threshold']
+    if threshold and threshold[-1] != -1:
+        grad.axhline(threshold[-1], color='gray', ls='--', lw=1, label='--skip_threshold')
+    if grad_norms and min(v for _, v in grad_norms) > 0:
+        grad.set_yscale('log')  # norms span orders of magnitude early in training
+    for ax, ylabel in [(loss, 'negative ELBO (bits/dim)'), (parts, 'bits/dim'), (grad, 'gradient norm (pre-clip)'),
+                       (skips, 'skipped updates')]:
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    top = max([1] + [1.1 * v for _, v in skipped])
+    skips.set_ylim(-0.03 * top, top)  # a count: from 0 (the line at 0 visible), whole numbers
+    skips.yaxis.set_major_locator(MaxNLocator(integer=True))
+    grad.set_xlabel('step')
+    skips.set_xlabel('step')
     fig.tight_layout()
     tmp = png_path + '.tmp.png'
     fig.savefig(tmp)
@@ -566,8 +593,8 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
     if start_batch >= n_batches:
         epoch, start_batch = epoch + 1, 0
     total = H.max_iters if H.max_iters else H.num_epochs * n_batches
-    bar = tqdm(total=total, initial=min(it, total), desc='train', unit='it', dynamic_ncols=True,
-               disable=not d.is_main or H.no_progress)
+    bar = progress_bar(is_main=d.is_main, off=H.no_progress, total=total, initial=min(it, total), desc='train',
+                       unit='it', dynamic_ncols=True)
 
     def read_stats():
         """Bring the pending steps' statistics to the host (one synchronisation), add them to
@@ -636,6 +663,8 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
                 checkpoint(f'iter-{it}', epoch, b + 1)
             if stop:
                 bar.close()
+                if d.is_main:  # after the checkpoint: the picture of the run so far, for a job that ends here
+                    write_loss_plot(log.jsonl_path, os.path.join(H.run_dir, 'loss.png'))
                 log(f'stopped by signal at step {it}; continue with the same command')
                 return
             if done:

@@ -273,6 +273,13 @@ def logger(log_prefix, is_main=True, write=True, hold=False):
     return log
 
 
+def progress_bar(iterable=None, *, is_main=True, off=False, **kwargs):
+    """A tqdm bar on the main process and on a terminal only (not with --no_progress, ``off``).
+    On a log file (a cluster job's stdout and stderr) its \\r updates would pile up, and the
+    log lines already say how far the run is."""
+    return tqdm(iterable, disable=not is_main or off or not sys.stderr.isatty(), **kwargs)
+
+
 def read_log(path):
     """All JSON objects of a jsonl log (a torn last line from a crash is ignored)."""
     if not os.path.exists(path):

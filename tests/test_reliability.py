@@ -336,6 +336,20 @@ def test_one_loader_with_persistent_workers_keeps_the_data_order_and_ignores_sig
         del loader
 
 
+# ----------------------------------------------------------------------------- logs on clusters
+
+def test_no_progress_bar_updates_in_a_log_file(fmnist_root, tmp_path):
+    """A cluster job's stdout and stderr are files: progress bars are off there (without
+    --no_progress), so no carriage-return updates pile up; the log lines are all there is."""
+    a = [x for x in args(fmnist_root, tmp_path, 'bar', 2) if x != '--no_progress']
+    with open(tmp_path / 'out.txt', 'w') as out, open(tmp_path / 'err.txt', 'w') as err:
+        subprocess.run([sys.executable, 'train.py', *a], cwd=ROOT, stdout=out, stderr=err, timeout=300, check=True)
+    # bytes: text mode would read carriage returns as newlines
+    raw = (tmp_path / 'out.txt').read_bytes() + (tmp_path / 'err.txt').read_bytes()
+    assert b'\r' not in raw and b'it/s' not in raw
+    assert b'finished at step 2' in raw and b'\r' not in (tmp_path / 'bar' / 'log.txt').read_bytes()
+
+
 # ----------------------------------------------------------------------------- the loss plot
 
 def test_loss_curve_points_keep_the_last_record_per_step_and_the_final_save():
@@ -357,3 +371,25 @@ def test_loss_curve_points_keep_the_last_record_per_step_and_the_final_save():
     tr, va = loss_curves(records)
     assert tr == [(0, 5.0 / LN2), (2, 4.0 / LN2), (4, 2.5 / LN2), (6, 2.0 / LN2), (7, 1.5 / LN2)]
     assert va == [(4, 3.2 / LN2), (7, 1.8 / LN2)]
+
+
+def test_loss_plot_has_the_rate_distortion_grad_norm_and_skip_panels(tmp_path):
+    """write_loss_plot reads the four series of its panels from the log (log_series: the last
+    record of a step wins, as for the bits/dim curve) and writes one 2 x 2 figure."""
+    from PIL import Image
+    from train import LN2, log_series, write_loss_plot
+    records = [{'type': 'hparam', 'key': 'skip_threshold', 'value': 400.0},
+               {'type': 'train_loss', 'step': 0, 'elbo': 5.0, 'distortion': 4.0, 'rate': 1.0, 'grad_norm': 900.0,
+                'total_skipped': 1},
+               {'type': 'train_loss', 'step': 2, 'elbo': 4.0, 'distortion': 3.5, 'rate': 0.5, 'grad_norm': 50.0,
+                'total_skipped': 1},
+               {'type': 'train_loss', 'step': 2, 'elbo': 4.0, 'distortion': 3.0, 'rate': 1.0, 'grad_norm': 60.0},
+               {'type': 'eval_loss', 'step': 2, 'elbo': 4.2, 'distortion': 3.1, 'rate': 1.1}]
+    assert log_series(records, 'train_loss', 'distortion', LN2) == [(0, 4.0 / LN2), (2, 3.0 / LN2)]
+    assert log_series(records, 'train_loss', 'rate', LN2) == [(0, 1.0 / LN2), (2, 1.0 / LN2)]
+    assert log_series(records, 'train_loss', 'grad_norm') == [(0, 900.0), (2, 60.0)]
+    assert log_series(records, 'train_loss', 'total_skipped') == [(0, 1), (2, 1)]
+    with open(tmp_path / 'log.jsonl', 'w') as f:
+        f.writelines(json.dumps(z) + '\n' for z in records)
+    write_loss_plot(str(tmp_path / 'log.jsonl'), str(tmp_path / 'loss.png'))
+    assert Image.open(tmp_path / 'loss.png').size == (900, 600)

@@ -275,6 +275,7 @@ def test_sigterm_writes_latest_and_exits_cleanly(fmnist_root, tmp_path):
     prefix, st = resume.find_checkpoint(str(tmp_path / 's'))
     assert prefix is not None and st['step'] >= 4
     assert 'stopped by signal' in out
+    assert (tmp_path / 's' / 'loss.png').exists()  # before the first epoch's evaluation: written at the stop
 
 
 def _worker_pid(launcher_pid, rank):
