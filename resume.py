@@ -20,8 +20,9 @@ import torch
 
 import data
 from hps import UserError, apply_run_config
-from utils import (atomic_copy, atomic_save, atomic_write, barrier, file_crc, gather_objects, load_optimizer_file,
-                   remove_stale_temporaries, restore_log, restore_params, safe_torch_load, saved_run_config)
+from utils import (atomic_copy, atomic_save, atomic_write, barrier, file_crc, file_damage, gather_objects,
+                   load_optimizer_file, remove_stale_temporaries, restore_log, restore_params, safe_torch_load,
+                   saved_run_config)
 
 CHECKPOINT_FILES = ['-model.th', '-model-ema.th', '-opt.th', '-log.jsonl']
 
@@ -85,55 +86,82 @@ def keep_previous(run_dir):
 
 
 def _state(prefix):
-    """The training state recorded in {prefix}-state.th, or None where it is unreadable."""
+    """(training state recorded in {prefix}-state.th, None), or (None, why it is unreadable)."""
     try:
         st = safe_torch_load(prefix + '-state.th', 'training state')
-        return st if isinstance(st, dict) and 'step' in st and 'files' in st else None
-    except UserError:
-        return None
+    except UserError as e:
+        return None, str(e)
+    if isinstance(st, dict) and 'step' in st and 'files' in st:
+        return st, None
+    return None, f'{prefix}-state.th is not a training state (no step and file record)'
 
 
-def _complete(prefix, st):
-    """Whether every file of the set {prefix}-* is present with the size and CRC ``st`` recorded."""
-    try:
-        return all(os.path.exists(prefix + s) and file_crc(prefix + s) == tuple(st['files'][s])
-                   for s in CHECKPOINT_FILES)
-    except (KeyError, TypeError, OSError):
-        return False
+def damaged_files(prefix, st):
+    """{suffix: what is wrong} for the files of the set {prefix}-* whose size or CRC differ
+    from those its state ``st`` recorded (utils.file_damage); empty when the set is complete."""
+    damage = {}
+    for s in CHECKPOINT_FILES:
+        try:
+            recorded = tuple(st['files'][s])
+        except (KeyError, TypeError):
+            damage[s] = 'not recorded in its -state.th'
+            continue
+        if (what := file_damage(prefix + s, recorded)) is not None:
+            damage[s] = what
+    return damage
 
 
 def checkpoint_state(prefix):
     """The training state of the set {prefix}-* if all its files are present and match the
     sizes and CRCs recorded in {prefix}-state.th; None if it is incomplete or torn."""
-    st = _state(prefix)
-    return st if st is not None and _complete(prefix, st) else None
+    st, _ = _state(prefix)
+    return st if st is not None and not damaged_files(prefix, st) else None
 
 
-def find_checkpoint(run_dir):
-    """(prefix, state) of the newest complete checkpoint in run_dir, or (None, None).
-
-    Sets are checked newest first (by the step their -state.th records; on a tie, latest),
-    and only until one is complete, so the CRCs of older sets' files are not computed."""
-    if not os.path.isdir(run_dir):
-        return None, None
+def _sets(run_dir):
+    """[(state, prefix)] of the sets in run_dir whose -state.th is readable, newest first (by
+    the step recorded; on a tie, latest); a warning names each set whose -state.th is not."""
     readable = []
-    for f in sorted(os.listdir(run_dir)):
+    for f in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
         if f.endswith('-state.th'):
             prefix = os.path.join(run_dir, f[:-len('-state.th')])
-            st = _state(prefix)
+            st, why = _state(prefix)
             if st is None:
-                _warn_incomplete(prefix)
+                print(f'warning: ignoring checkpoint {prefix}-*: its files cannot be checked, {why}', flush=True)
             else:
                 readable.append((st, prefix))
-    for st, prefix in sorted(readable, key=lambda c: (c[0]['step'], c[1].endswith('latest')), reverse=True):
-        if _complete(prefix, st):
-            return prefix, st
-        _warn_incomplete(prefix)
-    return None, None
+    return sorted(readable, key=lambda c: (c[0]['step'], c[1].endswith('latest')), reverse=True)
 
 
-def _warn_incomplete(prefix):
-    print(f'warning: ignoring incomplete checkpoint {prefix}-* (torn or partly written)', flush=True)
+def find_checkpoint(run_dir, need=CHECKPOINT_FILES):
+    """(prefix, state) of the newest checkpoint set in run_dir whose files ``need`` (all four
+    by default: to resume) match their record, or (None, None).  Sets are checked newest
+    first, and only until one fits, so older sets' files are not read; each set passed over
+    gets a warning line naming its damaged files and what is wrong with them (truncated, a
+    checksum failure, ...) and the files that are still good."""
+    prefix, st, _, _ = _find(run_dir, need)
+    return prefix, st
+
+
+def _find(run_dir, need):
+    """find_checkpoint's (prefix, state), that set's damaged_files (files it does not need)
+    and [(state, prefix, damaged_files)] of the sets passed over."""
+    passed = []
+    for st, prefix in _sets(run_dir):
+        damage = damaged_files(prefix, st)
+        if not any(s in damage for s in need):
+            return prefix, st, damage, passed
+        _warn_damaged(prefix, st, damage, 'ignoring incomplete checkpoint' if need == CHECKPOINT_FILES
+                      else 'passing over checkpoint')
+        passed.append((st, prefix, damage))
+    return None, None, {}, passed
+
+
+def _warn_damaged(prefix, st, damage, what):
+    good = [os.path.basename(prefix) + s for s in CHECKPOINT_FILES if s not in damage]
+    print(f'warning: {what} {prefix}-* (step {st["step"]}): '
+          + '; '.join(f'{os.path.basename(prefix)}{s}: {why}' for s, why in damage.items())
+          + f'; still good: {", ".join(good) if good else "none"}', flush=True)
 
 
 def checkpoint_files(run_dir):
@@ -216,8 +244,9 @@ def check_changes(H, st, prefix, data_id, log, world_size=1):
 
 def resolve_weights(H):
     """Weights for the tools that read a run (evaluate.py, sample.py): (path, notes).
-    --restore_ema_path / --restore_path win, else the newest complete checkpoint of the run
-    folder.  The run's saved config (from its run folder, or from the -state.th beside an
+    --restore_ema_path / --restore_path win, else the EMA file of the run folder's newest
+    checkpoint set whose EMA file is intact (its other files need not be; notes say what is
+    damaged and when older weights are used).  The run's saved config (from its run folder, or from the -state.th beside an
     explicit weights file) becomes the default of every setting not given on the command
     line (``H.explicit``): its architecture, data_root, grid size, ..."""
     if H.restore_ema_path or H.restore_path:
@@ -226,16 +255,37 @@ def resolve_weights(H):
                  f"weights {path} (not an EMA file: pass --restore_ema_path for the paper's numbers)"]
         saved = saved_run_config(path)
     else:
-        prefix, st = find_checkpoint(H.run_dir)
+        # reading needs only the EMA file (and the set's -state.th, for the config): a set whose
+        # other files are damaged still serves, and a damaged newest one falls back to an older set
+        prefix, st, damage, passed = _find(H.run_dir, need=['-model-ema.th'])
         if prefix is None:
-            raise UserError(f"no weights to evaluate: pass --restore_ema_path FILE, or the --save_dir/--desc of a "
-                            f"run whose folder ({H.run_dir}) holds checkpoints")
+            raise UserError(no_weights(H.run_dir, passed))
         path, saved = prefix + '-model-ema.th', st.get('H')
         notes = [f'EMA weights {path} (step {st.get("step")})']
+        if damage:
+            notes.append('note: in the same set, ' + '; '.join(f'{os.path.basename(prefix)}{s}: {why}'
+                                                               for s, why in damage.items())
+                         + ' (reading needs only the intact EMA file; training resumes from another set)')
+        if passed:
+            newer = ', '.join(f'{os.path.basename(p)} (step {s["step"]})' for s, p, _ in passed)
+            notes.append(f'note: these are not the newest weights of the run: the EMA file of {newer} is damaged '
+                         '(see the warning above)')
     changed = apply_run_config(H, saved, set(H.explicit))
     if changed:
         notes.append(f"from the run's saved config: {changed}")
     return path, notes
+
+
+def no_weights(run_dir, passed):
+    """Why a run folder offers no EMA weights to read, and what to pass instead; ``passed``:
+    _find's sets passed over."""
+    if not checkpoint_files(run_dir):
+        return (f"no weights to evaluate: {run_dir} holds no checkpoint; pass --restore_ema_path FILE, or the "
+                "--save_dir/--desc of a run whose folder holds checkpoints")
+    model = [p + '-model.th' for _, p, damage in passed if '-model.th' not in damage]
+    return (f"no intact EMA weights in {run_dir}: every -model-ema.th there is damaged or cannot be checked (the "
+            "warnings above say what is wrong with each); pass --restore_ema_path FILE"
+            + (f", or --restore_path {model[0]} for the intact non-EMA weights of that set" if model else ""))
 
 
 def check_restore_paths(H):

@@ -21,6 +21,7 @@ from PIL import Image
 import bench
 import evaluate
 import hps
+import resume
 import sample
 import train
 from conftest import ref
@@ -358,6 +359,91 @@ def test_flipped_bit_is_caught_by_the_recorded_checksum(tiny_run, tmp_path, caps
                                                '--out', str(tmp_path / 'u.png')])
     assert f'{path} is damaged' in err and 'latest-state.th' in err
     assert not os.path.exists(tmp_path / 'u.png')
+
+
+def _rewrite_member(path, member, data):
+    """Replace one member of a torch.save zip by ``data``, with a correct CRC (so the file is a
+    sound zip whose content is wrong)."""
+    with zipfile.ZipFile(path) as z:
+        items = [(i, data if i.filename.endswith(member) else z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as z:
+        for info, content in items:
+            z.writestr(info, content)
+
+
+def test_damaged_files_are_named_with_what_failed(tiny_run, tmp_path, capsys):
+    """Against the set's record: a flipped byte is a checksum failure, a cut file is truncated,
+    and the warning says which files of the set are still good.  Without a record: a cut file
+    is truncated, a zip whose bytes changed fails its checksum, a sound zip with bad pickled
+    data cannot be unpickled; each message is whole (no sentence cut off)."""
+    from utils import safe_torch_load
+    root, save = tiny_run
+    shutil.copytree(save, tmp_path / 'copy')
+    prefix = str(tmp_path / 'copy' / 'r' / 'latest')
+    _flip_a_bit_in_the_largest_tensor(prefix + '-model-ema.th')
+    os.truncate(prefix + '-opt.th', os.path.getsize(prefix + '-opt.th') // 2)
+    capsys.readouterr()
+    assert resume.find_checkpoint(str(tmp_path / 'copy' / 'r')) == (None, None)
+    warning = capsys.readouterr().out.strip()
+    assert len(warning.splitlines()) == 1 and warning.startswith(f'warning: ignoring incomplete checkpoint {prefix}-*')
+    assert 'latest-model-ema.th: checksum failure (same size, CRC' in warning
+    assert 'latest-opt.th: truncated (' in warning
+    assert warning.endswith('still good: latest-model.th, latest-log.jsonl')
+    cases = {'cut': lambda p: os.truncate(p, os.path.getsize(p) // 3),
+             'pkl_flipped': lambda p: _flip_byte_of_member(p, 'data.pkl'),
+             'pkl_bad': lambda p: _rewrite_member(p, 'data.pkl', b'\x80\x02not a pickle')}
+    expect = {'cut': 'it is truncated: ', 'pkl_flipped': 'it fails its checksum: ',
+              'pkl_bad': 'its pickled data cannot be unpickled ('}
+    for name, damage in cases.items():
+        path = str(tmp_path / f'{name}.th')
+        shutil.copy(os.path.join(save, 'r', 'latest-model.th'), path)
+        damage(path)
+        with pytest.raises(UserError) as e:
+            safe_torch_load(path, 'state dict')
+        msg = str(e.value)
+        assert msg.startswith(f'cannot read state dict {path}: {expect[name]}'), msg
+        assert '\n' not in msg and 'there is a high' not in msg and msg.endswith((')', 'finish)')), msg
+
+
+def _flip_byte_of_member(path, member):
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(member))
+    with open(path, 'r+b') as f:
+        f.seek(info.header_offset + 26)
+        n_name, n_extra = struct.unpack('<HH', f.read(4))
+        f.seek(info.header_offset + 30 + n_name + n_extra + 2)
+        b = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([b ^ 0x01]))
+
+
+def test_readers_use_an_intact_ema_file_and_say_what_is_damaged(tiny_run, tmp_path, capsys):
+    """sample.py and evaluate.py need only the EMA file of a set: with -model.th and -opt.th
+    damaged they draw from it and say so; with the newest EMA file damaged they fall back
+    to an older set and say so; with none intact they name what is usable instead."""
+    root, save = tiny_run
+    rd = tmp_path / 'copy' / 'r'
+    shutil.copytree(save, tmp_path / 'copy')
+    for suffix in ['-model.th', '-model-ema.th', '-opt.th', '-log.jsonl', '-state.th']:
+        shutil.copy(rd / f'latest{suffix}', rd / f'previous{suffix}')  # a second, older-named complete set
+    os.truncate(rd / 'latest-model.th', 1000)
+    os.truncate(rd / 'latest-opt.th', 1000)
+    draw = ['--save_dir', str(tmp_path / 'copy'), '--desc', 'r', '--mode', 'uncond', '--n', '2', '--threads', '1',
+            '--out', str(tmp_path / 'u.png')]
+    capsys.readouterr()
+    sample.main(draw)
+    out = capsys.readouterr().out
+    assert f'EMA weights {rd}/latest-model-ema.th' in out and 'latest-opt.th: truncated (1,000 of' in out
+    assert 'reading needs only the intact EMA file' in out and os.path.exists(tmp_path / 'u.png')
+    _flip_a_bit_in_the_largest_tensor(rd / 'latest-model-ema.th')
+    sample.main(draw)
+    out = capsys.readouterr().out
+    assert 'passing over checkpoint' in out and 'latest-model-ema.th: checksum failure' in out
+    assert f'EMA weights {rd}/previous-model-ema.th' in out and 'not the newest weights of the run' in out
+    _flip_a_bit_in_the_largest_tensor(rd / 'previous-model-ema.th')
+    err = exits_2(capsys, evaluate.main, ['--save_dir', str(tmp_path / 'copy'), '--desc', 'r', '--kl_stats',
+                                          '--out_dir', str(tmp_path / 'ev')])
+    assert f'no intact EMA weights in {rd}' in err and f'--restore_path {rd}/previous-model.th' in err
 
 
 def test_non_finite_values_without_a_record_are_refused(tiny_run, tmp_path, capsys):
