@@ -339,7 +339,8 @@ def skip_streak(streak, skipped, overflow):
 
 
 def accumulate_stats(stats, frequency):
-    """The release's summary of the last ``frequency`` steps."""
+    """The release's summary of the last ``frequency`` steps, and ``window_steps``: how many
+    steps it averages (fewer than ``frequency`` in the first windows after a start)."""
     window = list(stats)[-frequency:]
     z = {}
     for k in stats[-1]:
@@ -357,6 +358,7 @@ def accumulate_stats(stats, frequency):
         else:
             z[k] = float(vals.mean())
     z['elbo_bpd'] = z['elbo'] / LN2
+    z['window_steps'] = len(window)
     return z
 
 
@@ -578,6 +580,7 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
     stopper = StopSignal(d.is_main)
     viz_batch = visualization_batch(H, splits.valid)
     valid = splits.valid if not H.valid_images else splits.valid.view(np.arange(min(H.valid_images, len(splits.valid))))
+    # the release's early steps: log lines after each start, sample grids at the run's first steps
     early_evals = set([1] + [2 ** exp for exp in range(3, 14)])
     n_batches = data.train_batches_per_epoch(len(splits.train), H.n_batch, d.world_size)
     if n_batches == 0:
@@ -588,7 +591,7 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
     # go at print, save and checkpoint points (read_stats), not once per step.
     pending = []  # (step, {name: device tensor}, host seconds) of the steps not read yet
     stop_vote = None  # more than one process: the last step's stop vote, on its way to the host
-    consecutive_skips, since_start = 0, 0
+    consecutive_skips, since_start, grid_step = 0, 0, None
     it, epoch, start_batch = progress['step'], progress['epoch'], progress['batch']
     if start_batch >= n_batches:
         epoch, start_batch = epoch + 1, 0
@@ -648,11 +651,14 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
                 read_stats()
                 log(model=H.desc, type='train_loss', lr=learning_rate(H, it), epoch=epoch, step=it,
                     total_skipped=progress['skipped'], **accumulate_stats(stats, H.iters_per_print))
-            if d.is_main and (it % H.iters_per_images == 0 or (since_start in early_evals and H.dataset != 'ffhq_1024')):
-                write_images(H, d, ema, viz_batch, os.path.join(H.run_dir, f'samples-{it}.png'), log)
             it += 1
             since_start += 1
             bar.update(1)
+            # samples-N.png: the EMA model after N updates, at the run's early steps (not each start's)
+            # and every iters_per_images; so a resumed or extended run never redraws an earlier grid
+            if d.is_main and (it % H.iters_per_images == 0 or (it in early_evals and H.dataset != 'ffhq_1024')):
+                write_images(H, d, ema, viz_batch, os.path.join(H.run_dir, f'samples-{it}.png'), log)
+                grid_step = it
             done = bool(H.max_iters) and it >= H.max_iters
             if it % H.iters_per_save == 0 or stop or done:
                 read_stats()
@@ -689,7 +695,8 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
     ev = evaluate(H, d, ema, valid, desc='valid')
     log(model=H.desc, type='eval_loss', epoch=epoch, step=it, **ev)
     if d.is_main:
-        write_images(H, d, ema, viz_batch, os.path.join(H.run_dir, f'samples-{it}.png'), log)
+        if grid_step != it:  # not drawn by the loop after this very update
+            write_images(H, d, ema, viz_batch, os.path.join(H.run_dir, f'samples-{it}.png'), log)
         write_loss_plot(log.jsonl_path, os.path.join(H.run_dir, 'loss.png'))
     log(f'finished at step {it}: valid elbo {ev["elbo"]:.4f} ± {ev["elbo_se"]:.4f} nats/dim = '
         f'{ev["elbo_bpd"]:.4f} ± {ev["elbo_bpd_se"]:.4f} bits/dim')

@@ -206,6 +206,26 @@ def test_resume_across_process_counts_keeps_the_global_batch(fmnist_root, tmp_pa
     assert (st['step'], st['epoch'], st['batch'], st['world_size']) == (6, 0, 6, 1)
 
 
+def test_resumed_run_redraws_no_earlier_grid_and_says_how_many_steps_a_window_holds(fmnist_root, tmp_path):
+    """samples-N.png is the EMA model after N updates, drawn at the run's early steps and every
+    --iters_per_images: extending a finished run (2 -> 4 steps) draws only new grids (no
+    samples-2.png again, no early grids of its own start) and changes none of the earlier
+    ones; each log window says how many steps it averages (fewer right after a start)."""
+    rd = tmp_path / 'x'
+
+    def train(steps):
+        p = run(args(fmnist_root, tmp_path, 'x', steps, '--iters_per_images', '2', '--iters_per_print', '4',
+                     '--ema_rate', '0.5'))
+        return [line.rsplit(' ', 1)[1] for line in p.stdout.splitlines() if 'printing samples to' in line]
+
+    assert train(2) == [str(rd / 'samples-1.png'), str(rd / 'samples-2.png')]
+    first = {f: (rd / f).read_bytes() for f in os.listdir(rd) if f.startswith('samples-')}
+    assert train(4) == [str(rd / 'samples-4.png')]
+    assert all((rd / f).read_bytes() == b for f, b in first.items())
+    windows = [(z['step'], z['window_steps']) for z in log_lines(rd, 'train_loss') if 'lr' in z]
+    assert windows == [(0, 1), (1, 2), (3, 2)]  # the window after the second start begins at step 2
+
+
 def test_other_training_data_is_refused(fmnist_root, tmp_path):
     run(args(fmnist_root, tmp_path, 'd', 2))
     other = tmp_path / 'other'

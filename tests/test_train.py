@@ -104,7 +104,7 @@ def test_single_process_run(fmnist_root, tmp_path):
         assert abs(z['elbo_bpd'] - z['elbo'] / np.log(2)) < 1e-9
     ev = log_lines(rd, 'eval_loss')[-1]
     assert ev['n_images'] == 300 and np.isfinite(ev['elbo'])
-    assert (rd / 'samples-0.png').exists() and (rd / 'loss.png').exists()
+    assert (rd / 'samples-1.png').exists() and (rd / 'loss.png').exists()
     st = torch.load(rd / 'latest-state.th', weights_only=True)
     assert st['step'] == 6 and st['epoch'] == 0 and st['batch'] == 6
 
