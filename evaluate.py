@@ -66,7 +66,8 @@ def add_eval_arguments(parser):
     g = parser.add_argument_group('evaluation options')
     a = g.add_argument
     a('--split', choices=['test', 'valid', 'train'], default='test', help='dataset split to read')
-    a('--n_images', type=int, default=0, help='use only the first N images of the split (0: all)')
+    a('--n_images', type=int, default=0,
+      help='use only the first N images of the split (0: all; more than the split holds is refused)')
     a('--out_dir', type=str, default=None, help='output folder (default {save_dir}/{desc})')
     a('--iw_batch', type=int, default=0,
       help='posterior samples per decoder pass for --n_importance (0: --n_batch_eval, else 4 x n_batch); '
@@ -612,7 +613,7 @@ def main(argv=None):
     d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device) if joined else _existing_group()
     threads = torch.get_num_threads()
     if d.device.type == 'cpu':
-        configure_cpu(H.threads, keep_heap=joined)  # a caller's process keeps its own malloc settings
+        configure_cpu(H.threads, keep_heap=joined, is_main=d.is_main)  # a caller's process keeps its malloc
     elif joined:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     try:
@@ -638,6 +639,9 @@ def _run(H, d, weights, notes):
     source = images = names = None
     if H.mode in ('n_importance', 'kl_stats', 'encode'):
         source = getattr(data.load_data(H), H.split)
+        if H.n_images > len(source):  # every rank alike, before any collective
+            raise UserError(f"--n_images {H.n_images}: the {H.split} split of {H.dataset} has {len(source)} images; "
+                            f"pass at most {len(source)}, or 0 for all of them")
         if H.n_images and H.n_images < len(source):
             source = source.view(np.arange(H.n_images))
         if len(source) == 0:

@@ -187,7 +187,8 @@ def add_vae_arguments(parser):
     a('--channels_last', action='store_true', help='NHWC memory layout for the convolutions (tensor cores)')
     a('--grad_checkpoint', action='store_true', help='recompute block activations in backward to save memory')
     a('--num_workers', type=int, default=2, help='data-loading worker processes per rank')
-    a('--threads', type=int, default=0, help='CPU threads per process (0: cores / local processes)')
+    a('--threads', type=int, default=0,
+      help='CPU threads per process (0: cores / local processes; more than that is capped to it, with a note)')
     a('--rank_invariant_noise', action='store_true',
       help='draw posterior noise for the global batch on every rank and keep this rank\'s slice, so that N '
            'processes compute exactly what one process does with the combined batch')

@@ -48,7 +48,7 @@ def set_up(argv=None):
     check_hparams(H)  # the architecture, before any process group, file or data
     d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device)
     if d.device.type == 'cpu':
-        configure_cpu(H.threads)
+        configure_cpu(H.threads, is_main=d.is_main)
     else:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     H.run_dir = os.path.join(H.save_dir, H.desc)

@@ -63,7 +63,8 @@ def setup_distributed(port=29500, device=None):
         try:
             from mpi4py import MPI
         except ImportError:
-            raise UserError("launched under mpiexec but mpi4py is missing: pip install mpi4py mpich") from None
+            raise UserError("launched under mpiexec but mpi4py is missing: pip install -r requirements-mpi.txt (pip's "
+                            "MPICH), or mpi4py built against your cluster's MPI (see that file)") from None
         comm = MPI.COMM_WORLD
         rank, world = comm.Get_rank(), comm.Get_size()
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -167,14 +168,32 @@ def gather_objects(obj):
 
 # ----------------------------------------------------------------------------- CPU runs
 
-def configure_cpu(threads=0, keep_heap=True):
+def cpu_cores():
+    """The cores this process may run on: its affinity mask (what taskset, Slurm's cpusets
+    and containers allow), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_cpu(threads=0, keep_heap=True, is_main=True):
     """Settings for a process that computes on the CPU.
 
-    ``threads``: torch's intra-op threads; 0 means the machine's cores divided by the
-    processes launched on this node (torchrun's LOCAL_WORLD_SIZE, MPICH's MPI_LOCALNRANKS).
+    ``threads``: torch's intra-op threads; 0 means this process's share of the cores: the
+    cores (cpu_cores) divided by the processes launched on this node (torchrun's
+    LOCAL_WORLD_SIZE, MPICH's MPI_LOCALNRANKS).  More than that share is capped to it, with
+    a note (printed where ``is_main``): threads beyond the cores never run at once, and
+    oversubscribed intra-op threads make each step many times slower.
     ``keep_heap``: see ``keep_freed_heap``.  Returns the thread count."""
     local = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('MPI_LOCALNRANKS', 1)))
-    n = threads or max(1, (os.cpu_count() or 1) // local)
+    cores = cpu_cores()
+    share = max(1, cores // local)
+    n = min(threads, share) if threads else share
+    if threads > share and is_main:
+        print(f'note: --threads {threads} is more than the {cores} cores here'
+              + (f' shared by {local} processes' if local > 1 else '') + f' allow; using {n} threads per process',
+              flush=True)
     torch.set_num_threads(n)
     if keep_heap:
         keep_freed_heap()

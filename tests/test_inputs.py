@@ -300,6 +300,14 @@ def test_evaluate_bad_batch_exits_2_and_writes_nothing(tiny_run, tmp_path, capsy
 
 # ----------------------------------------------------------------------------- outputs
 
+def test_evaluate_more_images_than_the_split_is_one_line(tiny_run, tmp_path, capsys):
+    root, save = tiny_run
+    err = exits_2(capsys, evaluate.main, ['--save_dir', save, '--desc', 'r', '--kl_stats', '--n_images', '20000',
+                                          '--threads', '1', '--num_workers', '0', '--out_dir', str(tmp_path)])
+    assert err == ('error: --n_images 20000: the test split of fashion_mnist has 300 images; pass at most 300, or 0 '
+                   'for all of them')
+
+
 def test_sample_out_suffix_decides_the_format(tiny_run, tmp_path, capsys):
     root, save = tiny_run
     base = ['--save_dir', save, '--desc', 'r', '--mode', 'uncond', '--n', '2', '--threads', '1']
