@@ -383,19 +383,23 @@ def position_in_epoch(H, d, st, progress, data_id, log):
     return batch
 
 
-def load_for_evaluation(H, d, model, ema, optimizer, scaler, log):
-    """Weights for --test_eval: an explicit file wins, else the run folder's newest checkpoint."""
+def load_for_evaluation(H, ema, log):
+    """Weights for --test_eval: an explicit file wins, else the EMA file of the run folder's
+    newest set whose EMA file is intact (its other files need not be)."""
     if H.restore_ema_path:
         restore_params(ema, H.restore_ema_path, H)
         log(f'evaluating EMA weights {H.restore_ema_path}')
     elif H.restore_path:
         restore_params(ema, H.restore_path, H)
         log(f'evaluating {H.restore_path} (not an EMA file: pass --restore_ema_path for the paper\'s numbers)')
-    elif (found := find_checkpoint(H.run_dir))[0]:
-        restore(H, d, model, ema, optimizer, scaler, log, found=found)
-    else:
-        raise UserError(f"--test_eval needs trained weights: pass --restore_ema_path FILE, or the --desc of a run "
-                        f"whose folder ({H.run_dir}) holds checkpoints")
+    else:  # as sample.py and evaluate.py: the newest intact EMA file (resolve_weights)
+        prefix, st, _, passed = _find(H.run_dir, need=['-model-ema.th'])
+        if prefix is None:
+            raise UserError(no_weights(H.run_dir, passed) if checkpoint_files(H.run_dir) else
+                            f"--test_eval needs trained weights: pass --restore_ema_path FILE, or the --desc of a "
+                            f"run whose folder ({H.run_dir}) holds checkpoints")
+        restore_params(ema, prefix + '-model-ema.th', H, verified=True)  # _find checked its size and CRC
+        log(f'evaluating EMA weights {prefix}-model-ema.th (step {st["step"]})')
 
 
 def open_run_folder(H, d, progress, found, log):

@@ -720,7 +720,7 @@ def main(argv=None):
         optimizer = make_optimizer(H, model, d.device)
         scaler = torch.amp.GradScaler(d.device.type) if H.precision == 'fp16' else None
         if H.test_eval:
-            load_for_evaluation(H, d, model, ema, optimizer, scaler, log)
+            load_for_evaluation(H, ema, log)
             log.commit()
             return run_test_eval(H, d, splits, ema, log)
         data_id = data_fingerprint(splits.train)

@@ -426,14 +426,16 @@ def _flip_byte_of_member(path, member):
 
 
 def test_readers_use_an_intact_ema_file_and_say_what_is_damaged(tiny_run, tmp_path, capsys):
-    """sample.py and evaluate.py need only the EMA file of a set: with -model.th and -opt.th
-    damaged they draw from it and say so; with the newest EMA file damaged they fall back
-    to an older set and say so; with none intact they name what is usable instead."""
+    """sample.py, evaluate.py and train.py --test_eval need only the EMA file of a set: with
+    -model.th and -opt.th damaged (no complete set left) they use it and say so; with the
+    newest EMA file damaged they fall back to an older set and say so; with none intact they
+    name what is usable instead."""
     root, save = tiny_run
     rd = tmp_path / 'copy' / 'r'
     shutil.copytree(save, tmp_path / 'copy')
-    for suffix in ['-model.th', '-model-ema.th', '-opt.th', '-log.jsonl', '-state.th']:
-        shutil.copy(rd / f'latest{suffix}', rd / f'previous{suffix}')  # a second, older-named complete set
+    suffixes = ['-model.th', '-model-ema.th', '-opt.th', '-log.jsonl', '-state.th']
+    for suffix in suffixes:
+        shutil.copy(rd / f'latest{suffix}', tmp_path / f'previous{suffix}')
     os.truncate(rd / 'latest-model.th', 1000)
     os.truncate(rd / 'latest-opt.th', 1000)
     draw = ['--save_dir', str(tmp_path / 'copy'), '--desc', 'r', '--mode', 'uncond', '--n', '2', '--threads', '1',
@@ -443,6 +445,11 @@ def test_readers_use_an_intact_ema_file_and_say_what_is_damaged(tiny_run, tmp_pa
     out = capsys.readouterr().out
     assert f'EMA weights {rd}/latest-model-ema.th' in out and 'latest-opt.th: truncated (1,000 of' in out
     assert 'reading needs only the intact EMA file' in out and os.path.exists(tmp_path / 'u.png')
+    stats = train.main(TINY + ['--data_root', root, '--save_dir', str(tmp_path / 'copy'), '--desc', 'r',
+                               '--test_eval'])
+    assert stats['n_images'] == 300 and f'evaluating EMA weights {rd}/latest-model-ema.th' in capsys.readouterr().out
+    for suffix in suffixes:  # a second, older-named complete set
+        shutil.copy(tmp_path / f'previous{suffix}', rd / f'previous{suffix}')
     _flip_a_bit_in_the_largest_tensor(rd / 'latest-model-ema.th')
     sample.main(draw)
     out = capsys.readouterr().out
