@@ -231,24 +231,26 @@ def check_changes(H, st, prefix, data_id, log, world_size=1):
             + ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changes.items()))
     breaking = [k for k in changes if k in EXACT_RESUME_KEYS]
     old_batch, old_world = st['H']['n_batch'], st.get('world_size', 1)
-    if old_batch * old_world != H.n_batch * world_size:
+    batch_changed = old_batch * old_world != H.n_batch * world_size
+    if batch_changed:
         breaking.append(f'global batch ({global_batch(old_batch, old_world)} -> '
                         f'{global_batch(H.n_batch, world_size)} images per update)')
     if data_id is not None and st.get('data') is not None and list(st['data']) != list(data_id):
         breaking.append(f'training data ({st["data"][0]} -> {data_id[0]} images or their content)')
     if breaking and not H.allow_changes:
-        raise UserError(f"resuming {prefix} with changed {', '.join(breaking)} would not continue the same run (a "
-                        "changed global batch changes the optimisation and the order of the images); add "
-                        "--allow_changes to continue anyway, --restart to begin afresh, or use another --desc")
+        why = ' (a changed global batch changes the optimisation and the order of the images)' if batch_changed else ''
+        raise UserError(f"resuming {prefix} with changed {', '.join(breaking)} would not continue the same run{why}; "
+                        "add --allow_changes to continue anyway, --restart to begin afresh, or use another --desc")
 
 
 def resolve_weights(H):
     """Weights for the tools that read a run (evaluate.py, sample.py): (path, notes).
     --restore_ema_path / --restore_path win, else the EMA file of the run folder's newest
     checkpoint set whose EMA file is intact (its other files need not be; notes say what is
-    damaged and when older weights are used).  The run's saved config (from its run folder, or from the -state.th beside an
-    explicit weights file) becomes the default of every setting not given on the command
-    line (``H.explicit``): its architecture, data_root, grid size, ..."""
+    damaged and when older weights are used).  The run's saved config (from its run folder,
+    or from the -state.th beside an explicit weights file) becomes the default of every
+    setting not given on the command line (``H.explicit``): its architecture, data_root,
+    grid size, ..."""
     if H.restore_ema_path or H.restore_path:
         path = H.restore_ema_path or H.restore_path
         notes = [f'EMA weights {path}' if H.restore_ema_path else
