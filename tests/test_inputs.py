@@ -157,8 +157,9 @@ def test_out_of_range_number_is_one_line_naming_the_flag(flag):
 
 
 def test_presets_pass_the_checks():
+    from vae import check_hparams
     for name in hps.HPARAMS_REGISTRY:
-        hps.preset(name)
+        check_hparams(hps.preset(name))  # the numbers, then the layer strings and widths
 
 
 # Layer strings and widths that cannot build the tiny model (enc 28x1,28d2,14x1,14d2,7x1,7d7,1x1, dec
