@@ -626,7 +626,7 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
         progress.update(step=it, epoch=ep, batch=batch)
         save_checkpoint(H, d, name, model, ema, optimizer, scaler, log, progress)
 
-    done = H.max_iters and it >= H.max_iters
+    done, stop = H.max_iters and it >= H.max_iters, False
     loader = data.train_loader(splits.train, H.n_batch, seed=H.seed, epoch=epoch, rank=d.rank,
                                world_size=d.world_size, start_batch=start_batch, num_workers=H.num_workers,
                                pin_memory=d.device.type == 'cuda', mp_context=worker_start_method(d))
@@ -667,13 +667,7 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
                     checkpoint('latest', epoch, b + 1)
             if it % H.iters_per_ckpt == 0:
                 checkpoint(f'iter-{it}', epoch, b + 1)
-            if stop:
-                bar.close()
-                if d.is_main:  # after the checkpoint: the picture of the run so far, for a job that ends here
-                    write_loss_plot(log.jsonl_path, os.path.join(H.run_dir, 'loss.png'))
-                log(f'stopped by signal at step {it}; continue with the same command')
-                return
-            if done:
+            if stop or done:
                 break
         else:
             start_batch = 0
@@ -689,6 +683,16 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
             continue
         break
     bar.close()
+    # Close the loader's workers now, not when this frame happens to be freed: they ignore
+    # SIGTERM (data.ignore_stop_signals), so Python's exit handler waits forever for any still
+    # alive, and a reference cycle holding a frame of this call (matplotlib makes such cycles
+    # while plotting) keeps the loader alive until a garbage collection that may come too late.
+    del loader
+    if stop:  # checkpoint written; the picture of the run so far, for a job that ends here
+        if d.is_main:
+            write_loss_plot(log.jsonl_path, os.path.join(H.run_dir, 'loss.png'))
+        log(f'stopped by signal at step {it}; continue with the same command')
+        return
     if d.world_size > 1:
         spread = param_spread_across_ranks(model)
         log(f'parameters differ across ranks by at most {spread}', type='rank_check', step=it, param_spread=spread)
