@@ -229,10 +229,9 @@ def logger(log_prefix, is_main=True, write=True, hold=False):
 
     def append(txt_str, json_str):
         os.makedirs(os.path.dirname(jsonl_path) or '.', exist_ok=True)
-        with open(txt_path, 'a+') as f:
-            print(txt_str, file=f, flush=True)
-        with open(jsonl_path, 'a+') as f:
-            print(json_str, file=f, flush=True)
+        for path, line in ((txt_path, txt_str), (jsonl_path, json_str)):
+            with naming_file(path), open(path, 'a+') as f:
+                print(line, file=f, flush=True)
 
     def commit():
         nonlocal held
@@ -313,10 +312,11 @@ def restore_log(path):
 def atomic_write(path):
     """Open a temporary file beside ``path`` for binary writing; on success fsync it and
     rename it over ``path``.  A crash leaves the old file or the new one, never a torn one;
-    a kill -9 may leave the temporary ``{path}.tmp.{pid}`` (see remove_stale_temporaries)."""
+    a kill -9 may leave the temporary ``{path}.tmp.{pid}`` (see remove_stale_temporaries).
+    A write the file system refuses (disk full) raises an OSError naming ``path``."""
     tmp = f'{path}.tmp.{os.getpid()}'
     try:
-        with open(tmp, 'wb') as f:
+        with naming_file(path), open(tmp, 'wb') as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -650,15 +650,70 @@ def die(msg, code=2):
     sys.exit(code)
 
 
+# A file system that refuses a write: full, over quota, read-only, no permission.
+WRITE_REFUSED = {errno.ENOSPC: 'free space on its file system', errno.EDQUOT: 'free space within your quota',
+                 errno.EROFS: 'remount its file system writable', errno.EACCES: 'check its permissions',
+                 errno.EPERM: 'check its permissions'}
+# What gloo's transport says when the process at the other end exited or stopped answering.
+PEER_LOST = ('Connection closed by peer', 'Connection reset by peer', 'Timed out waiting')
+
+
+def os_error_in(e):
+    """The OSError behind ``e``: ``e`` itself or the first in its chain of causes and
+    contexts (torch.save, for one, turns a failed write into a RuntimeError); else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def naming_file(path):
+    """Inside, an OSError that names no file (a write or flush to an open file: disk full,
+    quota), also one that torch.save wrapped, is raised again as one naming ``path``."""
+    try:
+        yield
+    except Exception as e:
+        err = os_error_in(e)
+        if err is None or err.filename or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, path) from e
+
+
+def lost_peer(e):
+    """Whether ``e`` says that another process of the run exited or stopped answering
+    (torch.distributed's errors, gloo's transport errors and time-outs)."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in PEER_LOST))
+
+
+def _notes(e):
+    return ''.join(f'; {n}' for n in getattr(e, '__notes__', ()))
+
+
 def run_main(main):
-    """A script's entry point: run ``main()``; a UserError (bad flags, missing files) ends
-    the process with its one-line message and exit status 2 instead of a traceback."""
+    """A script's entry point: run ``main()``.  Ends in one line, not a traceback, for a
+    UserError (bad flags, missing files: exit status 2), for a write the file system
+    refuses (full, read-only: the file and the way out, status 2) and for the loss of
+    another process of the run (status 1).  Anything else is a bug: its traceback is
+    printed (status 1).  The notes an entry point added to the exception (train.py: the
+    step it stopped at and the checkpoint that is safe) end the line or the traceback.
+    Data-loading workers end in every case (data.stop_workers)."""
     try:
         main()
     except UserError as e:
-        die(str(e))
-    except OSError as e:  # a read-only or full file system met after the up-front checks
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
-            raise
-        die(f"{e.filename or 'a file'}: {e.strerror}; check its permissions and free space, or pass another "
-            "--save_dir, --out_dir or --out")
+        die(str(e) + _notes(e))
+    except Exception as e:
+        err = os_error_in(e)
+        if err is not None and err.errno in WRITE_REFUSED:
+            die(f"{err.filename or 'a file'}: {err.strerror}; {WRITE_REFUSED[err.errno]}, or pass another "
+                f"--save_dir, --out_dir or --out{_notes(e)}")
+        if lost_peer(e):
+            # gloo's message without its source position and advice: "Read error [addr]:port: Connection reset by peer"
+            detail = re.sub(r'^\[[^\]]*\.cc:\d+\]\s*', '', (str(e).strip().splitlines() or [''])[0]).split('. ')[0]
+            slow = '; if it is only slow (a long save), raise --dist_timeout' if 'Timed out' in detail else ''
+            die(f"another process of this run exited or stopped answering ({detail or type(e).__name__}): its "
+                f"output says why{slow}{_notes(e)}", code=1)
+        raise
