@@ -23,6 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+# Before any process group exists: imported later (by DDP), its functions' defaults (group=group.WORLD)
+# would keep the group past destroy_process_group, and its gloo threads then abort the exiting
+# interpreter now and then ("terminate called without an active exception").
+import torch.distributed.nn  # noqa: F401
 from tqdm import tqdm
 
 from hps import HPARAMS_REGISTRY, UserError, preset
