@@ -46,7 +46,7 @@ LN2 = math.log(2)
 def set_up(argv=None):
     """Resolve H, join the process group, make the run folder and the logger."""
     H = get_hparams(argv)
-    d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device)
+    d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout)
     if d.device.type == 'cpu':
         configure_cpu(H.threads)
     else:
