@@ -3,6 +3,7 @@
     python train.py --hps cifar10                              # one process (CUDA if present)
     torchrun --nproc_per_node 8 train.py --hps imagenet32      # DDP via environment variables
     mpiexec -n 16 python train.py --hps imagenet64             # DDP via MPI, across nodes
+    srun -N 2 --ntasks-per-node 8 python train.py --hps imagenet64   # DDP via SLURM's variables
     python train.py --hps cifar10 --test_eval --restore_ema_path cifar10-seed1-iter-1050000-model-ema.th
 
 Everything of a run goes to {save_dir}/{desc}/: log.jsonl/log.txt, hparams.json (the first
@@ -12,7 +13,9 @@ checkpoints (latest-*, previous-* and iter-N-*: -model.th, -model-ema.th, -opt.t
 Re-running the same command continues from the newest complete checkpoint; a folder whose
 checkpoints are all damaged is refused (--restart begins afresh, keeping the old files).
 SIGTERM or Ctrl-C, to one process or the whole process group, finishes the step, writes
-latest and exits 0.
+latest and exits 0.  An error ends every process (workers included) with the step it stopped at
+and the newest complete checkpoint; a process whose peer died ends at its next collective (at
+the latest after --dist_timeout seconds).
 """
 import collections
 import contextlib
