@@ -332,8 +332,8 @@ def parse_args_and_update_hparams(H, parser, s=None):
 # run: never taken from a run's saved config by the tools that read the run.
 PROCESS_KEYS = {'save_dir', 'desc', 'run_dir', 'restore_path', 'restore_ema_path', 'restore_log_path',
                 'restore_optimizer_path', 'resume', 'test_eval', 'device', 'port', 'dist_timeout', 'threads',
-                'num_workers', 'no_progress', 'compile', 'compile_scope', 'compile_mode', 'channels_last', 'grad_checkpoint',
-                'precision', 'rank_invariant_noise', 'hparam_sets'}
+                'num_workers', 'no_progress', 'compile', 'compile_scope', 'compile_mode', 'channels_last',
+                'grad_checkpoint', 'precision', 'rank_invariant_noise', 'hparam_sets'}
 
 
 def apply_run_config(H, saved, explicit):
