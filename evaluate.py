@@ -609,7 +609,8 @@ def main(argv=None):
     H.out_dir = H.out_dir or H.run_dir
     check_writable(H.out_dir, 'pass --out_dir DIR somewhere writable (evaluation only reads the run)')
     joined = not dist.is_initialized()
-    d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device) if joined else _existing_group()
+    d = (setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout) if joined
+         else _existing_group())
     threads = torch.get_num_threads()
     if d.device.type == 'cpu':
         configure_cpu(H.threads, keep_heap=joined)  # a caller's process keeps its own malloc settings

@@ -3,6 +3,7 @@
     python train.py --hps cifar10                              # one process (CUDA if present)
     torchrun --nproc_per_node 8 train.py --hps imagenet32      # DDP via environment variables
     mpiexec -n 16 python train.py --hps imagenet64             # DDP via MPI, across nodes
+    srun -N 2 --ntasks-per-node 8 python train.py --hps imagenet64   # DDP via SLURM's variables
     python train.py --hps cifar10 --test_eval --restore_ema_path cifar10-seed1-iter-1050000-model-ema.th
 
 Everything of a run goes to {save_dir}/{desc}/: log.jsonl/log.txt, hparams.json (the first
@@ -12,7 +13,9 @@ checkpoints (latest-*, previous-* and iter-N-*: -model.th, -model-ema.th, -opt.t
 Re-running the same command continues from the newest complete checkpoint; a folder whose
 checkpoints are all damaged is refused (--restart begins afresh, keeping the old files).
 SIGTERM or Ctrl-C, to one process or the whole process group, finishes the step, writes
-latest and exits 0.
+latest and exits 0.  An error ends every process (workers included) with the step it stopped at
+and the newest complete checkpoint; a process whose peer died ends at its next collective (at
+the latest after --dist_timeout seconds).
 """
 import collections
 import contextlib
@@ -31,7 +34,8 @@ from tqdm import tqdm
 import data
 from hps import UserError, get_hparams
 from utils import (allreduce, check_writable, cleanup_distributed, clip_grad_norm, configure_cpu, ieee_fp32,
-                   is_writable, logger, param_spread_across_ranks, print_once, read_log, run_main, setup_distributed)
+                   is_writable, logger, naming_file, param_spread_across_ranks, print_once, read_log, run_main,
+                   setup_distributed)
 from resume import (check_restore_paths, data_fingerprint, find_checkpoint, load_for_evaluation, open_run_folder,
                     restore, save_checkpoint)
 from vae import VAE
@@ -45,7 +49,7 @@ LN2 = math.log(2)
 def set_up(argv=None):
     """Resolve H, join the process group, make the run folder and the logger."""
     H = get_hparams(argv)
-    d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device)
+    d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout)
     if d.device.type == 'cpu':
         configure_cpu(H.threads)
     else:
@@ -448,7 +452,8 @@ def write_png(im, path):
     """Write a uint8 (H, W, C) array as PNG, atomically."""
     im = im[..., 0] if im.shape[-1] == 1 else im
     tmp = f'{path}.tmp.png'
-    Image.fromarray(im).save(tmp)
+    with naming_file(path):
+        Image.fromarray(im).save(tmp)
     os.replace(tmp, path)
 
 
@@ -491,7 +496,8 @@ def write_loss_plot(log_path, png_path):
     ax.legend()
     fig.tight_layout()
     tmp = png_path + '.tmp.png'
-    fig.savefig(tmp)
+    with naming_file(png_path):
+        fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, png_path)
 
@@ -543,7 +549,9 @@ def worker_start_method(d):
     return 'spawn' if d.launcher == 'mpiexec' else None
 
 
-def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
+def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at):
+    """Train from ``progress`` (step, epoch, batch) to --max_iters / --num_epochs or a stop
+    signal.  ``at['step']``: the step counter, kept up to date for main's report of an error."""
     net = wrap_for_training(H, model, d)
     ctx = precision_context(H, d.device)
     step = make_step(H, net, model, ema, optimizer, scaler, ctx)
@@ -623,6 +631,7 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
             if d.is_main and (it % H.iters_per_images == 0 or (since_start in early_evals and H.dataset != 'ffhq_1024')):
                 write_images(H, d, ema, viz_batch, os.path.join(H.run_dir, f'samples-{it}.png'), log)
             it += 1
+            at['step'] = it
             since_start += 1
             bar.update(1)
             done = bool(H.max_iters) and it >= H.max_iters
@@ -698,9 +707,27 @@ def main(argv=None):
         log(f'{n:,} parameters | {d.world_size} process(es) via {d.launcher} | device {d.device} | '
             f'precision {H.precision} | batch {H.n_batch}/process | logs and checkpoints in {H.run_dir}')
         log('starting at epoch', progress['epoch'], 'iterate', progress['step'], 'eval loss', progress['best_eval'])
-        train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log)
+        at = dict(step=progress['step'])
+        try:
+            train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at)
+        except Exception as e:
+            e.add_note(stopped_note(H.run_dir, at['step']))  # utils.run_main prints it after the error
+            raise
     finally:
         cleanup_distributed()
+
+
+def stopped_note(run_dir, step):
+    """Where a run that an error stopped stands: the step, and the newest complete
+    checkpoint (whose files are safe: the same command continues from it)."""
+    try:
+        prefix, st = find_checkpoint(run_dir)
+    except Exception:  # only a report: the error that stopped the run is what matters
+        prefix = None
+    if prefix is None:
+        return f'stopped at step {step}; {run_dir} holds no complete checkpoint yet'
+    return (f'stopped at step {step}; {prefix}-* (step {st["step"]}) is the newest complete checkpoint: '
+            'the same command continues from it')
 
 
 if __name__ == '__main__':

@@ -1,11 +1,12 @@
 """Plumbing shared by train.py, sample.py, evaluate.py and bench.py: distributed
-setup (single process, torchrun or mpiexec), rank-0 logging (jsonl + txt, the
+setup (single process, torchrun, mpiexec or srun), rank-0 logging (jsonl + txt, the
 release's format), all-reduce of statistics, atomic checkpoint files, safe state-dict
 loading with useful mismatch messages, and apex-optimizer conversion.
 """
 import collections
 import contextlib
 import ctypes
+import datetime
 import errno
 import json
 import math
@@ -23,6 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+# Before any process group exists: imported later (by DDP), its functions' defaults (group=group.WORLD)
+# would keep the group past destroy_process_group, and its gloo threads then abort the exiting
+# interpreter now and then ("terminate called without an active exception").
+import torch.distributed.nn  # noqa: F401
 from tqdm import tqdm
 
 from hps import HPARAMS_REGISTRY, UserError, preset
@@ -43,22 +48,96 @@ class Dist:
         return self.rank == 0
 
 
-def _mpi_launched():
-    return any(k in os.environ for k in ('OMPI_COMM_WORLD_SIZE', 'PMI_SIZE', 'PMIX_RANK', 'MPI_LOCALNRANKS'))
+# Set by mpiexec (MPICH/Hydra, Open MPI) in every rank it starts, and some also by srun's
+# MPI plugins (--mpi=pmi2: PMI_RANK/PMI_SIZE; --mpi=pmix: PMIX_RANK) when srun starts the ranks.
+MPI_RANK_VARS, MPI_SIZE_VARS = ('PMI_RANK', 'PMIX_RANK', 'OMPI_COMM_WORLD_RANK'), ('PMI_SIZE', 'OMPI_COMM_WORLD_SIZE')
+MPIEXEC_ONLY_VARS = ('MPI_LOCALNRANKS', 'OMPI_COMM_WORLD_LOCAL_SIZE')  # never set by srun itself
 
 
-def setup_distributed(port=29500, device=None):
-    """Detect the launcher and join the process group.
+def srun_tasks(env=os.environ):
+    """(task, tasks) of this process in its srun job step, or None when srun did not start it.
+    An sbatch script itself also has SLURM_PROCID (0) and SLURM_NTASKS, but only the tasks
+    of a step that srun launched have SLURM_STEP_ID."""
+    if 'SLURM_PROCID' not in env or 'SLURM_STEP_ID' not in env:
+        return None
+    return int(env['SLURM_PROCID']), int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', 1)))
 
-    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; mpiexec sets its own
-    variables, and rank 0's address (``master_address``) and port (MASTER_PORT, else
-    ``port``) are broadcast over MPI (mpi4py is imported only then); otherwise one process.
-    NCCL on GPUs, gloo on CPU.  ``device`` forces 'cpu' or 'cuda'."""
+
+def detect_launcher(env=os.environ):
+    """Who started this process: 'torchrun' (RANK and WORLD_SIZE), 'mpiexec' (MPI's
+    variables), 'srun' (a SLURM job step) or 'single', in that order of precedence.  MPI
+    variables that srun's MPI plugin set, the same rank and size as srun's own, count as
+    srun: this process is srun's task, and needs no MPI to join the run.  Those an mpiexec
+    started inside an srun task or an sbatch script set disagree with the SLURM ones (or
+    include variables only mpiexec sets), and mean mpiexec."""
+    if 'RANK' in env and 'WORLD_SIZE' in env:
+        return 'torchrun'
+    task = srun_tasks(env)
+    if any(k in env for k in MPI_RANK_VARS + MPI_SIZE_VARS + MPIEXEC_ONLY_VARS):
+        srun_set = task is not None and not any(k in env for k in MPIEXEC_ONLY_VARS) and \
+            all(int(env[k]) == task[0] for k in MPI_RANK_VARS if k in env) and \
+            all(int(env[k]) == task[1] for k in MPI_SIZE_VARS if k in env)
+        if not srun_set:
+            return 'mpiexec'
+    return 'single' if task is None else 'srun'
+
+
+def slurm_hosts(nodelist):
+    """Expand SLURM's compressed host list: 'node[01-03,7],gpu5' -> ['node01', 'node02',
+    'node03', 'node7', 'gpu5'] (zero padding kept; several bracket groups in one name, as
+    'rack[1-2]-n[1-2]', give every combination, first group slowest)."""
+    names, depth, start = [], 0, 0
+    for i, ch in enumerate(nodelist + ','):
+        depth += (ch == '[') - (ch == ']')
+        if ch == ',' and depth == 0:
+            names += _expand_host(nodelist[start:i].strip())
+            start = i + 1
+    return [n for n in names if n]
+
+
+def _expand_host(name):
+    m = re.match(r'([^\[]*)\[([^\]]*)\](.*)', name)
+    if not m:
+        return [name]
+    head, ranges, rest = m.groups()
+    values = []
+    for part in ranges.split(','):
+        lo, _, hi = part.partition('-')
+        values += [str(v).zfill(len(lo)) for v in range(int(lo), int(hi or lo) + 1)]
+    return [head + v + tail for v in values for tail in _expand_host(rest)]
+
+
+def slurm_local_tasks(env=os.environ):
+    """Tasks of this srun step on this node, from SLURM_STEP_TASKS_PER_NODE ('2(x3),1':
+    2 on each of the first three nodes, 1 on the fourth) and SLURM_NODEID."""
+    counts = []
+    for part in env.get('SLURM_STEP_TASKS_PER_NODE', env.get('SLURM_TASKS_PER_NODE', '1')).split(','):
+        m = re.fullmatch(r'(\d+)(?:\(x(\d+)\))?', part.strip())
+        counts += [int(m.group(1))] * int(m.group(2) or 1) if m else []
+    node = int(env.get('SLURM_NODEID', 0))
+    return counts[node] if node < len(counts) else 1
+
+
+def setup_distributed(port=29500, device=None, timeout=600.0):
+    """Detect the launcher (``detect_launcher``) and join the process group.
+
+    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT.  Under mpiexec,
+    rank 0's address (``master_address``) and port (MASTER_PORT, else ``port``) are
+    broadcast over MPI (mpi4py is imported only then).  Under srun the rank, size and
+    node-local rank are SLURM_PROCID, SLURM_STEP_NUM_TASKS (SLURM_NTASKS) and
+    SLURM_LOCALID, and rank 0 listens on MASTER_ADDR when set, else on the first host of
+    the step's node list (task 0 runs there), at MASTER_PORT, else ``port``.  Otherwise
+    one process.  NCCL on GPUs, gloo on CPU.  ``device`` forces 'cpu' or 'cuda'.
+
+    ``timeout`` (seconds) bounds every collective: a process whose peer died or hangs
+    raises an error after at most that long (gloo), or is ended by NCCL's watchdog
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING=3, PyTorch's default, set here unless given)."""
     use_cuda = torch.cuda.is_available() if device is None else device == 'cuda'
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+    how = detect_launcher()
+    if how == 'torchrun':
         rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        local_rank, launcher, init = int(os.environ.get('LOCAL_RANK', 0)), 'torchrun', 'env://'
-    elif _mpi_launched():
+        local_rank, init = int(os.environ.get('LOCAL_RANK', 0)), 'env://'
+    elif how == 'mpiexec':
         try:
             from mpi4py import MPI
         except ImportError:
@@ -69,16 +148,26 @@ def setup_distributed(port=29500, device=None):
         local_rank, one_node = node.Get_rank(), node.Get_size() == world
         addr, port = comm.bcast((master_address(one_node), int(os.environ.get('MASTER_PORT', port)))
                                 if rank == 0 else None, root=0)
-        launcher, init = 'mpiexec', f'tcp://{addr}:{port}'
+        init = f'tcp://{addr}:{port}'
+    elif how == 'srun':
+        rank, world = srun_tasks()
+        local_rank = int(os.environ.get('SLURM_LOCALID', 0))
+        nodes = next((os.environ[k] for k in ('SLURM_STEP_NODELIST', 'SLURM_JOB_NODELIST', 'SLURM_NODELIST')
+                      if os.environ.get(k)), '')
+        addr = os.environ.get('MASTER_ADDR') or (slurm_hosts(nodes) or ['127.0.0.1'])[0]
+        init = f'tcp://{addr}:{int(os.environ.get("MASTER_PORT", port))}'
     else:
-        rank, world, local_rank, launcher, init = 0, 1, 0, 'single', None
+        rank, world, local_rank, init = 0, 1, 0, None
     dev = cuda_device(local_rank) if use_cuda else torch.device('cpu')
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1:
+        if use_cuda:
+            os.environ.setdefault('TORCH_NCCL_ASYNC_ERROR_HANDLING', '3')  # a timed-out collective ends the process
         dist.init_process_group('nccl' if use_cuda else 'gloo', init_method=init, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout),
                                 **({'device_id': dev} if use_cuda else {}))
-    return Dist(rank, world, local_rank, dev, launcher)
+    return Dist(rank, world, local_rank, dev, how)
 
 
 def master_address(one_node):
@@ -170,9 +259,12 @@ def configure_cpu(threads=0, keep_heap=True):
     """Settings for a process that computes on the CPU.
 
     ``threads``: torch's intra-op threads; 0 means the machine's cores divided by the
-    processes launched on this node (torchrun's LOCAL_WORLD_SIZE, MPICH's MPI_LOCALNRANKS).
+    processes launched on this node (torchrun's LOCAL_WORLD_SIZE, MPICH's MPI_LOCALNRANKS,
+    Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE, the srun step's tasks on this node).
     ``keep_heap``: see ``keep_freed_heap``.  Returns the thread count."""
-    local = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('MPI_LOCALNRANKS', 1)))
+    env = os.environ
+    local = int(env.get('LOCAL_WORLD_SIZE', env.get('MPI_LOCALNRANKS', env.get('OMPI_COMM_WORLD_LOCAL_SIZE', 0))))
+    local = local or (slurm_local_tasks() if srun_tasks() else 1)
     n = threads or max(1, (os.cpu_count() or 1) // local)
     torch.set_num_threads(n)
     if keep_heap:
@@ -229,10 +321,9 @@ def logger(log_prefix, is_main=True, write=True, hold=False):
 
     def append(txt_str, json_str):
         os.makedirs(os.path.dirname(jsonl_path) or '.', exist_ok=True)
-        with open(txt_path, 'a+') as f:
-            print(txt_str, file=f, flush=True)
-        with open(jsonl_path, 'a+') as f:
-            print(json_str, file=f, flush=True)
+        for path, line in ((txt_path, txt_str), (jsonl_path, json_str)):
+            with naming_file(path), open(path, 'a+') as f:
+                print(line, file=f, flush=True)
 
     def commit():
         nonlocal held
@@ -313,10 +404,11 @@ def restore_log(path):
 def atomic_write(path):
     """Open a temporary file beside ``path`` for binary writing; on success fsync it and
     rename it over ``path``.  A crash leaves the old file or the new one, never a torn one;
-    a kill -9 may leave the temporary ``{path}.tmp.{pid}`` (see remove_stale_temporaries)."""
+    a kill -9 may leave the temporary ``{path}.tmp.{pid}`` (see remove_stale_temporaries).
+    A write the file system refuses (disk full) raises an OSError naming ``path``."""
     tmp = f'{path}.tmp.{os.getpid()}'
     try:
-        with open(tmp, 'wb') as f:
+        with naming_file(path), open(tmp, 'wb') as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -650,15 +742,70 @@ def die(msg, code=2):
     sys.exit(code)
 
 
+# A file system that refuses a write: full, over quota, read-only, no permission.
+WRITE_REFUSED = {errno.ENOSPC: 'free space on its file system', errno.EDQUOT: 'free space within your quota',
+                 errno.EROFS: 'remount its file system writable', errno.EACCES: 'check its permissions',
+                 errno.EPERM: 'check its permissions'}
+# What gloo's transport says when the process at the other end exited or stopped answering.
+PEER_LOST = ('Connection closed by peer', 'Connection reset by peer', 'Timed out waiting')
+
+
+def os_error_in(e):
+    """The OSError behind ``e``: ``e`` itself or the first in its chain of causes and
+    contexts (torch.save, for one, turns a failed write into a RuntimeError); else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def naming_file(path):
+    """Inside, an OSError that names no file (a write or flush to an open file: disk full,
+    quota), also one that torch.save wrapped, is raised again as one naming ``path``."""
+    try:
+        yield
+    except Exception as e:
+        err = os_error_in(e)
+        if err is None or err.filename or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, path) from e
+
+
+def lost_peer(e):
+    """Whether ``e`` says that another process of the run exited or stopped answering
+    (torch.distributed's errors, gloo's transport errors and time-outs)."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in PEER_LOST))
+
+
+def _notes(e):
+    return ''.join(f'; {n}' for n in getattr(e, '__notes__', ()))
+
+
 def run_main(main):
-    """A script's entry point: run ``main()``; a UserError (bad flags, missing files) ends
-    the process with its one-line message and exit status 2 instead of a traceback."""
+    """A script's entry point: run ``main()``.  Ends in one line, not a traceback, for a
+    UserError (bad flags, missing files: exit status 2), for a write the file system
+    refuses (full, read-only: the file and the way out, status 2) and for the loss of
+    another process of the run (status 1).  Anything else is a bug: its traceback is
+    printed (status 1).  The notes an entry point added to the exception (train.py: the
+    step it stopped at and the checkpoint that is safe) end the line or the traceback.
+    Data-loading workers end in every case (data.stop_workers)."""
     try:
         main()
     except UserError as e:
-        die(str(e))
-    except OSError as e:  # a read-only or full file system met after the up-front checks
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
-            raise
-        die(f"{e.filename or 'a file'}: {e.strerror}; check its permissions and free space, or pass another "
-            "--save_dir, --out_dir or --out")
+        die(str(e) + _notes(e))
+    except Exception as e:
+        err = os_error_in(e)
+        if err is not None and err.errno in WRITE_REFUSED:
+            die(f"{err.filename or 'a file'}: {err.strerror}; {WRITE_REFUSED[err.errno]}, or pass another "
+                f"--save_dir, --out_dir or --out{_notes(e)}")
+        if lost_peer(e):
+            # gloo's message without its source position and advice: "Read error [addr]:port: Connection reset by peer"
+            detail = re.sub(r'^\[[^\]]*\.cc:\d+\]\s*', '', (str(e).strip().splitlines() or [''])[0]).split('. ')[0]
+            slow = '; if it is only slow (a long save), raise --dist_timeout' if 'Timed out' in detail else ''
+            die(f"another process of this run exited or stopped answering ({detail or type(e).__name__}): its "
+                f"output says why{slow}{_notes(e)}", code=1)
+        raise

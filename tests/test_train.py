@@ -139,29 +139,41 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _distributed_matches_single(fmnist_root, tmp_path, launcher, name):
-    common = TINY + ['--data_root', fmnist_root, '--save_dir', str(tmp_path), '--max_iters', '4',
-                     '--rank_invariant_noise', '--iters_per_print', '1', '--lr', '0.003', '--port', str(free_port())]
-    run(common + ['--desc', 'single', '--n_batch', '8'])
-    run(common + ['--desc', name, '--n_batch', '4'], launcher=launcher)
+def _distributed_args(fmnist_root, save_dir):
+    return TINY + ['--data_root', fmnist_root, '--save_dir', str(save_dir), '--max_iters', '4',
+                   '--rank_invariant_noise', '--iters_per_print', '1', '--lr', '0.003']
+
+
+@pytest.fixture(scope='session')
+def single_run(fmnist_root, tmp_path_factory):
+    """4 steps of one process with --n_batch 8: what 2 processes with --n_batch 4 must compute
+    (_distributed_matches_single, for every launcher)."""
+    save_dir = tmp_path_factory.mktemp('single')
+    run(_distributed_args(fmnist_root, save_dir) + ['--desc', 'single', '--n_batch', '8'])
+    return save_dir / 'single'
+
+
+def _distributed_matches_single(single_run, fmnist_root, tmp_path, launcher, name):
+    run(_distributed_args(fmnist_root, tmp_path) + ['--desc', name, '--n_batch', '4', '--port', str(free_port())],
+        launcher=launcher)
     rc = log_lines(tmp_path / name, 'rank_check')
     assert rc and rc[-1]['param_spread'] == 0.0  # replicas identical
-    a, b = (state_dict(tmp_path / d / 'latest-model.th') for d in ['single', name])
+    a, b = state_dict(single_run / 'latest-model.th'), state_dict(tmp_path / name / 'latest-model.th')
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    la, lb = train_losses(tmp_path / 'single'), train_losses(tmp_path / name)
+    la, lb = train_losses(single_run), train_losses(tmp_path / name)
     np.testing.assert_allclose([la[i] for i in range(4)], [lb[i] for i in range(4)], rtol=1e-5)
 
 
-def test_torchrun_two_processes_equal_one_process(fmnist_root, tmp_path):
-    _distributed_matches_single(fmnist_root, tmp_path, ['torchrun', '--standalone', '--nproc_per_node', '2'],
-                                'torchrun')
+def test_torchrun_two_processes_equal_one_process(single_run, fmnist_root, tmp_path):
+    _distributed_matches_single(single_run, fmnist_root, tmp_path,
+                                ['torchrun', '--standalone', '--nproc_per_node', '2'], 'torchrun')
 
 
-def test_mpiexec_two_processes_equal_one_process(fmnist_root, tmp_path):
+def test_mpiexec_two_processes_equal_one_process(single_run, fmnist_root, tmp_path):
     mpiexec = shutil.which('mpiexec', path=os.path.dirname(sys.executable)) or shutil.which('mpiexec')
     assert mpiexec, 'mpiexec not found: pip install mpich mpi4py'
-    _distributed_matches_single(fmnist_root, tmp_path, [mpiexec, '-n', '2'], 'mpi')
+    _distributed_matches_single(single_run, fmnist_root, tmp_path, [mpiexec, '-n', '2'], 'mpi')
 
 
 def test_restore_official_bundle_and_continue(cifar_root, tmp_path):
