@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import train
 from hps import HPARAMS_REGISTRY, Hyperparams, UserError, at_least, check_ranges, get_hparams
-from utils import Dist, configure_cpu, ieee_fp32, run_main
+from utils import Dist, configure_cpu, cudnn_conv_precision, ieee_fp32, run_main
 from vae import VAE
 
 # The reference tests' tiny32 model (width 32, 13 decoder blocks, 135,078 parameters), on one
@@ -210,13 +210,7 @@ def device_peak(H, device, precision):
 
 def convs_use_tf32():
     """Whether cuDNN may run fp32 convolutions in TF32 (PyTorch's default)."""
-    try:
-        p = torch.backends.cudnn.conv.fp32_precision  # 'none' defers to the enclosing backend
-        for parent in (torch.backends.cudnn, torch.backends):
-            p = parent.fp32_precision if p == 'none' else p
-        return p == 'tf32'
-    except AttributeError:  # torch before the fp32_precision API
-        return torch.backends.cudnn.allow_tf32
+    return cudnn_conv_precision() == 'tf32'
 
 
 def device_name(device):

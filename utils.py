@@ -206,14 +206,51 @@ def ieee_fp32():
     restored after.  PyTorch lets cuDNN run fp32 convolutions in TF32 (10-bit mantissa) on
     Ampere and newer GPUs by default, which is fine for training but moves the numbers of
     a 100-layer network; evaluation and sampling run under this so that a released
-    checkpoint gets the same figures on any GPU as on the CPU.  No effect on the CPU."""
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = 'ieee'
+    checkpoint gets the same figures on any GPU as on the CPU.  No effect on the CPU.
+
+    cuDNN's flags are set so that they agree: PyTorch keeps a legacy ``cudnn.allow_tf32``
+    beside the per-operator ``conv`` and ``rnn`` precisions, and refuses to read it (or to
+    enter ``cudnn.flags()``) while they disagree.  So the legacy flag goes off first (its
+    setter also resets conv and rnn), then conv, rnn and the matmuls are set to IEEE."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = _tf32_flags()
+    cudnn.allow_tf32 = False
+    cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = matmul.fp32_precision = 'ieee'
     try:
         yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        _set_tf32_flags(saved)
+
+
+def _tf32_flags():
+    """(legacy cudnn.allow_tf32, conv, rnn and matmul fp32_precision) as set now.  Where the
+    caller's own mix of the two APIs makes PyTorch refuse to read the legacy flag, it is
+    the one value that leaves that mix as it was: the opposite of conv's TF32 setting (when
+    conv and rnn agree; when they differ PyTorch refuses to read it whatever its value)."""
+    cudnn = torch.backends.cudnn
+    ops = cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    try:
+        legacy = cudnn.allow_tf32
+    except RuntimeError:
+        legacy = cudnn_conv_precision() != 'tf32'
+    return (legacy,) + ops
+
+
+def cudnn_conv_precision():
+    """The precision of cuDNN's fp32 convolutions, 'tf32' or 'ieee' (or 'none': PyTorch's
+    default, IEEE): conv's own setting, where it is 'none' the CUDA backend's, then all
+    backends'."""
+    p = torch.backends.cudnn.conv.fp32_precision
+    for parent in (torch.backends.cudnn, torch.backends):
+        p = parent.fp32_precision if p == 'none' else p
+    return p
+
+
+def _set_tf32_flags(flags):
+    """Undo ieee_fp32: the legacy flag first (its setter overwrites conv and rnn), then the three precisions."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    cudnn.allow_tf32 = flags[0]
+    cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision = flags[1:]
 
 
 # ----------------------------------------------------------------------------- logging
