@@ -107,7 +107,9 @@ def wrap_for_training(H, model, d):
         model.compile_blocks(**kw)
     net = model
     if d.world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == 'cuda' else None)
+        # the GPU this process computes on (utils.cuda_device): cuda:0 when a launcher gives each
+        # process its own GPU, whatever its local rank
+        net = DistributedDataParallel(model, device_ids=[d.device] if d.device.type == 'cuda' else None)
     if H.compile and H.compile_scope == 'model':
         net = torch.compile(net, **kw)
     return net
