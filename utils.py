@@ -631,6 +631,9 @@ def load_optimizer_file(optimizer, path, verified=False):
     decides the ``step`` tensors' device as this optimizer needs, and each state tensor
     (exp_avg, exp_avg_sq) is laid out like its parameter (a file written with the other
     --channels_last setting has the other strides; the fused kernels need them equal).
+    The groups also keep their own learning rate, the very object: the schedule sets it
+    every step, and under --cuda_graphs it is the device tensor the captured step reads
+    (a file holds a float, or a tensor that was loaded onto the CPU).
     ``verified``: as for restore_params."""
     if not verified:
         check_recorded_checksum(path)
@@ -642,11 +645,13 @@ def load_optimizer_file(optimizer, path, verified=False):
                         "is it from another preset?")
     own = [{k: g[k] for k in OPTIMIZER_IMPL_KEYS if k in g} for g in optimizer.param_groups]
     sd = dict(sd, param_groups=[dict(g, **flags) for g, flags in zip(sd['param_groups'], own)])
+    own_lr = [g['lr'] for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(sd)
     except (ValueError, KeyError) as e:
         raise UserError(f"cannot load optimizer state {path}: {e}") from None
-    for g in optimizer.param_groups:
+    for g, lr in zip(optimizer.param_groups, own_lr):
+        g['lr'] = lr  # load_state_dict put in the file's (a copy, at best)
         g['decoupled_weight_decay'] = True  # AdamW's, even if the file says otherwise
         for p in g['params']:
             state = optimizer.state.get(p, {})
