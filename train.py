@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import data
 from hps import UserError, get_hparams
-from utils import (allreduce, check_writable, cleanup_distributed, clip_grad_norm, configure_cpu, ieee_fp32,
+from utils import (allreduce, check_writable, cleanup_distributed, clip_grad_norm, configure_device, ieee_fp32,
                    is_writable, logger, param_spread_across_ranks, print_once, read_log, run_main, setup_distributed)
 from resume import (check_restore_paths, data_fingerprint, find_checkpoint, load_for_evaluation, open_run_folder,
                     restore, save_checkpoint)
@@ -46,10 +46,7 @@ def set_up(argv=None):
     """Resolve H, join the process group, make the run folder and the logger."""
     H = get_hparams(argv)
     d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device)
-    if d.device.type == 'cpu':
-        configure_cpu(H.threads)
-    else:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
+    configure_device(d.device, H.threads)
     H.run_dir = os.path.join(H.save_dir, H.desc)
     check_cuda_graphs(H, d)
     check_restore_paths(H)

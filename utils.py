@@ -180,6 +180,16 @@ def configure_cpu(threads=0, keep_heap=True):
     return n
 
 
+def configure_device(device, threads=0, keep_heap=True):
+    """How train.py sets up its process for training on ``device`` (bench.py times the same
+    set-up): on the CPU, configure_cpu; on CUDA, cuDNN's autotuner (fixed shapes: each
+    convolution's algorithm is timed once, then reused)."""
+    if device.type == 'cpu':
+        configure_cpu(threads, keep_heap)
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
 def keep_freed_heap():
     """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
 
