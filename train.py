@@ -384,8 +384,7 @@ def evaluate(H, d, ema, source, desc='eval'):
     with ieee_fp32():
         for positions, x in tqdm(batches, desc=desc, disable=not d.is_main or H.no_progress, leave=False):
             x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
-            images = torch.from_numpy(positions).to(d.device)  # positions in the split
-            with ema.keyed_noise(KeyedNormal(H.seed, images)):
+            with ema.keyed_noise(KeyedNormal(H.seed, positions)):
                 out = ema.forward_per_image(x_in, x_target)
             elbo = out['elbo'].double()
             finite = torch.isfinite(elbo)
@@ -402,15 +401,22 @@ def evaluate(H, d, ema, source, desc='eval'):
 
 
 def eval_batches(H, d, source):
-    """(positions in the split, uint8 batch) over this rank's contiguous shard of ``source``,
-    --n_batch_eval images at a time (default 4 x --n_batch), prefetched by one worker (spawned
-    under mpiexec, see worker_start_method)."""
+    """(positions in the split as an int64 tensor on d.device, uint8 batch) over this rank's
+    contiguous shard of ``source``, --n_batch_eval images at a time (default 4 x --n_batch),
+    prefetched by one worker (spawned under mpiexec, see worker_start_method)."""
     b = H.n_batch_eval or 4 * H.n_batch
     shard = data.eval_shard(len(source), d.rank, d.world_size)
     loader = data.eval_loader(source, b, rank=d.rank, world_size=d.world_size, num_workers=min(H.num_workers, 1),
                               pin_memory=d.device.type == 'cuda', mp_context=worker_start_method(d))
     for i, x in enumerate(loader):
-        yield shard[i * b:(i + 1) * b], x
+        yield positions_on(shard[i * b:(i + 1) * b], d.device), x
+
+
+def positions_on(idx, device):
+    """Positions in the split (a contiguous numpy block) as an int64 tensor made on ``device``
+    (no copy from the host, which from pageable memory would wait for the device)."""
+    first = int(idx[0]) if len(idx) else 0
+    return first + torch.arange(len(idx), device=device)
 
 
 def standard_error(n, total, total_sq):

@@ -6,6 +6,7 @@ PixelCNN++ (openai/pixel-cnn ``nn.py``) as in the release, generalised to
 1-channel images.  All images here are NHWC with values in [-1, 1].
 """
 import contextlib
+import functools
 import math
 
 import torch
@@ -94,23 +95,61 @@ PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Philox-4x32 round multipliers
 PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # Philox key increments (golden ratio, sqrt(3) - 1)
 
 
-def _mulhilo32(a, m):
-    """(hi, lo): the upper and lower 32 bits of a * m, for an int64 tensor a of 32-bit words
-    (overwritten: it becomes hi) and a 32-bit constant m.  m is split into 16-bit halves so
-    that no int64 product overflows (each is below 2**48): exact integer arithmetic, the
-    same bits on any device."""
-    lo = a * (m & 0xFFFF)
-    hi = a.mul_(m >> 16)
+def _halves(m, device, ndim):
+    """The 16-bit halves (low, high) of a 32-bit multiplier, or of one multiplier per stacked
+    word (a list), as an int64 tensor shaped to broadcast against (stack, *words) of ``ndim``
+    dimensions behind a leading axis of the two halves: (2, 1, ..) or (2, len(m), 1, ..)."""
+    m = torch.tensor(m, dtype=torch.int64)
+    h = torch.stack([m & 0xFFFF, m >> 16])
+    return h.view(h.shape + (1,) * (ndim - m.dim())).to(device)
+
+
+def _mul_words(a, m):
+    """a * m for an int64 tensor a of 32-bit words and a 32-bit multiplier m (an int, or
+    _halves of one multiplier per leading index of a), as one (2, *a.shape) tensor of its low
+    and high 32 bits.  m is split into 16-bit halves so that no int64 product overflows
+    (each is below 2**48): exact integer arithmetic, the same bits on any device.  Both
+    halves' products come from one multiplication."""
+    p = a.unsqueeze(0) * (m if torch.is_tensor(m) else _halves(m, a.device, a.dim()))
+    lo, hi = p.unbind(0)  # a * low half, a * high half
     tmp = hi & 0xFFFF
     lo.add_(tmp, alpha=1 << 16)  # the low 48 bits of a * m
     hi.bitwise_right_shift_(16).add_(torch.bitwise_right_shift(lo, 32, out=tmp))
-    return hi, lo.bitwise_and_(MASK32)
+    lo.bitwise_and_(MASK32)
+    return p
 
 
-def _xor(a, b, k):
-    """a ^ b ^ k, in a's memory when a already has the broadcast shape."""
-    a = a.bitwise_xor_(b) if a.shape == torch.broadcast_shapes(a.shape, b.shape) else a ^ b
-    return a.bitwise_xor_(k)
+def _mulhilo32(a, m):
+    """(hi, lo): the upper and lower 32 bits of a * m (see _mul_words)."""
+    lo, hi = _mul_words(a, m).unbind(0)
+    return hi, lo
+
+
+@functools.lru_cache(maxsize=64)
+def _round_constants(key, rounds, device, ndim):
+    """Philox's constants for the stacked state of _philox_rounds: the multipliers' halves, in
+    the order (c2's, c0's), and every round's key, (rounds, 2, 1, ..) in the order (k0, k1).
+    Kept once made: a copy from the host to a GPU waits for the device, at every batch."""
+    k0, k1 = key
+    keys = [[(k0 + r * PHILOX_W[0]) & MASK32, (k1 + r * PHILOX_W[1]) & MASK32] for r in range(rounds)]
+    return (_halves([PHILOX_M[1], PHILOX_M[0]], device, ndim),
+            torch.tensor(keys, dtype=torch.int64).view(rounds, 2, *(1,) * (ndim - 1)).to(device))
+
+
+def _philox_rounds(a, b, constants, rounds, first=0):
+    """Philox-4x32 rounds ``first`` .. ``rounds - 1`` on the counter words stacked in pairs:
+    a = (c2, c0) and b = (c1, c3), each (2, ...); ``constants`` from _round_constants.  One
+    round is then one stacked multiply-high-low and two xors, for all four words:
+    (c0, c1, c2, c3) <- (hi(c2) ^ c1 ^ k0, lo(c2), hi(c0) ^ c3 ^ k1, lo(c0)).  Returns the
+    words as one (2, 2, ...) tensor: [0] = (w1, w3), [1] = (w0, w2)."""
+    halves, keys = constants
+    for r in range(first, rounds):
+        words = _mul_words(a, halves)
+        lo, hi = words  # (lo(c2), lo(c0)) = the new (c1, c3); (hi(c2), hi(c0))
+        hi.bitwise_xor_(b).bitwise_xor_(keys[r])  # the new (c0, c2)
+        if r < rounds - 1:
+            a, b = hi.flip(0), lo  # (c2, c0), (c1, c3) for the next round
+    return words
 
 
 def philox4x32(counter, key, rounds=10):
@@ -119,24 +158,19 @@ def philox4x32(counter, key, rounds=10):
     int64 tensors.
 
     counter: four int64 tensors of 32-bit words (broadcastable against each other, e.g. an
-    element index (G,) against an image index (B, 1): the first rounds then work on the
-    small shapes); key: two 32-bit ints.  Returns four int64 tensors of 32-bit random words
-    of the broadcast shape, a bijective function of the counter for a fixed key."""
-    c0, c1, c2, c3 = counter
-    c0, c2 = c0.clone(), c2.clone()  # _mulhilo32 works in place
-    k0, k1 = key
-    for _ in range(rounds):
-        hi0, lo0 = _mulhilo32(c0, PHILOX_M[0])
-        hi1, lo1 = _mulhilo32(c2, PHILOX_M[1])
-        c0, c1, c2, c3 = _xor(hi1, c1, k0), lo1, _xor(hi0, c3, k1), lo0
-        k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
-    shape = torch.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape)
-    return tuple(c.expand(shape) for c in (c0, c1, c2, c3))
+    element index (G,) against an image index (B, 1)); key: two 32-bit ints.  Returns four
+    int64 tensors of 32-bit random words of the broadcast shape, a bijective function of the
+    counter for a fixed key."""
+    c0, c1, c2, c3 = torch.broadcast_tensors(*counter)
+    constants = _round_constants(key, rounds, c0.device, c0.dim() + 1)
+    (w1, w3), (w0, w2) = _philox_rounds(torch.stack([c2, c0]), torch.stack([c1, c3]), constants, rounds)
+    return w0, w1, w2, w3
 
 
 def uniform_from_bits(w):
-    """32-bit words -> uniforms in (0, 1] (float32): (top 24 bits + 1/2) / 2**24."""
-    return (w >> 8).to(torch.float32).add_(0.5).mul_(2. ** -24)
+    """32-bit words -> uniforms in (0, 1] (float32): (top 24 bits + 1/2) / 2**24.  (The int64
+    top bits and 1/2 meet in float32, exactly: they are below 2**24.)"""
+    return ((w >> 8) + 0.5).mul_(2. ** -24)
 
 
 class KeyedNormal:
@@ -150,7 +184,12 @@ class KeyedNormal:
     rounded up (n elements in ``shape``): the block's words (w0, w1) and (w2, w3) become two
     pairs of normals by Box-Muller on 24-bit uniforms, elements g, G+g (from w0, w1) and
     2G+g, 3G+g (from w2, w3) of the row in C order.  The integer part gives identical bits
-    on every device; the float part (log, sqrt, cos, sin in float32) agrees to a few ulps."""
+    on every device; the float part (log, sqrt, cos, sin in float32) agrees to a few ulps.
+
+    On a GPU every operator is a kernel launch, so a draw is written in few of them (71 aten
+    operators, docs/evaluation.md): the four counter words go through each round as two
+    stacked pairs, and the first round, which depends on the layer only through one xor, is
+    computed once per element count and reused by every layer of that size."""
 
     # Seven rounds: the fewest that pass all of TestU01's BigCrush in Salmon et al.'s tests
     # (Random123's default of ten adds a safety margin).  Ten cost 12-16% of a tiny model's
@@ -162,6 +201,7 @@ class KeyedNormal:
         self.images = torch.as_tensor(images, dtype=torch.int64)
         self.samples = torch.zeros_like(self.images) if samples is None else \
             torch.as_tensor(samples, dtype=torch.int64, device=self.images.device).expand_as(self.images)
+        self._first_round = {}  # (device, G) -> what round 0 leaves of the counter, see _after_round_0
 
     def __len__(self):
         return len(self.images)
@@ -173,20 +213,42 @@ class KeyedNormal:
         return KeyedNormal(self.key[0], self.images.repeat(n),
                            (self.samples.repeat(n) + k.repeat_interleave(len(self))))
 
+    def _after_round_0(self, n_blocks, device):
+        """Philox's first round on the counter (g, layer, image, sample) for every layer at
+        once: (c2, c0) and (c1, c3) after it are (hi(g) ^ sample ^ k1, hi(image) ^ k0 ^ layer)
+        and (lo(image), lo(g)), so only one xor depends on the layer.  Returns (a, b,
+        hi(image) ^ k0, the round constants): a holds c2 and room for c0, which normal() fills."""
+        cached = self._first_round.get((device, n_blocks))
+        if cached is None:
+            rows = len(self.images)
+            constants = _round_constants(self.key, self.ROUNDS, device, 3)
+            m_c2, m_c0 = constants[0].unbind(1)  # the multipliers' halves, (2, 1, 1) each
+            images = (self.images.to(device) & MASK32)[:, None]  # (rows, 1)
+            samples = (self.samples.to(device) & MASK32)[:, None]
+            hi_img, lo_img = _mulhilo32(images, m_c2)  # (rows, 1)
+            hi_g, lo_g = _mulhilo32(torch.arange(n_blocks, dtype=torch.int64, device=device), m_c0)  # (1, G)
+            a = torch.empty(2, rows, n_blocks, dtype=torch.int64, device=device)
+            torch.bitwise_xor(hi_g, samples ^ self.key[1], out=a[0])  # c2 after round 0, the same for every layer
+            b = torch.stack([lo_img.expand(rows, n_blocks), lo_g.expand(rows, n_blocks)])
+            cached = self._first_round[(device, n_blocks)] = a, b, hi_img ^ self.key[0], constants
+        return cached
+
     def normal(self, layer, shape, device=None):
         """float32 standard normals (rows, *shape) on ``device`` (default: the images')."""
         device = self.images.device if device is None else torch.device(device)
-        images, samples = self.images.to(device), self.samples.to(device)
-        n, rows = math.prod(shape), len(images)
-        g = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
-        w = philox4x32((g, torch.full((1,), layer, device=device), images[:, None] & MASK32,
-                        samples[:, None] & MASK32), self.key, self.ROUNDS)  # 4 x (rows, G) words
-        z = torch.empty(rows, 4, len(g), device=device)
-        for j in (0, 2):  # Box-Muller: radius from one word, angle from the next
-            r = uniform_from_bits(w[j]).log_().mul_(-2.).sqrt_()
-            theta = uniform_from_bits(w[j + 1]).mul_(2 * math.pi)
-            torch.mul(r, torch.cos(theta), out=z[:, j])
-            torch.mul(r, theta.sin_(), out=z[:, j + 1])
+        n, rows = math.prod(shape), len(self.images)
+        n_blocks = (n + 3) // 4
+        a, b, hi_img_k0, constants = self._after_round_0(n_blocks, device)
+        torch.bitwise_xor(hi_img_k0.expand(rows, n_blocks), layer, out=a[1])  # c0 after round 0, this layer's
+        w = _philox_rounds(a, b, constants, self.ROUNDS, first=1)  # (2, 2, rows, G): (w1, w3), (w0, w2)
+        u = uniform_from_bits(w)
+        r = u[1].log_().mul_(-2.).sqrt_()  # Box-Muller: radii from w0, w2, angles from w1, w3
+        theta = u[0].mul_(2 * math.pi)
+        z = torch.empty(rows, 4, n_blocks, device=device)
+        zv = z.view(rows, 2, 2, n_blocks).permute(1, 2, 0, 3)  # (pair, cos/sin, rows, G)
+        torch.cos(theta, out=zv[:, 0])
+        torch.sin(theta, out=zv[:, 1])
+        zv.mul_(r.unsqueeze(1))
         return z.view(rows, -1)[:, :n].reshape(rows, *shape)
 
 
