@@ -641,9 +641,10 @@ def load_optimizer_file(optimizer, path, verified=False):
     decides the ``step`` tensors' device as this optimizer needs, and each state tensor
     (exp_avg, exp_avg_sq) is laid out like its parameter (a file written with the other
     --channels_last setting has the other strides; the fused kernels need them equal).
-    The groups also keep their own learning rate, the very object: the schedule sets it
-    every step, and under --cuda_graphs it is the device tensor the captured step reads
-    (a file holds a float, or a tensor that was loaded onto the CPU).
+    A learning rate that is a tensor (--cuda_graphs: the device tensor the captured step
+    reads) stays that very tensor; load_state_dict would put in the file's, a float or a
+    tensor loaded onto the CPU.  (A float one becomes the file's, as in the release; the
+    schedule sets it before every step anyway.)
     ``verified``: as for restore_params."""
     if not verified:
         check_recorded_checksum(path)
@@ -661,7 +662,8 @@ def load_optimizer_file(optimizer, path, verified=False):
     except (ValueError, KeyError) as e:
         raise UserError(f"cannot load optimizer state {path}: {e}") from None
     for g, lr in zip(optimizer.param_groups, own_lr):
-        g['lr'] = lr  # load_state_dict put in the file's (a copy, at best)
+        if torch.is_tensor(lr):
+            g['lr'] = lr
         g['decoupled_weight_decay'] = True  # AdamW's, even if the file says otherwise
         for p in g['params']:
             state = optimizer.state.get(p, {})

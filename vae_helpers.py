@@ -186,15 +186,20 @@ class KeyedNormal:
     2G+g, 3G+g (from w2, w3) of the row in C order.  The integer part gives identical bits
     on every device; the float part (log, sqrt, cos, sin in float32) agrees to a few ulps.
 
-    On a GPU every operator is a kernel launch, so a draw is written in few of them (71 aten
-    operators, docs/evaluation.md): the four counter words go through each round as two
-    stacked pairs, and the first round, which depends on the layer only through one xor, is
-    computed once per element count and reused by every layer of that size."""
+    On a GPU every operator is a kernel launch, so draws are written in few of them
+    (docs/evaluation.md): the four counter words go through each round as two stacked pairs;
+    the first round, which depends on the layer only through one xor, is computed once per
+    element count; and once told which draws a pass will ask for (``expect``, as
+    VAE.keyed_noise does), the first draw of a shape makes those of the following layers of
+    that shape too, in the same operators, and hands them out as they are asked for."""
 
     # Seven rounds: the fewest that pass all of TestU01's BigCrush in Salmon et al.'s tests
     # (Random123's default of ten adds a safety margin).  Ten cost 12-16% of a tiny model's
     # evaluation on the CPU, seven 7-9%.
     ROUNDS = 7
+    # Philox blocks (layers x rows x G) drawn together at the most: the int64 words of 2**22
+    # blocks and their temporaries take about 0.4 GB.
+    GROUP_BLOCKS = 1 << 22
 
     def __init__(self, seed, images, samples=None):
         self.key = (int(seed) & MASK32, 0)
@@ -202,6 +207,8 @@ class KeyedNormal:
         self.samples = torch.zeros_like(self.images) if samples is None else \
             torch.as_tensor(samples, dtype=torch.int64, device=self.images.device).expand_as(self.images)
         self._first_round = {}  # (device, G) -> what round 0 leaves of the counter, see _after_round_0
+        self._expected = {}  # shape -> the layers a pass will draw with that shape, in order (expect)
+        self._drawn = {}  # (layer, shape, device) -> normals drawn ahead with an earlier layer's
 
     def __len__(self):
         return len(self.images)
@@ -213,43 +220,72 @@ class KeyedNormal:
         return KeyedNormal(self.key[0], self.images.repeat(n),
                            (self.samples.repeat(n) + k.repeat_interleave(len(self))))
 
+    def expect(self, draws):
+        """The draws a pass will ask for, [(layer, shape)] in order; the values do not change."""
+        self._expected, self._drawn = {}, {}
+        for layer, shape in draws:
+            self._expected.setdefault(tuple(shape), []).append(layer)
+
     def _after_round_0(self, n_blocks, device):
         """Philox's first round on the counter (g, layer, image, sample) for every layer at
         once: (c2, c0) and (c1, c3) after it are (hi(g) ^ sample ^ k1, hi(image) ^ k0 ^ layer)
-        and (lo(image), lo(g)), so only one xor depends on the layer.  Returns (a, b,
-        hi(image) ^ k0, the round constants): a holds c2 and room for c0, which normal() fills."""
+        and (lo(image), lo(g)), so only one xor depends on the layer.  Returns (c2 (rows, G),
+        (c1, c3) (2, rows, G), hi(image) ^ k0 (rows, 1))."""
         cached = self._first_round.get((device, n_blocks))
         if cached is None:
             rows = len(self.images)
-            constants = _round_constants(self.key, self.ROUNDS, device, 3)
-            m_c2, m_c0 = constants[0].unbind(1)  # the multipliers' halves, (2, 1, 1) each
+            m_c2, m_c0 = _round_constants(self.key, self.ROUNDS, device, 3)[0].unbind(1)  # halves, (2, 1, 1) each
             images = (self.images.to(device) & MASK32)[:, None]  # (rows, 1)
             samples = (self.samples.to(device) & MASK32)[:, None]
             hi_img, lo_img = _mulhilo32(images, m_c2)  # (rows, 1)
             hi_g, lo_g = _mulhilo32(torch.arange(n_blocks, dtype=torch.int64, device=device), m_c0)  # (1, G)
-            a = torch.empty(2, rows, n_blocks, dtype=torch.int64, device=device)
-            torch.bitwise_xor(hi_g, samples ^ self.key[1], out=a[0])  # c2 after round 0, the same for every layer
+            c2 = hi_g ^ (samples ^ self.key[1])  # (rows, G), the same for every layer
             b = torch.stack([lo_img.expand(rows, n_blocks), lo_g.expand(rows, n_blocks)])
-            cached = self._first_round[(device, n_blocks)] = a, b, hi_img ^ self.key[0], constants
+            cached = self._first_round[(device, n_blocks)] = c2, b, hi_img ^ self.key[0]
         return cached
 
     def normal(self, layer, shape, device=None):
         """float32 standard normals (rows, *shape) on ``device`` (default: the images')."""
         device = self.images.device if device is None else torch.device(device)
-        n, rows = math.prod(shape), len(self.images)
+        shape = tuple(shape)
+        drawn = self._drawn.pop((layer, shape, device), None)
+        if drawn is not None:
+            return drawn
+        layers = [layer]
+        expected = self._expected.get(shape, [])
+        if layer in expected:  # this layer and the next expected ones of its shape, within GROUP_BLOCKS
+            per_layer = len(self.images) * ((math.prod(shape) + 3) // 4)
+            first = expected.index(layer)
+            layers = expected[first:first + max(1, self.GROUP_BLOCKS // per_layer)]
+        z = self._normals(layers, shape, device)
+        for other, zl in zip(layers[1:], z[1:]):
+            self._drawn[(other, shape, device)] = zl
+        return z[0]
+
+    def _normals(self, layers, shape, device):
+        """The normals of several layers of one shape: a list of (rows, *shape)."""
+        n, rows, n_layers = math.prod(shape), len(self.images), len(layers)
         n_blocks = (n + 3) // 4
-        a, b, hi_img_k0, constants = self._after_round_0(n_blocks, device)
-        torch.bitwise_xor(hi_img_k0.expand(rows, n_blocks), layer, out=a[1])  # c0 after round 0, this layer's
-        w = _philox_rounds(a, b, constants, self.ROUNDS, first=1)  # (2, 2, rows, G): (w1, w3), (w0, w2)
-        u = uniform_from_bits(w)
+        c2, b, hi_img_k0 = self._after_round_0(n_blocks, device)
+        c0 = torch.bitwise_xor(hi_img_k0.expand(rows, n_blocks), _int_tensor(tuple(layers), device).view(-1, 1, 1))
+        a = torch.stack([c2.expand(n_layers, rows, n_blocks), c0])  # (2, layers, rows, G), after round 0
+        constants = _round_constants(self.key, self.ROUNDS, device, 4)
+        w = _philox_rounds(a, b[:, None], constants, self.ROUNDS, first=1)  # (2, 2, layers, rows, G)
+        u = uniform_from_bits(w)  # [0] = (w1, w3), [1] = (w0, w2)
         r = u[1].log_().mul_(-2.).sqrt_()  # Box-Muller: radii from w0, w2, angles from w1, w3
         theta = u[0].mul_(2 * math.pi)
-        z = torch.empty(rows, 4, n_blocks, device=device)
-        zv = z.view(rows, 2, 2, n_blocks).permute(1, 2, 0, 3)  # (pair, cos/sin, rows, G)
+        z = torch.empty(n_layers, rows, 4, n_blocks, device=device)
+        zv = z.view(n_layers, rows, 2, 2, n_blocks).permute(2, 3, 0, 1, 4)  # (pair, cos/sin, layers, rows, G)
         torch.cos(theta, out=zv[:, 0])
         torch.sin(theta, out=zv[:, 1])
         zv.mul_(r.unsqueeze(1))
-        return z.view(rows, -1)[:, :n].reshape(rows, *shape)
+        return [zl.view(rows, -1)[:, :n].reshape(rows, *shape) for zl in z]
+
+
+@functools.lru_cache(maxsize=256)
+def _int_tensor(values, device):
+    """An int64 tensor of ``values`` on ``device``, made once (see _round_constants)."""
+    return torch.tensor(values, dtype=torch.int64).to(device)
 
 
 # ----------------------------------------------------------------------------- DMoL
