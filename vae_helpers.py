@@ -198,7 +198,7 @@ class KeyedNormal:
     # evaluation on the CPU, seven 7-9%.
     ROUNDS = 7
     # Philox blocks (layers x rows x G) drawn together at the most: the int64 words of 2**22
-    # blocks and their temporaries take about 0.4 GB.
+    # blocks and their temporaries take about 0.4 GB (counted from the tensor sizes).
     GROUP_BLOCKS = 1 << 22
 
     def __init__(self, seed, images, samples=None):
