@@ -131,7 +131,7 @@ def test_head_stays_float32_under_bf16_autocast():
     head = DmolNet(H)
     nr_mix = H.num_mixtures
     bias = torch.zeros(10 * nr_mix)
-    for c in range(3):  # per channel: M means near +-1, M log-scales of -6.5 (scale 1.5e-3 < half a bin), M coefficients
+    for c in range(3):  # per channel: M means near +-1, M log-scales -6.5 (scale 1.5e-3 < half a bin), M coefficients
         first = nr_mix + c * 3 * nr_mix
         bias[first:first + nr_mix] = torch.tensor([0.97, -0.96, 0.99][:nr_mix]) * (-1) ** c
         bias[first + nr_mix:first + 2 * nr_mix] = -6.5

@@ -302,7 +302,8 @@ def _tf32_flags_as_read():
     getters = dict(all=lambda: b.fp32_precision, cuda=lambda: b.cudnn.fp32_precision,
                    conv=lambda: b.cudnn.conv.fp32_precision, rnn=lambda: b.cudnn.rnn.fp32_precision,
                    matmul=lambda: b.cuda.matmul.fp32_precision, cudnn_allow_tf32=lambda: b.cudnn.allow_tf32,
-                   matmul_allow_tf32=lambda: b.cuda.matmul.allow_tf32, matmul_precision=torch.get_float32_matmul_precision)
+                   matmul_allow_tf32=lambda: b.cuda.matmul.allow_tf32,
+                   matmul_precision=torch.get_float32_matmul_precision)
     out = {}
     for k, get in getters.items():
         try:
