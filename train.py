@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import data
 from hps import UserError, get_hparams
-from utils import (allreduce, check_writable, cleanup_distributed, clip_grad_norm, configure_cpu, ieee_fp32,
+from utils import (allreduce, check_writable, cleanup_distributed, clip_grad_norm, configure_device, ieee_fp32,
                    is_writable, logger, naming_file, param_spread_across_ranks, print_once, read_log, run_main,
                    setup_distributed)
 from resume import (check_restore_paths, data_fingerprint, find_checkpoint, load_for_evaluation, open_run_folder,
@@ -50,10 +50,7 @@ def set_up(argv=None):
     """Resolve H, join the process group, make the run folder and the logger."""
     H = get_hparams(argv)
     d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout)
-    if d.device.type == 'cpu':
-        configure_cpu(H.threads)
-    else:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
+    configure_device(d.device, H.threads)
     H.run_dir = os.path.join(H.save_dir, H.desc)
     check_cuda_graphs(H, d)
     check_restore_paths(H)
@@ -111,7 +108,9 @@ def wrap_for_training(H, model, d):
         model.compile_blocks(**kw)
     net = model
     if d.world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == 'cuda' else None)
+        # the GPU this process computes on (utils.cuda_device): cuda:0 when a launcher gives each
+        # process its own GPU, whatever its local rank
+        net = DistributedDataParallel(model, device_ids=[d.device] if d.device.type == 'cuda' else None)
     if H.compile and H.compile_scope == 'model':
         net = torch.compile(net, **kw)
     return net
@@ -265,6 +264,8 @@ def update_ema(model, ema, rate, update=None):
 class EagerStep:
     """One training step from a uint8 batch on the device: preprocess, then training_step."""
 
+    warmup_calls = 1  # calls before every call costs what the next one does (the first makes the optimizer state)
+
     def __init__(self, H, net, model, ema, optimizer, scaler, ctx):
         self.H, self.net, self.model, self.ema, self.optimizer, self.scaler, self.ctx = \
             H, net, model, ema, optimizer, scaler, ctx
@@ -279,23 +280,32 @@ class GraphedStep(EagerStep):
     """The whole training step in one CUDA graph (--cuda_graphs), replayed every step.
 
     The graph reads a static uint8 batch buffer and the learning rate from a device tensor
-    (the optimizer's, see make_optimizer), and writes its statistics to static tensors that
-    each call copies out.  The first ``warmup`` steps run eagerly on a side stream (lazy
-    initialisation: optimizer state, cuDNN/cuBLAS handles), the next one captures the
-    graph, and every step after replays it.  Everything the step decides (skip, clip) is
-    decided on the device already, so a replay is the eager step's arithmetic; the
-    posterior noise comes from the same generator, through the graph's own offsets."""
+    (the optimizer's, see make_optimizer; utils.load_optimizer_file keeps that tensor), and
+    writes its statistics to static tensors that each call copies out.  The first ``warmup``
+    steps run eagerly on a side stream (lazy initialisation: optimizer state, cuDNN/cuBLAS
+    handles), the next one captures the graph, and every step after replays it.  Everything
+    the step decides (skip, clip) is decided on the device already, so a replay is the eager
+    step's arithmetic; the posterior noise comes from the same generator, through the
+    graph's own offsets (fresh noise on every replay).
+
+    The capture runs in CUDA's thread-local mode.  In the default (global) mode a CUDA call
+    from any other thread during the capture invalidates it, and the DataLoader's pin-memory
+    thread makes such calls while it pins the next batch (cudaHostAlloc, event queries); the
+    error then also kills that thread.  Other threads' work is never part of the graph; this
+    step's batch is in the static buffer before the capture begins (torch.cuda.graph first
+    synchronises the device)."""
 
     def __init__(self, H, net, model, ema, optimizer, scaler, ctx, warmup=3):
         super().__init__(H, net, model, ema, optimizer, scaler, ctx)
         self.lr = optimizer.param_groups[0]['lr']
-        self.warmup, self.calls, self.graph = warmup, 0, None
+        self.warmup, self.calls, self.replays, self.graph = warmup, 0, 0, None
+        self.warmup_calls = warmup + 2  # until every call is a plain replay: eager steps, capture (+ replay), a replay
         self.x = self.stats = None
 
     @property
     def captures_next(self):
         """Whether the next call captures the graph (takes a while: the progress bar says so)."""
-        return self.graph is None and self.calls >= self.warmup and self.x is not None and self.x.is_cuda
+        return self.graph is None and self.calls >= self.warmup
 
     def _step(self):
         stats, _ = super().__call__(self.x, self.lr)
@@ -308,9 +318,7 @@ class GraphedStep(EagerStep):
             raise UserError(f"--cuda_graphs replays one batch shape, {tuple(self.x.shape)}; got {tuple(x.shape)}")
         self.x.copy_(x, non_blocking=True)
         self.lr.fill_(lr)
-        if self.x.device.type != 'cuda':  # the same arithmetic, eagerly (tests on the CPU)
-            stats = self._step()
-        elif self.calls < self.warmup:
+        if self.calls < self.warmup:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -319,9 +327,10 @@ class GraphedStep(EagerStep):
         else:
             if self.graph is None:
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
+                with torch.cuda.graph(self.graph, capture_error_mode='thread_local'):
                     self.stats = self._step()
             self.graph.replay()
+            self.replays += 1
             stats = self.stats
         self.calls += 1
         stats = {k: v.clone() for k, v in stats.items()}  # the static outputs are overwritten by the next replay
@@ -379,8 +388,7 @@ def evaluate(H, d, ema, source, desc='eval'):
     with ieee_fp32():
         for positions, x in tqdm(batches, desc=desc, disable=not d.is_main or H.no_progress, leave=False):
             x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
-            images = torch.from_numpy(positions).to(d.device)  # positions in the split
-            with ema.keyed_noise(KeyedNormal(H.seed, images)):
+            with ema.keyed_noise(KeyedNormal(H.seed, positions)):
                 out = ema.forward_per_image(x_in, x_target)
             elbo = out['elbo'].double()
             finite = torch.isfinite(elbo)
@@ -397,15 +405,22 @@ def evaluate(H, d, ema, source, desc='eval'):
 
 
 def eval_batches(H, d, source):
-    """(positions in the split, uint8 batch) over this rank's contiguous shard of ``source``,
-    --n_batch_eval images at a time (default 4 x --n_batch), prefetched by one worker (spawned
-    under mpiexec, see worker_start_method)."""
+    """(positions in the split as an int64 tensor on d.device, uint8 batch) over this rank's
+    contiguous shard of ``source``, --n_batch_eval images at a time (default 4 x --n_batch),
+    prefetched by one worker (spawned under mpiexec, see worker_start_method)."""
     b = H.n_batch_eval or 4 * H.n_batch
     shard = data.eval_shard(len(source), d.rank, d.world_size)
     loader = data.eval_loader(source, b, rank=d.rank, world_size=d.world_size, num_workers=min(H.num_workers, 1),
                               pin_memory=d.device.type == 'cuda', mp_context=worker_start_method(d))
     for i, x in enumerate(loader):
-        yield shard[i * b:(i + 1) * b], x
+        yield positions_on(shard[i * b:(i + 1) * b], d.device), x
+
+
+def positions_on(idx, device):
+    """Positions in the split (a contiguous numpy block) as an int64 tensor made on ``device``
+    (no copy from the host, which from pageable memory would wait for the device)."""
+    first = int(idx[0]) if len(idx) else 0
+    return first + torch.arange(len(idx), device=device)
 
 
 def standard_error(n, total, total_sq):
@@ -618,6 +633,8 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at):
             st, vote = step(x.to(d.device, non_blocking=True), learning_rate(H, it), stopper.requested is not None)
             if capturing:
                 bar.set_description('train')
+                log(f'captured the training step in a CUDA graph at step {it}; the steps after it replay the graph',
+                    type='cuda_graph', step=it)
             pending.append((it, st, time.time() - t0))
             if d.world_size == 1:
                 stop = stopper.requested is not None
@@ -627,7 +644,8 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at):
             if it % H.iters_per_print == 0 or since_start in early_evals:
                 read_stats()
                 log(model=H.desc, type='train_loss', lr=learning_rate(H, it), epoch=epoch, step=it,
-                    total_skipped=progress['skipped'], **accumulate_stats(stats, H.iters_per_print))
+                    total_skipped=progress['skipped'], **accumulate_stats(stats, H.iters_per_print),
+                    **({'graph_replays': step.replays} if isinstance(step, GraphedStep) else {}))
             if d.is_main and (it % H.iters_per_images == 0 or (since_start in early_evals and H.dataset != 'ffhq_1024')):
                 write_images(H, d, ema, viz_batch, os.path.join(H.run_dir, f'samples-{it}.png'), log)
             it += 1

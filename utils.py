@@ -272,6 +272,16 @@ def configure_cpu(threads=0, keep_heap=True):
     return n
 
 
+def configure_device(device, threads=0, keep_heap=True):
+    """How train.py sets up its process for training on ``device`` (bench.py times the same
+    set-up): on the CPU, configure_cpu; on CUDA, cuDNN's autotuner (fixed shapes: each
+    convolution's algorithm is timed once, then reused)."""
+    if device.type == 'cpu':
+        configure_cpu(threads, keep_heap)
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
 def keep_freed_heap():
     """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
 
@@ -298,14 +308,51 @@ def ieee_fp32():
     restored after.  PyTorch lets cuDNN run fp32 convolutions in TF32 (10-bit mantissa) on
     Ampere and newer GPUs by default, which is fine for training but moves the numbers of
     a 100-layer network; evaluation and sampling run under this so that a released
-    checkpoint gets the same figures on any GPU as on the CPU.  No effect on the CPU."""
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = 'ieee'
+    checkpoint gets the same figures on any GPU as on the CPU.  No effect on the CPU.
+
+    cuDNN's flags are set so that they agree: PyTorch keeps a legacy ``cudnn.allow_tf32``
+    beside the per-operator ``conv`` and ``rnn`` precisions, and refuses to read it (or to
+    enter ``cudnn.flags()``) while they disagree.  So the legacy flag goes off first (its
+    setter also resets conv and rnn), then conv, rnn and the matmuls are set to IEEE."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = _tf32_flags()
+    cudnn.allow_tf32 = False
+    cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = matmul.fp32_precision = 'ieee'
     try:
         yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        _set_tf32_flags(saved)
+
+
+def _tf32_flags():
+    """(legacy cudnn.allow_tf32, conv, rnn and matmul fp32_precision) as set now.  Where the
+    caller's own mix of the two APIs makes PyTorch refuse to read the legacy flag, it is
+    the one value that leaves that mix as it was: the opposite of conv's TF32 setting (when
+    conv and rnn agree; when they differ PyTorch refuses to read it whatever its value)."""
+    cudnn = torch.backends.cudnn
+    ops = cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    try:
+        legacy = cudnn.allow_tf32
+    except RuntimeError:
+        legacy = cudnn_conv_precision() != 'tf32'
+    return (legacy,) + ops
+
+
+def cudnn_conv_precision():
+    """The precision of cuDNN's fp32 convolutions, 'tf32' or 'ieee' (or 'none': PyTorch's
+    default, IEEE): conv's own setting, where it is 'none' the CUDA backend's, then all
+    backends'."""
+    p = torch.backends.cudnn.conv.fp32_precision
+    for parent in (torch.backends.cudnn, torch.backends):
+        p = parent.fp32_precision if p == 'none' else p
+    return p
+
+
+def _set_tf32_flags(flags):
+    """Undo ieee_fp32: the legacy flag first (its setter overwrites conv and rnn), then the three precisions."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    cudnn.allow_tf32 = flags[0]
+    cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision = flags[1:]
 
 
 # ----------------------------------------------------------------------------- logging
@@ -686,6 +733,10 @@ def load_optimizer_file(optimizer, path, verified=False):
     decides the ``step`` tensors' device as this optimizer needs, and each state tensor
     (exp_avg, exp_avg_sq) is laid out like its parameter (a file written with the other
     --channels_last setting has the other strides; the fused kernels need them equal).
+    A learning rate that is a tensor (--cuda_graphs: the device tensor the captured step
+    reads) stays that very tensor; load_state_dict would put in the file's, a float or a
+    tensor loaded onto the CPU.  (A float one becomes the file's, as in the release; the
+    schedule sets it before every step anyway.)
     ``verified``: as for restore_params."""
     if not verified:
         check_recorded_checksum(path)
@@ -697,11 +748,14 @@ def load_optimizer_file(optimizer, path, verified=False):
                         "is it from another preset?")
     own = [{k: g[k] for k in OPTIMIZER_IMPL_KEYS if k in g} for g in optimizer.param_groups]
     sd = dict(sd, param_groups=[dict(g, **flags) for g, flags in zip(sd['param_groups'], own)])
+    own_lr = [g['lr'] for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(sd)
     except (ValueError, KeyError) as e:
         raise UserError(f"cannot load optimizer state {path}: {e}") from None
-    for g in optimizer.param_groups:
+    for g, lr in zip(optimizer.param_groups, own_lr):
+        if torch.is_tensor(lr):
+            g['lr'] = lr
         g['decoupled_weight_decay'] = True  # AdamW's, even if the file says otherwise
         for p in g['params']:
             state = optimizer.state.get(p, {})
