@@ -129,7 +129,8 @@ def test_cudnn_autotuning_as_train_py(monkeypatch, tmp_path):
     import train
     from utils import Dist
     monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
-    monkeypatch.setattr(train, 'setup_distributed', lambda port, device=None, timeout=None: Dist(device=torch.device('cuda', 0)))
+    monkeypatch.setattr(train, 'setup_distributed',
+                        lambda port, device=None, timeout=None: Dist(device=torch.device('cuda', 0)))
     train.set_up(['--hps', 'cifar10', '--save_dir', str(tmp_path), '--device', 'cuda'])
     in_train = torch.backends.cudnn.benchmark
     H = bench.parse(['--tiny', '--device', 'cpu'])
