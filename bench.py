@@ -7,8 +7,10 @@
     python bench.py --all_presets --device cuda --compare --steps 5 --warmup 2 --eval_steps 2 --sample_steps 1 \
         --json all.json                                             # the five release presets, one table
 
-Each configuration is built, warmed up (``--warmup`` steps: compilation, allocator and
-optimizer state), then timed:
+Each configuration is set up as train.py sets up its process (utils.configure_device: cuDNN's
+autotuner on CUDA), built, warmed up (``--warmup`` steps: compilation, allocator and
+optimizer state; with ``--cuda_graphs`` at least until the step is captured and replayed
+once, so no timed step captures), then timed:
 
 - training: the real ``train.training_step`` (forward, backward, clip, AdamW, EMA) on a
   fixed uint8 batch of the preset's shape, preprocessed on the device every step as in
@@ -50,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import train
 from hps import HPARAMS_REGISTRY, Hyperparams, UserError, at_least, check_ranges, get_hparams
-from utils import Dist, configure_cpu, first_sentence, ieee_fp32, run_main
+from utils import Dist, configure_device, cudnn_conv_precision, first_sentence, ieee_fp32, run_main
 from vae import VAE
 
 # The reference tests' tiny32 model (width 32, 13 decoder blocks, 135,078 parameters), on one
@@ -95,7 +97,9 @@ def bench_arguments(parser):
     a = parser.add_argument
     a('--tiny', action='store_true', help=f'the tests\' tiny32 model (same as --hps {TINY_PRESET}): {TINY}')
     a('--steps', type=int, default=10, help='timed training steps')
-    a('--warmup', type=int, default=3, help='untimed training steps first (compilation, allocator, optimizer state)')
+    a('--warmup', type=int, default=3,
+      help='untimed training steps first (compilation, allocator, optimizer state); at least the step\'s own warm-up '
+           '(--cuda_graphs: its eager steps, the capture and one replay, 5)')
     a('--eval_steps', type=int, default=3, help='timed evaluation batches (after one untimed)')
     a('--sample_steps', type=int, default=2, help='timed unconditional-sample batches (after one untimed)')
     a('--n_sample', type=int, default=0, help='images per sampling call (0: the evaluation batch size)')
@@ -113,8 +117,9 @@ def bench_arguments(parser):
       help='declared peak TFLOP/s of the device for the %% of peak column (default: the GPU table; n/a on CPU)')
     a('--repeat', type=int, default=1,
       help='measure each configuration this many times, alternating, and report medians (for noisy machines)')
-    a('--cudnn_benchmark', action='store_true',
-      help='let cuDNN time its convolution algorithms for these fixed shapes (CUDA; last-bit differences)')
+    a('--cudnn_benchmark', choices=['train', 'off'], default='train',
+      help='CUDA runs: "train" = cuDNN times its convolution algorithms for these fixed shapes, as train.py '
+           '(utils.configure_device); "off" = cuDNN\'s heuristic choice, as the release')
     a('--json', type=str, default=None, help='also write every figure to this JSON file')
     a('--presets', type=str, default='',
       help='comma-separated presets measured one after the other with the same flags, one table (instead of --hps)')
@@ -210,13 +215,7 @@ def device_peak(H, device, precision):
 
 def convs_use_tf32():
     """Whether cuDNN may run fp32 convolutions in TF32 (PyTorch's default)."""
-    try:
-        p = torch.backends.cudnn.conv.fp32_precision  # 'none' defers to the enclosing backend
-        for parent in (torch.backends.cudnn, torch.backends):
-            p = parent.fp32_precision if p == 'none' else p
-        return p == 'tf32'
-    except AttributeError:  # torch before the fp32_precision API
-        return torch.backends.cudnn.allow_tf32
+    return cudnn_conv_precision() == 'tf32'
 
 
 def device_name(device):
@@ -279,8 +278,8 @@ def describe(H):
         parts.append('grad_checkpoint')
     if H.cuda_graphs:
         parts.append('cuda_graphs')
-    if H.cudnn_benchmark:
-        parts.append('cudnn_benchmark')
+    if H.device == 'cuda' and H.cudnn_benchmark == 'off':
+        parts.append('cudnn_benchmark:off')
     parts.append(f'adam:{H.adam_impl}')
     if H.device == 'cpu':
         parts.append(f'heap:{H.cpu_heap}')
@@ -377,7 +376,8 @@ def run_config(H, device, flops):
         last.update(stats)
 
     model.train()
-    for _ in range(H.warmup):
+    warmup = max(H.warmup, step.warmup_calls)  # with --cuda_graphs: the eager steps, the capture and a replay
+    for _ in range(warmup):
         train_step()
     sync(device)
     warmup_s = time.perf_counter() - t_build
@@ -389,7 +389,7 @@ def run_config(H, device, flops):
                compile_mode=H.compile_mode, grad_checkpoint=H.grad_checkpoint, adam_impl=H.adam_impl,
                optimizer=type(optimizer).__name__ + ('(fused)' if optimizer.defaults.get('fused') else
                                                      '(foreach)' if optimizer.defaults.get('foreach') else ''),
-               warmup_s=warmup_s, train_steps=H.steps, train_s=total,
+               warmup_s=warmup_s, warmup_steps=warmup, train_steps=H.steps, train_s=total,
                train_steps_per_s=H.steps / total, train_images_per_s=H.steps * H.n_batch / total,
                train_step_ms_median=1000 * statistics.median(per_step), train_peak_mem_bytes=mem_train,
                last_elbo=float(last['elbo']), last_grad_norm=float(last['grad_norm']))
@@ -436,7 +436,7 @@ def baseline_of(H):
     checkpointing, torch's default AdamW, glibc's default heap settings."""
     B = Hyperparams(H)
     B.update(precision='fp32', compile=False, channels_last=False, grad_checkpoint=False, adam_impl='default',
-             cudnn_benchmark=False, cpu_heap='default', cuda_graphs=False)
+             cudnn_benchmark='off', cpu_heap='default', cuda_graphs=False)
     return B
 
 
@@ -481,13 +481,14 @@ def run_in_fresh_process(C, flops):
 
 
 def set_up_process(H):
-    """Threads, cuDNN autotuning and, on CPU, train.py's set-up (utils.configure_cpu; the
-    heap is kept for reuse unless --cpu_heap default), for this process."""
-    torch.backends.cudnn.benchmark = H.cudnn_benchmark
-    if H.device == 'cpu':
-        configure_cpu(H.threads, keep_heap=H.cpu_heap == 'keep')
-    elif H.threads:
-        torch.set_num_threads(H.threads)
+    """train.py's set-up of this process for the device (utils.configure_device: on the CPU
+    threads and a heap kept for reuse, on CUDA cuDNN's autotuner), less what --cpu_heap default
+    or --cudnn_benchmark off turn back to the release's way; CPU threads also on CUDA with --threads."""
+    configure_device(torch.device(H.device), H.threads, keep_heap=H.cpu_heap == 'keep')
+    if H.device == 'cuda':
+        torch.backends.cudnn.benchmark = H.cudnn_benchmark == 'train'
+        if H.threads:
+            torch.set_num_threads(H.threads)
 
 
 def child_main(cfg_path, out_path):

@@ -31,6 +31,7 @@ Command line (also used by the setup scripts):
     python data.py link-ffhq1024 [--partial] IMAGES_FOLDER DATA_ROOT
 """
 import argparse
+import atexit
 import collections
 import gzip
 import io
@@ -40,6 +41,7 @@ import pickle
 import re
 import struct
 import sys
+import weakref
 import zlib
 
 import numpy as np
@@ -518,14 +520,48 @@ def ignore_stop_signals(worker_id=None):
     """DataLoader worker_init_fn: workers ignore SIGTERM and SIGINT.  A scheduler's
     SIGTERM or a Ctrl-C reaches the whole process group; the training process then
     finishes its step and writes its checkpoint, which needs its workers alive.  They
-    exit when the training process closes them (or dies).  Forked workers are born with
-    both signals blocked (_Loader), so none is fatal before this runs; spawned ones (under
-    mpiexec) start with a clear mask, as the multiprocessing module launches them."""
+    exit when the training process closes them, exits (stop_workers) or dies.  Forked
+    workers are born with both signals blocked (_Loader), so none is fatal before this
+    runs; spawned ones (under mpiexec) start with a clear mask, as the multiprocessing
+    module launches them."""
     import signal
     sigs = {getattr(signal, name) for name in STOP_SIGNALS}
     for sig in sigs:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+
+
+# The DataLoader iterators whose worker processes may still run (see stop_workers).
+_WORKER_ITERATORS = weakref.WeakSet()
+_stop_at_exit = False
+
+
+def stop_workers():
+    """End the worker processes of every DataLoader iterator still alive: the DataLoader's
+    own shutdown (tell each worker to exit, join it for up to 5 s), then SIGKILL for any
+    worker still there.  Registered with atexit when the first workers start, so that it
+    runs before multiprocessing's exit handler.  That handler stops daemonic children with
+    SIGTERM and then waits for them without a time limit; the workers ignore SIGTERM
+    (ignore_stop_signals), and an uncaught exception keeps the iterators of its frames
+    alive until after the handler has run, so without this every error would hang the
+    process."""
+    for it in list(_WORKER_ITERATORS):
+        it._shutdown_workers()  # what the iterator's __del__ does (a no-op the second time)
+        for w in it._workers:
+            if w.is_alive():
+                w.kill()
+                w.join()
+
+
+def _track_workers(it):
+    """Record a DataLoader iterator for stop_workers, which is registered with atexit the
+    first time: after torch and multiprocessing registered their handlers, so it runs
+    before them (atexit runs the last registered first)."""
+    global _stop_at_exit
+    if not _stop_at_exit:
+        atexit.register(stop_workers)
+        _stop_at_exit = True
+    _WORKER_ITERATORS.add(it)
 
 
 def _loader(source, sampler, num_workers, pin_memory, persistent=False, mp_context=None):
@@ -538,14 +574,18 @@ def _loader(source, sampler, num_workers, pin_memory, persistent=False, mp_conte
         def _get_iterator(self):
             """Start the workers with SIGTERM/SIGINT blocked: a forked worker inherits the
             mask, so it cannot die of a signal before ignore_stop_signals runs; this
-            process gets a signal that arrived meanwhile once the workers are started."""
+            process gets a signal that arrived meanwhile once the workers are started.
+            The iterator is recorded for stop_workers."""
             import signal
             sigs = {getattr(signal, name) for name in STOP_SIGNALS}
             old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
             try:
-                return super()._get_iterator()
+                it = super()._get_iterator()
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            if self.num_workers:
+                _track_workers(it)
+            return it
 
     # batch_size=None: no collation; each worker holds at most prefetch_factor batches.
     # Its own generator: starting an iterator must not draw from the global torch RNG

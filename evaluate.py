@@ -37,7 +37,7 @@ import data
 from hps import (UserError, add_vae_arguments, at_least, check_ranges, explicit_flags,
                  Hyperparams, int_list, parse_args_and_update_hparams)
 from resume import resolve_weights
-from train import eval_batches, standard_error, tile, write_png
+from train import eval_batches, positions_on, standard_error, tile, write_png
 from utils import (Dist, allreduce, barrier, check_writable, cleanup_distributed, configure_cpu, gather_objects,
                    ieee_fp32, logger, progress_bar, restore_params, run_main, setup_distributed)
 from vae import VAE, check_hparams, parse_layer_string
@@ -223,12 +223,6 @@ def _repeat(t, n):
     return t.repeat(n, 1, 1, 1).contiguous(memory_format=fmt)
 
 
-def _positions(idx, device):
-    """Positions in the split (a contiguous numpy block) as an int64 tensor on ``device``."""
-    first = int(idx[0]) if len(idx) else 0
-    return first + torch.arange(len(idx), device=device)
-
-
 @torch.no_grad()
 def log_weights(model, activations, x_target, n_samples, noise=None):
     """log w = log p(x|z) + log p(z) - log q(z|x) in nats, float64 (n_samples, B).
@@ -291,7 +285,7 @@ def run_iwae(H, d, model, source, bar):
         idx = shard[s:s + per_pass]
         x_in, x_target = data.preprocess(H, torch.from_numpy(source[idx]).to(d.device))
         bound, elbo, ess = importance_weighted_bound(model, x_in, x_target, K, chunk,
-                                                     noise=KeyedNormal(H.seed, _positions(idx, d.device)))
+                                                     noise=KeyedNormal(H.seed, positions_on(idx, d.device)))
         rows.append(torch.stack([-bound / ndims, -elbo / ndims, ess / K], 1))
         bar.update(len(idx))
     values = torch.cat(rows).cpu().numpy() if rows else np.zeros((0, 3))
@@ -338,7 +332,7 @@ def run_kl_stats(H, d, model, source, bar):
     sums = torch.zeros(5 + 2 * nb, dtype=torch.float64, device=d.device)
     for pos, x in eval_batches(H, d, source):
         x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
-        with model.keyed_noise(KeyedNormal(H.seed, _positions(pos, d.device))):
+        with model.keyed_noise(KeyedNormal(H.seed, pos)):
             out = model.forward_per_image(x_in, x_target)
         kl = out['kl_per_block'].double()
         elbo = out['elbo'].double()
@@ -448,7 +442,7 @@ def run_encode(H, d, model, source, path, bar):
     try:
         for pos, x in eval_batches(H, d, source):
             x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
-            with model.keyed_noise(KeyedNormal(H.seed, _positions(pos, d.device))):
+            with model.keyed_noise(KeyedNormal(H.seed, pos)):
                 distortion, stats = model.forward_with_dists(x_in, x_target)
             for (kind, i), f in files.items():  # rows of (zdim, R, R), C order; streamed to disk
                 f.write(stats[i][_STAT_KEY[kind]].float().contiguous().cpu().numpy().tobytes())
@@ -610,7 +604,8 @@ def main(argv=None):
     H.out_dir = H.out_dir or H.run_dir
     check_writable(H.out_dir, 'pass --out_dir DIR somewhere writable (evaluation only reads the run)')
     joined = not dist.is_initialized()
-    d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device) if joined else _existing_group()
+    d = (setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout) if joined
+         else _existing_group())
     threads = torch.get_num_threads()
     if d.device.type == 'cpu':
         configure_cpu(H.threads, keep_heap=joined, is_main=d.is_main)  # a caller's process keeps its malloc

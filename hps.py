@@ -117,7 +117,12 @@ def add_vae_arguments(parser):
     a = parser.add_argument
     a('--seed', type=int, default=0, help='random seed (offset by rank for data and sampling noise; with each '
                                           'image\'s position in the split, the key of the evaluation\'s posterior noise)')
-    a('--port', type=int, default=29500, help='rendezvous port for mpiexec launches (MASTER_PORT wins when set)')
+    a('--port', type=int, default=29500,
+      help='rendezvous port for mpiexec and srun launches (MASTER_PORT wins when set)')
+    a('--dist_timeout', type=float, default=600,
+      help='seconds a process waits in a collective for the others (all-reduce, barrier) before it ends the run: '
+           'the bound on a hang when another process died or hangs; it must exceed the longest rank-0-only work '
+           '(a checkpoint save, the sample grid)')
     a('--save_dir', type=str, default='./saved_models', help='root folder of all runs')
     a('--data_root', type=str, default='./', help='folder that holds the dataset files')
     a('--desc', type=str, default='test', help='run name: outputs go to {save_dir}/{desc}/')
@@ -216,6 +221,7 @@ def at_least(lo):
 RANGES = {
     'seed': (at_least(0), '>= 0'),
     'port': (lambda v: 1 <= v <= 65535, 'in 1..65535'),
+    'dist_timeout': (_positive, '> 0 (seconds)'),
     'image_size': (at_least(1), '>= 1'),
     'image_channels': (lambda v: v in (1, 3), '1 (grayscale) or 3 (RGB)'),
     'ema_rate': (lambda v: 0 <= v < 1, 'in [0, 1)'),
@@ -327,9 +333,9 @@ def parse_args_and_update_hparams(H, parser, s=None):
 # Keys of a saved run configuration that describe where and how a process runs, not the
 # run: never taken from a run's saved config by the tools that read the run.
 PROCESS_KEYS = {'save_dir', 'desc', 'run_dir', 'restore_path', 'restore_ema_path', 'restore_log_path',
-                'restore_optimizer_path', 'resume', 'test_eval', 'device', 'port', 'threads', 'num_workers',
-                'no_progress', 'compile', 'compile_scope', 'compile_mode', 'channels_last', 'grad_checkpoint',
-                'precision', 'rank_invariant_noise', 'hparam_sets'}
+                'restore_optimizer_path', 'resume', 'test_eval', 'device', 'port', 'dist_timeout', 'threads',
+                'num_workers', 'no_progress', 'compile', 'compile_scope', 'compile_mode', 'channels_last',
+                'grad_checkpoint', 'precision', 'rank_invariant_noise', 'hparam_sets'}
 
 
 def apply_run_config(H, saved, explicit):

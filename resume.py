@@ -194,8 +194,8 @@ ARCH_KEYS = ['dataset', 'image_size', 'image_channels', 'width', 'zdim', 'enc_bl
 EXACT_RESUME_KEYS = ['seed'] + ARCH_KEYS
 # Where the run lives, how it is launched and shown, and what to restore: never a change of the run.
 NOT_RUN_KEYS = ['desc', 'save_dir', 'run_dir', 'resume', 'restart', 'allow_changes', 'no_progress', 'port',
-                'num_workers', 'threads', 'test_eval', 'restore_path', 'restore_ema_path', 'restore_log_path',
-                'restore_optimizer_path']
+                'dist_timeout', 'num_workers', 'threads', 'test_eval', 'restore_path', 'restore_ema_path',
+                'restore_log_path', 'restore_optimizer_path']
 
 
 def changed_hparams(old, new):

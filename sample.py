@@ -177,7 +177,7 @@ def unconditional(H, model, n, temperatures):
 
 def main(argv=None):
     H = parse(argv)
-    d = setup_distributed(device=None if H.device == 'auto' else H.device)
+    d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout)
     if d.device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     with ieee_fp32():  # the release's numbers on any GPU: no TF32 convolutions

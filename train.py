@@ -3,6 +3,7 @@
     python train.py --hps cifar10                              # one process (CUDA if present)
     torchrun --nproc_per_node 8 train.py --hps imagenet32      # DDP via environment variables
     mpiexec -n 16 python train.py --hps imagenet64             # DDP via MPI, across nodes
+    srun -N 2 --ntasks-per-node 8 python train.py --hps imagenet64   # DDP via SLURM's variables
     python train.py --hps cifar10 --test_eval --restore_ema_path cifar10-seed1-iter-1050000-model-ema.th
 
 Everything of a run goes to {save_dir}/{desc}/: log.jsonl/log.txt, hparams.json (the first
@@ -12,7 +13,9 @@ checkpoints (latest-*, previous-* and iter-N-*: -model.th, -model-ema.th, -opt.t
 Re-running the same command continues from the newest complete checkpoint; a folder whose
 checkpoints are all damaged is refused (--restart begins afresh, keeping the old files).
 SIGTERM or Ctrl-C, to one process or the whole process group, finishes the step, writes
-latest and exits 0.
+latest and exits 0.  An error ends every process (workers included) with the step it stopped at
+and the newest complete checkpoint; a process whose peer died ends at its next collective (at
+the latest after --dist_timeout seconds).
 """
 import collections
 import contextlib
@@ -29,9 +32,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 from hps import UserError, get_hparams
-from utils import (allreduce, check_writable, cleanup_distributed, clip_grad_norm, configure_cpu, ieee_fp32,
-                   is_writable, logger, param_spread_across_ranks, print_once, progress_bar, read_log, run_main,
-                   setup_distributed)
+from utils import (allreduce, check_writable, cleanup_distributed, clip_grad_norm, configure_device, ieee_fp32,
+                   is_writable, logger, naming_file, param_spread_across_ranks, print_once, progress_bar, read_log,
+                   run_main, setup_distributed)
 from resume import (check_restore_paths, data_fingerprint, find_checkpoint, load_for_evaluation, open_run_folder,
                     restore, save_checkpoint)
 from vae import VAE, check_hparams
@@ -46,11 +49,8 @@ def set_up(argv=None):
     """Resolve H, join the process group, make the run folder and the logger."""
     H = get_hparams(argv)
     check_hparams(H)  # the architecture, before any process group, file or data
-    d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device)
-    if d.device.type == 'cpu':
-        configure_cpu(H.threads, is_main=d.is_main)
-    else:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
+    d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout)
+    configure_device(d.device, H.threads, is_main=d.is_main)
     H.run_dir = os.path.join(H.save_dir, H.desc)
     check_cuda_graphs(H, d)
     check_restore_paths(H)
@@ -108,7 +108,9 @@ def wrap_for_training(H, model, d):
         model.compile_blocks(**kw)
     net = model
     if d.world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == 'cuda' else None)
+        # the GPU this process computes on (utils.cuda_device): cuda:0 when a launcher gives each
+        # process its own GPU, whatever its local rank
+        net = DistributedDataParallel(model, device_ids=[d.device] if d.device.type == 'cuda' else None)
     if H.compile and H.compile_scope == 'model':
         net = torch.compile(net, **kw)
     return net
@@ -262,6 +264,8 @@ def update_ema(model, ema, rate, update=None):
 class EagerStep:
     """One training step from a uint8 batch on the device: preprocess, then training_step."""
 
+    warmup_calls = 1  # calls before every call costs what the next one does (the first makes the optimizer state)
+
     def __init__(self, H, net, model, ema, optimizer, scaler, ctx):
         self.H, self.net, self.model, self.ema, self.optimizer, self.scaler, self.ctx = \
             H, net, model, ema, optimizer, scaler, ctx
@@ -276,23 +280,32 @@ class GraphedStep(EagerStep):
     """The whole training step in one CUDA graph (--cuda_graphs), replayed every step.
 
     The graph reads a static uint8 batch buffer and the learning rate from a device tensor
-    (the optimizer's, see make_optimizer), and writes its statistics to static tensors that
-    each call copies out.  The first ``warmup`` steps run eagerly on a side stream (lazy
-    initialisation: optimizer state, cuDNN/cuBLAS handles), the next one captures the
-    graph, and every step after replays it.  Everything the step decides (skip, clip) is
-    decided on the device already, so a replay is the eager step's arithmetic; the
-    posterior noise comes from the same generator, through the graph's own offsets."""
+    (the optimizer's, see make_optimizer; utils.load_optimizer_file keeps that tensor), and
+    writes its statistics to static tensors that each call copies out.  The first ``warmup``
+    steps run eagerly on a side stream (lazy initialisation: optimizer state, cuDNN/cuBLAS
+    handles), the next one captures the graph, and every step after replays it.  Everything
+    the step decides (skip, clip) is decided on the device already, so a replay is the eager
+    step's arithmetic; the posterior noise comes from the same generator, through the
+    graph's own offsets (fresh noise on every replay).
+
+    The capture runs in CUDA's thread-local mode.  In the default (global) mode a CUDA call
+    from any other thread during the capture invalidates it, and the DataLoader's pin-memory
+    thread makes such calls while it pins the next batch (cudaHostAlloc, event queries); the
+    error then also kills that thread.  Other threads' work is never part of the graph; this
+    step's batch is in the static buffer before the capture begins (torch.cuda.graph first
+    synchronises the device)."""
 
     def __init__(self, H, net, model, ema, optimizer, scaler, ctx, warmup=3):
         super().__init__(H, net, model, ema, optimizer, scaler, ctx)
         self.lr = optimizer.param_groups[0]['lr']
-        self.warmup, self.calls, self.graph = warmup, 0, None
+        self.warmup, self.calls, self.replays, self.graph = warmup, 0, 0, None
+        self.warmup_calls = warmup + 2  # until every call is a plain replay: eager steps, capture (+ replay), a replay
         self.x = self.stats = None
 
     @property
     def captures_next(self):
         """Whether the next call captures the graph (takes a while: the progress bar says so)."""
-        return self.graph is None and self.calls >= self.warmup and self.x is not None and self.x.is_cuda
+        return self.graph is None and self.calls >= self.warmup
 
     def _step(self):
         stats, _ = super().__call__(self.x, self.lr)
@@ -305,9 +318,7 @@ class GraphedStep(EagerStep):
             raise UserError(f"--cuda_graphs replays one batch shape, {tuple(self.x.shape)}; got {tuple(x.shape)}")
         self.x.copy_(x, non_blocking=True)
         self.lr.fill_(lr)
-        if self.x.device.type != 'cuda':  # the same arithmetic, eagerly (tests on the CPU)
-            stats = self._step()
-        elif self.calls < self.warmup:
+        if self.calls < self.warmup:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -316,9 +327,10 @@ class GraphedStep(EagerStep):
         else:
             if self.graph is None:
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
+                with torch.cuda.graph(self.graph, capture_error_mode='thread_local'):
                     self.stats = self._step()
             self.graph.replay()
+            self.replays += 1
             stats = self.stats
         self.calls += 1
         stats = {k: v.clone() for k, v in stats.items()}  # the static outputs are overwritten by the next replay
@@ -378,8 +390,7 @@ def evaluate(H, d, ema, source, desc='eval'):
     with ieee_fp32():
         for positions, x in progress_bar(batches, is_main=d.is_main, off=H.no_progress, desc=desc, leave=False):
             x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
-            images = torch.from_numpy(positions).to(d.device)  # positions in the split
-            with ema.keyed_noise(KeyedNormal(H.seed, images)):
+            with ema.keyed_noise(KeyedNormal(H.seed, positions)):
                 out = ema.forward_per_image(x_in, x_target)
             elbo = out['elbo'].double()
             finite = torch.isfinite(elbo)
@@ -396,15 +407,22 @@ def evaluate(H, d, ema, source, desc='eval'):
 
 
 def eval_batches(H, d, source):
-    """(positions in the split, uint8 batch) over this rank's contiguous shard of ``source``,
-    --n_batch_eval images at a time (default 4 x --n_batch), prefetched by one worker (spawned
-    under mpiexec, see worker_start_method)."""
+    """(positions in the split as an int64 tensor on d.device, uint8 batch) over this rank's
+    contiguous shard of ``source``, --n_batch_eval images at a time (default 4 x --n_batch),
+    prefetched by one worker (spawned under mpiexec, see worker_start_method)."""
     b = H.n_batch_eval or 4 * H.n_batch
     shard = data.eval_shard(len(source), d.rank, d.world_size)
     loader = data.eval_loader(source, b, rank=d.rank, world_size=d.world_size, num_workers=min(H.num_workers, 1),
                               pin_memory=d.device.type == 'cuda', mp_context=worker_start_method(d))
     for i, x in enumerate(loader):
-        yield shard[i * b:(i + 1) * b], x
+        yield positions_on(shard[i * b:(i + 1) * b], d.device), x
+
+
+def positions_on(idx, device):
+    """Positions in the split (a contiguous numpy block) as an int64 tensor made on ``device``
+    (no copy from the host, which from pageable memory would wait for the device)."""
+    first = int(idx[0]) if len(idx) else 0
+    return first + torch.arange(len(idx), device=device)
 
 
 def standard_error(n, total, total_sq):
@@ -451,7 +469,8 @@ def write_png(im, path):
     """Write a uint8 (H, W, C) array as PNG, atomically."""
     im = im[..., 0] if im.shape[-1] == 1 else im
     tmp = f'{path}.tmp.png'
-    Image.fromarray(im).save(tmp)
+    with naming_file(path):
+        Image.fromarray(im).save(tmp)
     os.replace(tmp, path)
 
 
@@ -521,7 +540,8 @@ def write_loss_plot(log_path, png_path):
     skips.set_xlabel('step')
     fig.tight_layout()
     tmp = png_path + '.tmp.png'
-    fig.savefig(tmp)
+    with naming_file(png_path):
+        fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, png_path)
 
@@ -573,7 +593,9 @@ def worker_start_method(d):
     return 'spawn' if d.launcher == 'mpiexec' else None
 
 
-def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
+def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at):
+    """Train from ``progress`` (step, epoch, batch) to --max_iters / --num_epochs or a stop
+    signal.  ``at['step']``: the step counter, kept up to date for main's report of an error."""
     net = wrap_for_training(H, model, d)
     ctx = precision_context(H, d.device)
     step = make_step(H, net, model, ema, optimizer, scaler, ctx)
@@ -641,6 +663,8 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
             st, vote = step(x.to(d.device, non_blocking=True), learning_rate(H, it), stopper.requested is not None)
             if capturing:
                 bar.set_description('train')
+                log(f'captured the training step in a CUDA graph at step {it}; the steps after it replay the graph',
+                    type='cuda_graph', step=it)
             pending.append((it, st, time.time() - t0))
             if d.world_size == 1:
                 stop = stopper.requested is not None
@@ -650,8 +674,10 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
             if it % H.iters_per_print == 0 or since_start in early_evals:
                 read_stats()
                 log(model=H.desc, type='train_loss', lr=learning_rate(H, it), epoch=epoch, step=it,
-                    total_skipped=progress['skipped'], **accumulate_stats(stats, H.iters_per_print))
+                    total_skipped=progress['skipped'], **accumulate_stats(stats, H.iters_per_print),
+                    **({'graph_replays': step.replays} if isinstance(step, GraphedStep) else {}))
             it += 1
+            at['step'] = it
             since_start += 1
             bar.update(1)
             # samples-N.png: the EMA model after N updates, at the run's early steps (not each start's)
@@ -683,10 +709,9 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log):
             continue
         break
     bar.close()
-    # Close the loader's workers now, not when this frame happens to be freed: they ignore
-    # SIGTERM (data.ignore_stop_signals), so Python's exit handler waits forever for any still
-    # alive, and a reference cycle holding a frame of this call (matplotlib makes such cycles
-    # while plotting) keeps the loader alive until a garbage collection that may come too late.
+    # Close the loader's workers now, not whenever this frame is freed: a reference cycle that
+    # holds a frame of this call (matplotlib makes such cycles while plotting) would keep them
+    # alive until a garbage collection or the exit (data.stop_workers ends them there).
     del loader
     if stop:  # checkpoint written; the picture of the run so far, for a job that ends here
         if d.is_main:
@@ -739,9 +764,27 @@ def main(argv=None):
         log(f'{n:,} parameters | {d.world_size} process(es) via {d.launcher} | device {d.device} | '
             f'precision {H.precision} | batch {H.n_batch}/process | logs and checkpoints in {H.run_dir}')
         log('starting at epoch', progress['epoch'], 'iterate', progress['step'], 'eval loss', progress['best_eval'])
-        train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log)
+        at = dict(step=progress['step'])
+        try:
+            train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at)
+        except Exception as e:
+            e.add_note(stopped_note(H.run_dir, at['step']))  # utils.run_main prints it after the error
+            raise
     finally:
         cleanup_distributed()
+
+
+def stopped_note(run_dir, step):
+    """Where a run that an error stopped stands: the step, and the newest complete
+    checkpoint (whose files are safe: the same command continues from it)."""
+    try:
+        prefix, st = find_checkpoint(run_dir)
+    except Exception:  # only a report: the error that stopped the run is what matters
+        prefix = None
+    if prefix is None:
+        return f'stopped at step {step}; {run_dir} holds no complete checkpoint yet'
+    return (f'stopped at step {step}; {prefix}-* (step {st["step"]}) is the newest complete checkpoint: '
+            'the same command continues from it')
 
 
 if __name__ == '__main__':

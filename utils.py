@@ -1,11 +1,12 @@
 """Plumbing shared by train.py, sample.py, evaluate.py and bench.py: distributed
-setup (single process, torchrun or mpiexec), rank-0 logging (jsonl + txt, the
+setup (single process, torchrun, mpiexec or srun), rank-0 logging (jsonl + txt, the
 release's format), all-reduce of statistics, atomic checkpoint files, safe state-dict
 loading with useful mismatch messages, and apex-optimizer conversion.
 """
 import collections
 import contextlib
 import ctypes
+import datetime
 import errno
 import json
 import math
@@ -24,6 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+# Before any process group exists: imported later (by DDP), its functions' defaults (group=group.WORLD)
+# would keep the group past destroy_process_group, and its gloo threads then abort the exiting
+# interpreter now and then ("terminate called without an active exception").
+import torch.distributed.nn  # noqa: F401
 from tqdm import tqdm
 
 from hps import HPARAMS_REGISTRY, UserError, preset
@@ -44,22 +49,96 @@ class Dist:
         return self.rank == 0
 
 
-def _mpi_launched():
-    return any(k in os.environ for k in ('OMPI_COMM_WORLD_SIZE', 'PMI_SIZE', 'PMIX_RANK', 'MPI_LOCALNRANKS'))
+# Set by mpiexec (MPICH/Hydra, Open MPI) in every rank it starts, and some also by srun's
+# MPI plugins (--mpi=pmi2: PMI_RANK/PMI_SIZE; --mpi=pmix: PMIX_RANK) when srun starts the ranks.
+MPI_RANK_VARS, MPI_SIZE_VARS = ('PMI_RANK', 'PMIX_RANK', 'OMPI_COMM_WORLD_RANK'), ('PMI_SIZE', 'OMPI_COMM_WORLD_SIZE')
+MPIEXEC_ONLY_VARS = ('MPI_LOCALNRANKS', 'OMPI_COMM_WORLD_LOCAL_SIZE')  # never set by srun itself
 
 
-def setup_distributed(port=29500, device=None):
-    """Detect the launcher and join the process group.
+def srun_tasks(env=os.environ):
+    """(task, tasks) of this process in its srun job step, or None when srun did not start it.
+    An sbatch script itself also has SLURM_PROCID (0) and SLURM_NTASKS, but only the tasks
+    of a step that srun launched have SLURM_STEP_ID."""
+    if 'SLURM_PROCID' not in env or 'SLURM_STEP_ID' not in env:
+        return None
+    return int(env['SLURM_PROCID']), int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', 1)))
 
-    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; mpiexec sets its own
-    variables, and rank 0's address (``master_address``) and port (MASTER_PORT, else
-    ``port``) are broadcast over MPI (mpi4py is imported only then); otherwise one process.
-    NCCL on GPUs, gloo on CPU.  ``device`` forces 'cpu' or 'cuda'."""
+
+def detect_launcher(env=os.environ):
+    """Who started this process: 'torchrun' (RANK and WORLD_SIZE), 'mpiexec' (MPI's
+    variables), 'srun' (a SLURM job step) or 'single', in that order of precedence.  MPI
+    variables that srun's MPI plugin set, the same rank and size as srun's own, count as
+    srun: this process is srun's task, and needs no MPI to join the run.  Those an mpiexec
+    started inside an srun task or an sbatch script set disagree with the SLURM ones (or
+    include variables only mpiexec sets), and mean mpiexec."""
+    if 'RANK' in env and 'WORLD_SIZE' in env:
+        return 'torchrun'
+    task = srun_tasks(env)
+    if any(k in env for k in MPI_RANK_VARS + MPI_SIZE_VARS + MPIEXEC_ONLY_VARS):
+        srun_set = task is not None and not any(k in env for k in MPIEXEC_ONLY_VARS) and \
+            all(int(env[k]) == task[0] for k in MPI_RANK_VARS if k in env) and \
+            all(int(env[k]) == task[1] for k in MPI_SIZE_VARS if k in env)
+        if not srun_set:
+            return 'mpiexec'
+    return 'single' if task is None else 'srun'
+
+
+def slurm_hosts(nodelist):
+    """Expand SLURM's compressed host list: 'node[01-03,7],gpu5' -> ['node01', 'node02',
+    'node03', 'node7', 'gpu5'] (zero padding kept; several bracket groups in one name, as
+    'rack[1-2]-n[1-2]', give every combination, first group slowest)."""
+    names, depth, start = [], 0, 0
+    for i, ch in enumerate(nodelist + ','):
+        depth += (ch == '[') - (ch == ']')
+        if ch == ',' and depth == 0:
+            names += _expand_host(nodelist[start:i].strip())
+            start = i + 1
+    return [n for n in names if n]
+
+
+def _expand_host(name):
+    m = re.match(r'([^\[]*)\[([^\]]*)\](.*)', name)
+    if not m:
+        return [name]
+    head, ranges, rest = m.groups()
+    values = []
+    for part in ranges.split(','):
+        lo, _, hi = part.partition('-')
+        values += [str(v).zfill(len(lo)) for v in range(int(lo), int(hi or lo) + 1)]
+    return [head + v + tail for v in values for tail in _expand_host(rest)]
+
+
+def slurm_local_tasks(env=os.environ):
+    """Tasks of this srun step on this node, from SLURM_STEP_TASKS_PER_NODE ('2(x3),1':
+    2 on each of the first three nodes, 1 on the fourth) and SLURM_NODEID."""
+    counts = []
+    for part in env.get('SLURM_STEP_TASKS_PER_NODE', env.get('SLURM_TASKS_PER_NODE', '1')).split(','):
+        m = re.fullmatch(r'(\d+)(?:\(x(\d+)\))?', part.strip())
+        counts += [int(m.group(1))] * int(m.group(2) or 1) if m else []
+    node = int(env.get('SLURM_NODEID', 0))
+    return counts[node] if node < len(counts) else 1
+
+
+def setup_distributed(port=29500, device=None, timeout=600.0):
+    """Detect the launcher (``detect_launcher``) and join the process group.
+
+    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT.  Under mpiexec,
+    rank 0's address (``master_address``) and port (MASTER_PORT, else ``port``) are
+    broadcast over MPI (mpi4py is imported only then).  Under srun the rank, size and
+    node-local rank are SLURM_PROCID, SLURM_STEP_NUM_TASKS (SLURM_NTASKS) and
+    SLURM_LOCALID, and rank 0 listens on MASTER_ADDR when set, else on the first host of
+    the step's node list (task 0 runs there), at MASTER_PORT, else ``port``.  Otherwise
+    one process.  NCCL on GPUs, gloo on CPU.  ``device`` forces 'cpu' or 'cuda'.
+
+    ``timeout`` (seconds) bounds every collective: a process whose peer died or hangs
+    raises an error after at most that long (gloo), or is ended by NCCL's watchdog
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING=3, PyTorch's default, set here unless given)."""
     use_cuda = torch.cuda.is_available() if device is None else device == 'cuda'
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+    how = detect_launcher()
+    if how == 'torchrun':
         rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        local_rank, launcher, init = int(os.environ.get('LOCAL_RANK', 0)), 'torchrun', 'env://'
-    elif _mpi_launched():
+        local_rank, init = int(os.environ.get('LOCAL_RANK', 0)), 'env://'
+    elif how == 'mpiexec':
         try:
             from mpi4py import MPI
         except ImportError:
@@ -71,16 +150,26 @@ def setup_distributed(port=29500, device=None):
         local_rank, one_node = node.Get_rank(), node.Get_size() == world
         addr, port = comm.bcast((master_address(one_node), int(os.environ.get('MASTER_PORT', port)))
                                 if rank == 0 else None, root=0)
-        launcher, init = 'mpiexec', f'tcp://{addr}:{port}'
+        init = f'tcp://{addr}:{port}'
+    elif how == 'srun':
+        rank, world = srun_tasks()
+        local_rank = int(os.environ.get('SLURM_LOCALID', 0))
+        nodes = next((os.environ[k] for k in ('SLURM_STEP_NODELIST', 'SLURM_JOB_NODELIST', 'SLURM_NODELIST')
+                      if os.environ.get(k)), '')
+        addr = os.environ.get('MASTER_ADDR') or (slurm_hosts(nodes) or ['127.0.0.1'])[0]
+        init = f'tcp://{addr}:{int(os.environ.get("MASTER_PORT", port))}'
     else:
-        rank, world, local_rank, launcher, init = 0, 1, 0, 'single', None
+        rank, world, local_rank, init = 0, 1, 0, None
     dev = cuda_device(local_rank) if use_cuda else torch.device('cpu')
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1:
+        if use_cuda:
+            os.environ.setdefault('TORCH_NCCL_ASYNC_ERROR_HANDLING', '3')  # a timed-out collective ends the process
         dist.init_process_group('nccl' if use_cuda else 'gloo', init_method=init, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout),
                                 **({'device_id': dev} if use_cuda else {}))
-    return Dist(rank, world, local_rank, dev, launcher)
+    return Dist(rank, world, local_rank, dev, how)
 
 
 def master_address(one_node):
@@ -182,11 +271,14 @@ def configure_cpu(threads=0, keep_heap=True, is_main=True):
 
     ``threads``: torch's intra-op threads; 0 means this process's share of the cores: the
     cores (cpu_cores) divided by the processes launched on this node (torchrun's
-    LOCAL_WORLD_SIZE, MPICH's MPI_LOCALNRANKS).  More than that share is capped to it, with
-    a note (printed where ``is_main``): threads beyond the cores never run at once, and
+    LOCAL_WORLD_SIZE, MPICH's MPI_LOCALNRANKS, Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE, the
+    srun step's tasks on this node).  More than that share is capped to it, with a note
+    (printed where ``is_main``): threads beyond the cores never run at once, and
     oversubscribed intra-op threads make each step many times slower.
     ``keep_heap``: see ``keep_freed_heap``.  Returns the thread count."""
-    local = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('MPI_LOCALNRANKS', 1)))
+    env = os.environ
+    local = int(env.get('LOCAL_WORLD_SIZE', env.get('MPI_LOCALNRANKS', env.get('OMPI_COMM_WORLD_LOCAL_SIZE', 0))))
+    local = local or (slurm_local_tasks() if srun_tasks() else 1)
     cores = cpu_cores()
     share = max(1, cores // local)
     n = min(threads, share) if threads else share
@@ -198,6 +290,16 @@ def configure_cpu(threads=0, keep_heap=True, is_main=True):
     if keep_heap:
         keep_freed_heap()
     return n
+
+
+def configure_device(device, threads=0, keep_heap=True, is_main=True):
+    """How train.py sets up its process for training on ``device`` (bench.py times the same
+    set-up): on the CPU, configure_cpu; on CUDA, cuDNN's autotuner (fixed shapes: each
+    convolution's algorithm is timed once, then reused)."""
+    if device.type == 'cpu':
+        configure_cpu(threads, keep_heap, is_main)
+    else:
+        torch.backends.cudnn.benchmark = True
 
 
 def keep_freed_heap():
@@ -226,14 +328,51 @@ def ieee_fp32():
     restored after.  PyTorch lets cuDNN run fp32 convolutions in TF32 (10-bit mantissa) on
     Ampere and newer GPUs by default, which is fine for training but moves the numbers of
     a 100-layer network; evaluation and sampling run under this so that a released
-    checkpoint gets the same figures on any GPU as on the CPU.  No effect on the CPU."""
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = 'ieee'
+    checkpoint gets the same figures on any GPU as on the CPU.  No effect on the CPU.
+
+    cuDNN's flags are set so that they agree: PyTorch keeps a legacy ``cudnn.allow_tf32``
+    beside the per-operator ``conv`` and ``rnn`` precisions, and refuses to read it (or to
+    enter ``cudnn.flags()``) while they disagree.  So the legacy flag goes off first (its
+    setter also resets conv and rnn), then conv, rnn and the matmuls are set to IEEE."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = _tf32_flags()
+    cudnn.allow_tf32 = False
+    cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = matmul.fp32_precision = 'ieee'
     try:
         yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        _set_tf32_flags(saved)
+
+
+def _tf32_flags():
+    """(legacy cudnn.allow_tf32, conv, rnn and matmul fp32_precision) as set now.  Where the
+    caller's own mix of the two APIs makes PyTorch refuse to read the legacy flag, it is
+    the one value that leaves that mix as it was: the opposite of conv's TF32 setting (when
+    conv and rnn agree; when they differ PyTorch refuses to read it whatever its value)."""
+    cudnn = torch.backends.cudnn
+    ops = cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    try:
+        legacy = cudnn.allow_tf32
+    except RuntimeError:
+        legacy = cudnn_conv_precision() != 'tf32'
+    return (legacy,) + ops
+
+
+def cudnn_conv_precision():
+    """The precision of cuDNN's fp32 convolutions, 'tf32' or 'ieee' (or 'none': PyTorch's
+    default, IEEE): conv's own setting, where it is 'none' the CUDA backend's, then all
+    backends'."""
+    p = torch.backends.cudnn.conv.fp32_precision
+    for parent in (torch.backends.cudnn, torch.backends):
+        p = parent.fp32_precision if p == 'none' else p
+    return p
+
+
+def _set_tf32_flags(flags):
+    """Undo ieee_fp32: the legacy flag first (its setter overwrites conv and rnn), then the three precisions."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    cudnn.allow_tf32 = flags[0]
+    cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision = flags[1:]
 
 
 # ----------------------------------------------------------------------------- logging
@@ -249,10 +388,9 @@ def logger(log_prefix, is_main=True, write=True, hold=False):
 
     def append(txt_str, json_str):
         os.makedirs(os.path.dirname(jsonl_path) or '.', exist_ok=True)
-        with open(txt_path, 'a+') as f:
-            print(txt_str, file=f, flush=True)
-        with open(jsonl_path, 'a+') as f:
-            print(json_str, file=f, flush=True)
+        for path, line in ((txt_path, txt_str), (jsonl_path, json_str)):
+            with naming_file(path), open(path, 'a+') as f:
+                print(line, file=f, flush=True)
 
     def commit():
         nonlocal held
@@ -340,10 +478,11 @@ def restore_log(path):
 def atomic_write(path):
     """Open a temporary file beside ``path`` for binary writing; on success fsync it and
     rename it over ``path``.  A crash leaves the old file or the new one, never a torn one;
-    a kill -9 may leave the temporary ``{path}.tmp.{pid}`` (see remove_stale_temporaries)."""
+    a kill -9 may leave the temporary ``{path}.tmp.{pid}`` (see remove_stale_temporaries).
+    A write the file system refuses (disk full) raises an OSError naming ``path``."""
     tmp = f'{path}.tmp.{os.getpid()}'
     try:
-        with open(tmp, 'wb') as f:
+        with naming_file(path), open(tmp, 'wb') as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -681,6 +820,10 @@ def load_optimizer_file(optimizer, path, verified=False):
     decides the ``step`` tensors' device as this optimizer needs, and each state tensor
     (exp_avg, exp_avg_sq) is laid out like its parameter (a file written with the other
     --channels_last setting has the other strides; the fused kernels need them equal).
+    A learning rate that is a tensor (--cuda_graphs: the device tensor the captured step
+    reads) stays that very tensor; load_state_dict would put in the file's, a float or a
+    tensor loaded onto the CPU.  (A float one becomes the file's, as in the release; the
+    schedule sets it before every step anyway.)
     ``verified``: as for restore_params."""
     if not verified:
         check_recorded_checksum(path)
@@ -692,11 +835,14 @@ def load_optimizer_file(optimizer, path, verified=False):
                         "is it from another preset?")
     own = [{k: g[k] for k in OPTIMIZER_IMPL_KEYS if k in g} for g in optimizer.param_groups]
     sd = dict(sd, param_groups=[dict(g, **flags) for g, flags in zip(sd['param_groups'], own)])
+    own_lr = [g['lr'] for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(sd)
     except (ValueError, KeyError) as e:
         raise UserError(f"cannot load optimizer state {path}: {e}") from None
-    for g in optimizer.param_groups:
+    for g, lr in zip(optimizer.param_groups, own_lr):
+        if torch.is_tensor(lr):
+            g['lr'] = lr
         g['decoupled_weight_decay'] = True  # AdamW's, even if the file says otherwise
         for p in g['params']:
             state = optimizer.state.get(p, {})
@@ -737,15 +883,70 @@ def die(msg, code=2):
     sys.exit(code)
 
 
+# A file system that refuses a write: full, over quota, read-only, no permission.
+WRITE_REFUSED = {errno.ENOSPC: 'free space on its file system', errno.EDQUOT: 'free space within your quota',
+                 errno.EROFS: 'remount its file system writable', errno.EACCES: 'check its permissions',
+                 errno.EPERM: 'check its permissions'}
+# What gloo's transport says when the process at the other end exited or stopped answering.
+PEER_LOST = ('Connection closed by peer', 'Connection reset by peer', 'Timed out waiting')
+
+
+def os_error_in(e):
+    """The OSError behind ``e``: ``e`` itself or the first in its chain of causes and
+    contexts (torch.save, for one, turns a failed write into a RuntimeError); else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def naming_file(path):
+    """Inside, an OSError that names no file (a write or flush to an open file: disk full,
+    quota), also one that torch.save wrapped, is raised again as one naming ``path``."""
+    try:
+        yield
+    except Exception as e:
+        err = os_error_in(e)
+        if err is None or err.filename or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, path) from e
+
+
+def lost_peer(e):
+    """Whether ``e`` says that another process of the run exited or stopped answering
+    (torch.distributed's errors, gloo's transport errors and time-outs)."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in PEER_LOST))
+
+
+def _notes(e):
+    return ''.join(f'; {n}' for n in getattr(e, '__notes__', ()))
+
+
 def run_main(main):
-    """A script's entry point: run ``main()``; a UserError (bad flags, missing files) ends
-    the process with its one-line message and exit status 2 instead of a traceback."""
+    """A script's entry point: run ``main()``.  Ends in one line, not a traceback, for a
+    UserError (bad flags, missing files: exit status 2), for a write the file system
+    refuses (full, read-only: the file and the way out, status 2) and for the loss of
+    another process of the run (status 1).  Anything else is a bug: its traceback is
+    printed (status 1).  The notes an entry point added to the exception (train.py: the
+    step it stopped at and the checkpoint that is safe) end the line or the traceback.
+    Data-loading workers end in every case (data.stop_workers)."""
     try:
         main()
     except UserError as e:
-        die(str(e))
-    except OSError as e:  # a read-only or full file system met after the up-front checks
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
-            raise
-        die(f"{e.filename or 'a file'}: {e.strerror}; check its permissions and free space, or pass another "
-            "--save_dir, --out_dir or --out")
+        die(str(e) + _notes(e))
+    except Exception as e:
+        err = os_error_in(e)
+        if err is not None and err.errno in WRITE_REFUSED:
+            die(f"{err.filename or 'a file'}: {err.strerror}; {WRITE_REFUSED[err.errno]}, or pass another "
+                f"--save_dir, --out_dir or --out{_notes(e)}")
+        if lost_peer(e):
+            # gloo's message without its source position and advice: "Read error [addr]:port: Connection reset by peer"
+            detail = re.sub(r'^\[[^\]]*\.cc:\d+\]\s*', '', (str(e).strip().splitlines() or [''])[0]).split('. ')[0]
+            slow = '; if it is only slow (a long save), raise --dist_timeout' if 'Timed out' in detail else ''
+            die(f"another process of this run exited or stopped answering ({detail or type(e).__name__}): its "
+                f"output says why{slow}{_notes(e)}", code=1)
+        raise

@@ -352,8 +352,11 @@ class VAE(nn.Module):
         vae_helpers.KeyedNormal with one row per image of the batch) instead of the RNG, so
         an image's ELBO depends on the weights, the seed and its position in the split only,
         not on batch size, process count or device.  Evaluation uses this; training keeps
-        the device's RNG."""
-        for block in self.decoder.dec_blocks:
+        the device's RNG.  ``noise`` is told the draws a pass makes (KeyedNormal.expect), so
+        that it makes those of one shape together."""
+        blocks = self.decoder.dec_blocks
+        noise.expect([(block.index, (block.zdim, block.base, block.base)) for block in blocks])
+        for block in blocks:
             block.noise = noise
         try:
             yield self

@@ -5,6 +5,8 @@ Numerics follow the release exactly; the DMoL is adapted from
 PixelCNN++ (openai/pixel-cnn ``nn.py``) as in the release, generalised to
 1-channel images.  All images here are NHWC with values in [-1, 1].
 """
+import contextlib
+import functools
 import math
 
 import torch
@@ -93,23 +95,61 @@ PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Philox-4x32 round multipliers
 PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # Philox key increments (golden ratio, sqrt(3) - 1)
 
 
-def _mulhilo32(a, m):
-    """(hi, lo): the upper and lower 32 bits of a * m, for an int64 tensor a of 32-bit words
-    (overwritten: it becomes hi) and a 32-bit constant m.  m is split into 16-bit halves so
-    that no int64 product overflows (each is below 2**48): exact integer arithmetic, the
-    same bits on any device."""
-    lo = a * (m & 0xFFFF)
-    hi = a.mul_(m >> 16)
+def _halves(m, device, ndim):
+    """The 16-bit halves (low, high) of a 32-bit multiplier, or of one multiplier per stacked
+    word (a list), as an int64 tensor shaped to broadcast against (stack, *words) of ``ndim``
+    dimensions behind a leading axis of the two halves: (2, 1, ..) or (2, len(m), 1, ..)."""
+    m = torch.tensor(m, dtype=torch.int64)
+    h = torch.stack([m & 0xFFFF, m >> 16])
+    return h.view(h.shape + (1,) * (ndim - m.dim())).to(device)
+
+
+def _mul_words(a, m):
+    """a * m for an int64 tensor a of 32-bit words and a 32-bit multiplier m (an int, or
+    _halves of one multiplier per leading index of a), as one (2, *a.shape) tensor of its low
+    and high 32 bits.  m is split into 16-bit halves so that no int64 product overflows
+    (each is below 2**48): exact integer arithmetic, the same bits on any device.  Both
+    halves' products come from one multiplication."""
+    p = a.unsqueeze(0) * (m if torch.is_tensor(m) else _halves(m, a.device, a.dim()))
+    lo, hi = p.unbind(0)  # a * low half, a * high half
     tmp = hi & 0xFFFF
     lo.add_(tmp, alpha=1 << 16)  # the low 48 bits of a * m
     hi.bitwise_right_shift_(16).add_(torch.bitwise_right_shift(lo, 32, out=tmp))
-    return hi, lo.bitwise_and_(MASK32)
+    lo.bitwise_and_(MASK32)
+    return p
 
 
-def _xor(a, b, k):
-    """a ^ b ^ k, in a's memory when a already has the broadcast shape."""
-    a = a.bitwise_xor_(b) if a.shape == torch.broadcast_shapes(a.shape, b.shape) else a ^ b
-    return a.bitwise_xor_(k)
+def _mulhilo32(a, m):
+    """(hi, lo): the upper and lower 32 bits of a * m (see _mul_words)."""
+    lo, hi = _mul_words(a, m).unbind(0)
+    return hi, lo
+
+
+@functools.lru_cache(maxsize=64)
+def _round_constants(key, rounds, device, ndim):
+    """Philox's constants for the stacked state of _philox_rounds: the multipliers' halves, in
+    the order (c2's, c0's), and every round's key, (rounds, 2, 1, ..) in the order (k0, k1).
+    Kept once made: a copy from the host to a GPU waits for the device, at every batch."""
+    k0, k1 = key
+    keys = [[(k0 + r * PHILOX_W[0]) & MASK32, (k1 + r * PHILOX_W[1]) & MASK32] for r in range(rounds)]
+    return (_halves([PHILOX_M[1], PHILOX_M[0]], device, ndim),
+            torch.tensor(keys, dtype=torch.int64).view(rounds, 2, *(1,) * (ndim - 1)).to(device))
+
+
+def _philox_rounds(a, b, constants, rounds, first=0):
+    """Philox-4x32 rounds ``first`` .. ``rounds - 1`` on the counter words stacked in pairs:
+    a = (c2, c0) and b = (c1, c3), each (2, ...); ``constants`` from _round_constants.  One
+    round is then one stacked multiply-high-low and two xors, for all four words:
+    (c0, c1, c2, c3) <- (hi(c2) ^ c1 ^ k0, lo(c2), hi(c0) ^ c3 ^ k1, lo(c0)).  Returns the
+    words as one (2, 2, ...) tensor: [0] = (w1, w3), [1] = (w0, w2)."""
+    halves, keys = constants
+    for r in range(first, rounds):
+        words = _mul_words(a, halves)
+        lo, hi = words  # (lo(c2), lo(c0)) = the new (c1, c3); (hi(c2), hi(c0))
+        hi.bitwise_xor_(b).bitwise_xor_(keys[r])  # the new (c0, c2)
+        if r < rounds - 1:
+            a, b = hi.flip(0), lo  # (c2, c0), (c1, c3) for the next round
+    return words
 
 
 def philox4x32(counter, key, rounds=10):
@@ -118,24 +158,19 @@ def philox4x32(counter, key, rounds=10):
     int64 tensors.
 
     counter: four int64 tensors of 32-bit words (broadcastable against each other, e.g. an
-    element index (G,) against an image index (B, 1): the first rounds then work on the
-    small shapes); key: two 32-bit ints.  Returns four int64 tensors of 32-bit random words
-    of the broadcast shape, a bijective function of the counter for a fixed key."""
-    c0, c1, c2, c3 = counter
-    c0, c2 = c0.clone(), c2.clone()  # _mulhilo32 works in place
-    k0, k1 = key
-    for _ in range(rounds):
-        hi0, lo0 = _mulhilo32(c0, PHILOX_M[0])
-        hi1, lo1 = _mulhilo32(c2, PHILOX_M[1])
-        c0, c1, c2, c3 = _xor(hi1, c1, k0), lo1, _xor(hi0, c3, k1), lo0
-        k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
-    shape = torch.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape)
-    return tuple(c.expand(shape) for c in (c0, c1, c2, c3))
+    element index (G,) against an image index (B, 1)); key: two 32-bit ints.  Returns four
+    int64 tensors of 32-bit random words of the broadcast shape, a bijective function of the
+    counter for a fixed key."""
+    c0, c1, c2, c3 = torch.broadcast_tensors(*counter)
+    constants = _round_constants(key, rounds, c0.device, c0.dim() + 1)
+    (w1, w3), (w0, w2) = _philox_rounds(torch.stack([c2, c0]), torch.stack([c1, c3]), constants, rounds)
+    return w0, w1, w2, w3
 
 
 def uniform_from_bits(w):
-    """32-bit words -> uniforms in (0, 1] (float32): (top 24 bits + 1/2) / 2**24."""
-    return (w >> 8).to(torch.float32).add_(0.5).mul_(2. ** -24)
+    """32-bit words -> uniforms in (0, 1] (float32): (top 24 bits + 1/2) / 2**24.  (The int64
+    top bits and 1/2 meet in float32, exactly: they are below 2**24.)"""
+    return ((w >> 8) + 0.5).mul_(2. ** -24)
 
 
 class KeyedNormal:
@@ -149,18 +184,31 @@ class KeyedNormal:
     rounded up (n elements in ``shape``): the block's words (w0, w1) and (w2, w3) become two
     pairs of normals by Box-Muller on 24-bit uniforms, elements g, G+g (from w0, w1) and
     2G+g, 3G+g (from w2, w3) of the row in C order.  The integer part gives identical bits
-    on every device; the float part (log, sqrt, cos, sin in float32) agrees to a few ulps."""
+    on every device; the float part (log, sqrt, cos, sin in float32) agrees to a few ulps.
+
+    On a GPU every operator is a kernel launch, so draws are written in few of them
+    (docs/evaluation.md): the four counter words go through each round as two stacked pairs;
+    the first round, which depends on the layer only through one xor, is computed once per
+    element count; and once told which draws a pass will ask for (``expect``, as
+    VAE.keyed_noise does), the first draw of a shape makes those of the following layers of
+    that shape too, in the same operators, and hands them out as they are asked for."""
 
     # Seven rounds: the fewest that pass all of TestU01's BigCrush in Salmon et al.'s tests
     # (Random123's default of ten adds a safety margin).  Ten cost 12-16% of a tiny model's
     # evaluation on the CPU, seven 7-9%.
     ROUNDS = 7
+    # Philox blocks (layers x rows x G) drawn together at the most: the int64 words of 2**22
+    # blocks and their temporaries take about 0.4 GB (counted from the tensor sizes).
+    GROUP_BLOCKS = 1 << 22
 
     def __init__(self, seed, images, samples=None):
         self.key = (int(seed) & MASK32, 0)
         self.images = torch.as_tensor(images, dtype=torch.int64)
         self.samples = torch.zeros_like(self.images) if samples is None else \
             torch.as_tensor(samples, dtype=torch.int64, device=self.images.device).expand_as(self.images)
+        self._first_round = {}  # (device, G) -> what round 0 leaves of the counter, see _after_round_0
+        self._expected = {}  # shape -> the layers a pass will draw with that shape, in order (expect)
+        self._drawn = {}  # (layer, shape, device) -> normals drawn ahead with an earlier layer's
 
     def __len__(self):
         return len(self.images)
@@ -172,21 +220,72 @@ class KeyedNormal:
         return KeyedNormal(self.key[0], self.images.repeat(n),
                            (self.samples.repeat(n) + k.repeat_interleave(len(self))))
 
+    def expect(self, draws):
+        """The draws a pass will ask for, [(layer, shape)] in order; the values do not change."""
+        self._expected, self._drawn = {}, {}
+        for layer, shape in draws:
+            self._expected.setdefault(tuple(shape), []).append(layer)
+
+    def _after_round_0(self, n_blocks, device):
+        """Philox's first round on the counter (g, layer, image, sample) for every layer at
+        once: (c2, c0) and (c1, c3) after it are (hi(g) ^ sample ^ k1, hi(image) ^ k0 ^ layer)
+        and (lo(image), lo(g)), so only one xor depends on the layer.  Returns (c2 (rows, G),
+        (c1, c3) (2, rows, G), hi(image) ^ k0 (rows, 1))."""
+        cached = self._first_round.get((device, n_blocks))
+        if cached is None:
+            rows = len(self.images)
+            m_c2, m_c0 = _round_constants(self.key, self.ROUNDS, device, 3)[0].unbind(1)  # halves, (2, 1, 1) each
+            images = (self.images.to(device) & MASK32)[:, None]  # (rows, 1)
+            samples = (self.samples.to(device) & MASK32)[:, None]
+            hi_img, lo_img = _mulhilo32(images, m_c2)  # (rows, 1)
+            hi_g, lo_g = _mulhilo32(torch.arange(n_blocks, dtype=torch.int64, device=device), m_c0)  # (1, G)
+            c2 = hi_g ^ (samples ^ self.key[1])  # (rows, G), the same for every layer
+            b = torch.stack([lo_img.expand(rows, n_blocks), lo_g.expand(rows, n_blocks)])
+            cached = self._first_round[(device, n_blocks)] = c2, b, hi_img ^ self.key[0]
+        return cached
+
     def normal(self, layer, shape, device=None):
         """float32 standard normals (rows, *shape) on ``device`` (default: the images')."""
         device = self.images.device if device is None else torch.device(device)
-        images, samples = self.images.to(device), self.samples.to(device)
-        n, rows = math.prod(shape), len(images)
-        g = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
-        w = philox4x32((g, torch.full((1,), layer, device=device), images[:, None] & MASK32,
-                        samples[:, None] & MASK32), self.key, self.ROUNDS)  # 4 x (rows, G) words
-        z = torch.empty(rows, 4, len(g), device=device)
-        for j in (0, 2):  # Box-Muller: radius from one word, angle from the next
-            r = uniform_from_bits(w[j]).log_().mul_(-2.).sqrt_()
-            theta = uniform_from_bits(w[j + 1]).mul_(2 * math.pi)
-            torch.mul(r, torch.cos(theta), out=z[:, j])
-            torch.mul(r, theta.sin_(), out=z[:, j + 1])
-        return z.view(rows, -1)[:, :n].reshape(rows, *shape)
+        shape = tuple(shape)
+        drawn = self._drawn.pop((layer, shape, device), None)
+        if drawn is not None:
+            return drawn
+        layers = [layer]
+        expected = self._expected.get(shape, [])
+        if layer in expected:  # this layer and the next expected ones of its shape, within GROUP_BLOCKS
+            per_layer = len(self.images) * ((math.prod(shape) + 3) // 4)
+            first = expected.index(layer)
+            layers = expected[first:first + max(1, self.GROUP_BLOCKS // per_layer)]
+        z = self._normals(layers, shape, device)
+        for other, zl in zip(layers[1:], z[1:]):
+            self._drawn[(other, shape, device)] = zl
+        return z[0]
+
+    def _normals(self, layers, shape, device):
+        """The normals of several layers of one shape: a list of (rows, *shape)."""
+        n, rows, n_layers = math.prod(shape), len(self.images), len(layers)
+        n_blocks = (n + 3) // 4
+        c2, b, hi_img_k0 = self._after_round_0(n_blocks, device)
+        c0 = torch.bitwise_xor(hi_img_k0.expand(rows, n_blocks), _int_tensor(tuple(layers), device).view(-1, 1, 1))
+        a = torch.stack([c2.expand(n_layers, rows, n_blocks), c0])  # (2, layers, rows, G), after round 0
+        constants = _round_constants(self.key, self.ROUNDS, device, 4)
+        w = _philox_rounds(a, b[:, None], constants, self.ROUNDS, first=1)  # (2, 2, layers, rows, G)
+        u = uniform_from_bits(w)  # [0] = (w1, w3), [1] = (w0, w2)
+        r = u[1].log_().mul_(-2.).sqrt_()  # Box-Muller: radii from w0, w2, angles from w1, w3
+        theta = u[0].mul_(2 * math.pi)
+        z = torch.empty(n_layers, rows, 4, n_blocks, device=device)
+        zv = z.view(n_layers, rows, 2, 2, n_blocks).permute(2, 3, 0, 1, 4)  # (pair, cos/sin, layers, rows, G)
+        torch.cos(theta, out=zv[:, 0])
+        torch.sin(theta, out=zv[:, 1])
+        zv.mul_(r.unsqueeze(1))
+        return [zl.view(rows, -1)[:, :n].reshape(rows, *shape) for zl in z]
+
+
+@functools.lru_cache(maxsize=256)
+def _int_tensor(values, device):
+    """An int64 tensor of ``values`` on ``device``, made once (see _round_constants)."""
+    return torch.tensor(values, dtype=torch.int64).to(device)
 
 
 # ----------------------------------------------------------------------------- DMoL
@@ -301,8 +400,14 @@ class DmolNet(nn.Module):
         self.loss_fn = discretized_mix_logistic_loss  # VAE.compile_blocks swaps in a compiled copy
 
     def forward(self, px_z):
-        """px_z (B,width,H,W) -> DMoL parameters (B,H,W,P), always float32."""
-        return self.out_conv(px_z).permute(0, 2, 3, 1).float()
+        """px_z (B,width,H,W) -> DMoL parameters (B,H,W,P), computed in float32 under any autocast:
+        in bf16 a mixture mean near +-1 would be rounded by about one 8-bit bin (spacing 2**-7),
+        which a sharp mixture's likelihood feels (0.11 nats/dim on the sharp mixtures of
+        tests/test_dmol.py)."""
+        device = px_z.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else \
+                contextlib.nullcontext():  # (devices without autocast, e.g. meta, have nothing to turn off)
+            return self.out_conv(px_z.float()).permute(0, 2, 3, 1)
 
     def nll(self, px_z, x):
         """Per-image NLL in nats/dim of targets x (B,H,W,C)."""

@@ -96,3 +96,46 @@ def test_presets_table_counts_aten_ops_per_step(tmp_path):
 def test_presets_exclude_hps():
     with pytest.raises(UserError):
         bench.main(['--presets', 'cifar10', '--hps', 'cifar10', '--device', 'cpu'])
+
+
+def test_warm_up_covers_the_capture_of_a_graphed_step(monkeypatch, fake_cuda_graphs):
+    """With --cuda_graphs (GraphedStep: 3 eager steps, then the capture) bench's warm-up runs
+    past the capture and a replay whatever --warmup says, so every timed step is a replay
+    (bench's --warmup 3 equalled the eager steps: the capture fell into the first timed step).
+    Played on the CPU (conftest.FakeCUDAGraphs)."""
+    import torch
+    H = bench.parse(['--tiny', '--device', 'cpu', '--warmup', '1', '--steps', '2', '--eval_steps', '1',
+                     '--sample_steps', '1', '--profile_steps', '0', '--n_batch', '2'])
+    H.cuda_graphs = True  # refused on the CPU by parse; its arithmetic runs there (test_graphed_step.py)
+    torch.set_num_threads(1)
+    at_timing = []
+    timed = bench.timed
+
+    def timed_after_warm_up(fn, n, device):
+        if not at_timing:
+            at_timing.append((list(fake_cuda_graphs.captures), fake_cuda_graphs.replays))
+        return timed(fn, n, device)
+    monkeypatch.setattr(bench, 'timed', timed_after_warm_up)
+    out = bench.run_config(H, torch.device('cpu'), dict(forward=1, backward=1, sample=1))
+    assert at_timing == [(['thread_local'], 2)]  # captured (its first replay) and replayed once before timing
+    assert out['warmup_steps'] == 5 and fake_cuda_graphs.eager == 3
+
+
+def test_cudnn_autotuning_as_train_py(monkeypatch, tmp_path):
+    """bench.py sets cuDNN's autotuner as train.py does on CUDA (on: it left it off unless
+    --cudnn_benchmark), and its baseline as the release (off).  The flag can be set and read
+    on a CPU build; the process set-up is what each script calls."""
+    import torch
+    import train
+    from utils import Dist
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    monkeypatch.setattr(train, 'setup_distributed',
+                        lambda port, device=None, timeout=None: Dist(device=torch.device('cuda', 0)))
+    train.set_up(['--hps', 'cifar10', '--save_dir', str(tmp_path), '--device', 'cuda'])
+    in_train = torch.backends.cudnn.benchmark
+    H = bench.parse(['--tiny', '--device', 'cpu'])
+    H.device = 'cuda'  # as parse sets it with a GPU
+    for config, want in [(bench.baseline_of(H), False), (H, in_train)]:
+        bench.set_up_process(config)
+        assert torch.backends.cudnn.benchmark is want
+    assert in_train is True

@@ -250,3 +250,23 @@ def test_cuda_device_of_a_rank(monkeypatch, visible, local_rank, want):
             utils.cuda_device(local_rank)
     else:
         assert utils.cuda_device(local_rank) == torch.device('cuda', want)
+
+
+@pytest.mark.parametrize('visible,local_rank,want', [(1, 3, 0), (4, 3, 3), (2, 1, 1), (1, 0, 0)])
+def test_ddp_gets_the_gpu_the_process_uses(H, monkeypatch, visible, local_rank, want):
+    """DDP's device_ids name the GPU utils.cuda_device chose for the process, not its local
+    rank: with one GPU visible per process (per-rank CUDA_VISIBLE_DEVICES, Slurm's
+    --gpus-per-task) local rank 3 computes on cuda:0, and device_ids=[3] would fail with
+    "invalid device ordinal" at its first step."""
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: visible)
+    d = Dist(rank=local_rank, world_size=4, local_rank=local_rank, device=utils.cuda_device(local_rank))
+    got = {}
+
+    def ddp(module, device_ids=None):
+        got['device_ids'] = device_ids
+        return module
+    monkeypatch.setattr(train, 'DistributedDataParallel', ddp)
+    model, _ = _models(H)
+    assert train.wrap_for_training(H, model, d) is model
+    as_devices = [i if isinstance(i, torch.device) else torch.device('cuda', i) for i in got['device_ids']]
+    assert as_devices == [d.device] == [torch.device('cuda', want)]

@@ -118,3 +118,39 @@ def test_gaussian_kl_closed_form_gradient():
         torch.testing.assert_close(x.grad, y.grad, rtol=2e-6, atol=1e-6)
     with torch.no_grad():
         assert torch.equal(gaussian_analytical_kl(*args), _release_kl(*args))
+
+
+def test_head_stays_float32_under_bf16_autocast():
+    """The likelihood head (out_conv) computes in float32 under bf16 autocast: on sharp
+    mixtures (scales below a bin) with means near +-1, where bf16's spacing (2**-7) is about
+    one 8-bit bin, the training loss equals the fp32 head's, not the one of a rounded head."""
+    from hps import preset
+    from vae_helpers import DmolNet
+    H = preset('cifar10', width=16, num_mixtures=3)
+    torch.manual_seed(0)
+    head = DmolNet(H)
+    nr_mix = H.num_mixtures
+    bias = torch.zeros(10 * nr_mix)
+    for c in range(3):  # per channel: M means near +-1, M log-scales -6.5 (scale 1.5e-3 < half a bin), M coefficients
+        first = nr_mix + c * 3 * nr_mix
+        bias[first:first + nr_mix] = torch.tensor([0.97, -0.96, 0.99][:nr_mix]) * (-1) ** c
+        bias[first + nr_mix:first + 2 * nr_mix] = -6.5
+    with torch.no_grad():
+        head.out_conv.weight.mul_(0.02)
+        for c in range(3):  # no coupling: each channel's mean is its own
+            first = nr_mix + c * 3 * nr_mix + 2 * nr_mix
+            head.out_conv.weight[first:first + nr_mix] = 0
+        head.out_conv.bias.copy_(bias)
+    px_z = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        l = head(px_z)
+        means = l[..., nr_mix:].reshape(2, 8, 8, 3, 3 * nr_mix)[..., 0]  # component 0 of each channel
+        x = torch.round((means.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1  # the nearest 8-bit values: sharp likelihood
+        fp32 = head.nll(px_z, x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert head.out_conv(px_z).dtype == torch.bfloat16  # autocast is on for convolutions
+            bf16 = head.nll(px_z, x)
+        rounded = dmol_loss(x, l.bfloat16().float())
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, fp32, rtol=1e-6, atol=0)
+    assert fp32.max() < 1 and (rounded - fp32).abs().max() > 0.01  # nats/dim: what a bf16 head's output costs here

@@ -193,3 +193,79 @@ def test_release_bundle_test_elbo_is_the_same_for_1_and_2_processes(cifar_root, 
             assert out[desc][k] == pytest.approx(out['one-b1'][k], rel=1e-6, abs=0), (desc, k)
         # from sums of squares: float rounding of the per-image values is amplified by the cancellation
         assert out[desc]['elbo_se'] == pytest.approx(out['one-b1']['elbo_se'], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- cost on a GPU
+
+def test_a_keyed_draw_takes_few_operators():
+    """On a GPU every aten operator is a kernel launch.  A draw of a layer whose size was
+    drawn before takes at most 75 non-view operators (181 before the four counter words went
+    through Philox in two stacked pairs), the first draw of a size at most 100; and a cifar10
+    evaluation forward with keyed noise, whose layers of one size are drawn together, at most
+    1.25 times the operators of one with the device's RNG (4.2 times before).  Counted at the
+    dispatcher as bench.py counts a training step, on the meta device (no values needed).  A
+    count, not a time: it cannot be noisy."""
+    from bench import count_aten_ops
+    from hps import preset
+    from vae import VAE
+    noise = KeyedNormal(3, torch.arange(6))
+    _, first = count_aten_ops(lambda: noise.normal(0, (4, 8, 8)))
+    _, again = count_aten_ops(lambda: noise.normal(1, (4, 8, 8)))
+    assert first <= 100 and again <= 75
+    H = preset('cifar10')
+    with torch.device('meta'):
+        model = VAE(H).eval()
+        x_in, x_target = torch.zeros(2, 32, 32, 3), torch.zeros(2, 32, 32, 3)
+    with torch.no_grad():
+        _, device_rng = count_aten_ops(lambda: model.forward_per_image(x_in, x_target))
+        with model.keyed_noise(KeyedNormal(0, torch.arange(2, device='meta'))):
+            _, keyed = count_aten_ops(lambda: model.forward_per_image(x_in, x_target))
+    assert keyed <= 1.25 * device_rng, (keyed, device_rng)
+
+
+def test_layers_drawn_together_draw_what_each_draws_alone(monkeypatch):
+    """Told the draws to come (as VAE.keyed_noise tells it), KeyedNormal makes those of one
+    shape together, at most GROUP_BLOCKS Philox blocks at a time: every layer gets bit for bit
+    what a draw of its own gives, in a second pass too."""
+    draws = [(0, (4, 1, 1)), (1, (4, 4, 4)), (2, (4, 4, 4)), (3, (3, 5, 5)), (4, (4, 4, 4)), (5, (3, 5, 5))]
+    alone = {layer: KeyedNormal(7, torch.arange(5) + 20).normal(layer, shape) for layer, shape in draws}
+    monkeypatch.setattr(KeyedNormal, 'GROUP_BLOCKS', 190)  # two layers of each shape at a time (5 x 16, 5 x 19 blocks)
+    noise = KeyedNormal(7, torch.arange(5) + 20)
+    noise.expect(draws)
+    for _ in range(2):
+        for layer, shape in draws:
+            assert torch.equal(noise.normal(layer, shape), alone[layer]), layer
+
+
+def test_evaluation_copies_only_the_images_to_the_device():
+    """train.evaluate's per-batch copies from the host to the device: the uint8 images only.
+    The image positions that key the noise are made on the device (a copy from pageable
+    host memory waits for the device at every batch).  On the meta device, which stands in
+    for a GPU (tests/test_device.py)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from test_device import ARCH, HostReads
+    from hps import preset
+
+    class HostToDevice(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and args[0].device.type == 'cpu' and \
+                    torch.device(kwargs.get('device') or 'cpu').type == 'meta':
+                self.dtypes.append(args[0].dtype)
+            return func(*args, **kwargs)
+
+    H = preset('fashion_mnist', **ARCH)
+    H.no_progress = True
+    meta = Dist(device=torch.device('meta'))
+    _, ema = train.build_models(H, meta)
+    images = data.ArraySource(np.random.RandomState(0).randint(0, 256, (7, 28, 28, 1)).astype(np.uint8), 'mem')
+    with HostReads():
+        train.evaluate(H, meta, ema, images)  # once first: constants made once per process
+        copies = HostToDevice()
+        with copies:
+            train.evaluate(H, meta, ema, images)
+    assert copies.dtypes == [torch.uint8] * 3  # 7 images in batches of 3

@@ -309,6 +309,57 @@ def test_evaluation_runs_in_ieee_fp32(tiny, monkeypatch):
     assert (conv.fp32_precision, matmul.fp32_precision) == before
 
 
+def _tf32_flags_as_read():
+    """Every TF32 setting PyTorch reports ('refused' where it refuses to read a mixed one)."""
+    b = torch.backends
+    getters = dict(all=lambda: b.fp32_precision, cuda=lambda: b.cudnn.fp32_precision,
+                   conv=lambda: b.cudnn.conv.fp32_precision, rnn=lambda: b.cudnn.rnn.fp32_precision,
+                   matmul=lambda: b.cuda.matmul.fp32_precision, cudnn_allow_tf32=lambda: b.cudnn.allow_tf32,
+                   matmul_allow_tf32=lambda: b.cuda.matmul.allow_tf32,
+                   matmul_precision=torch.get_float32_matmul_precision)
+    out = {}
+    for k, get in getters.items():
+        try:
+            out[k] = get()
+        except RuntimeError:
+            out[k] = 'refused'
+    return out
+
+
+@pytest.fixture
+def tf32_flags_put_back():
+    """Puts PyTorch's default TF32 settings back after the test, whatever it left."""
+    b = torch.backends
+    yield
+    b.fp32_precision = b.cudnn.fp32_precision = 'none'
+    b.cudnn.allow_tf32 = True  # the default: conv and rnn in tf32
+    b.cuda.matmul.fp32_precision = 'none'
+    torch.set_float32_matmul_precision('highest')
+
+
+@pytest.mark.parametrize('start', ['default', 'conv_only_new_api', 'legacy_off', 'cuda_backend_tf32'])
+def test_ieee_fp32_sets_cudnn_flags_consistently_and_restores_them(start, tf32_flags_put_back):
+    """Inside utils.ieee_fp32 cuDNN's legacy flag agrees with its conv and rnn precisions, so
+    torch.backends.cudnn.allow_tf32 and cudnn.flags() work (setting only conv's precision made
+    both raise); on exit every TF32 setting reads as before, a caller's own mix included."""
+    from utils import ieee_fp32
+    b = torch.backends
+    if start == 'conv_only_new_api':
+        b.cudnn.conv.fp32_precision = 'ieee'  # the caller's mix: the legacy flag can no longer be read
+    elif start == 'legacy_off':
+        b.cudnn.allow_tf32 = False
+    elif start == 'cuda_backend_tf32':
+        b.cudnn.fp32_precision = 'tf32'
+    before = _tf32_flags_as_read()
+    with ieee_fp32():
+        assert (b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, b.cuda.matmul.fp32_precision) == \
+            ('ieee',) * 3
+        assert b.cudnn.allow_tf32 is False and b.cuda.matmul.allow_tf32 is False
+        with b.cudnn.flags(enabled=True):  # reads the legacy flag on entry
+            pass
+    assert _tf32_flags_as_read() == before
+
+
 def test_compile_scope_flag_wraps_as_documented(tiny):
     """train.wrap_for_training: --compile_scope model compiles the whole training model;
     blocks compiles each residual Block inside it (nothing is built until the first call)

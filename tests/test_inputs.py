@@ -136,7 +136,8 @@ BAD_VALUE = {'seed': '-1', 'port': '70000', 'image_size': '0', 'image_channels':
              'adam_beta1': '1', 'adam_beta2': '-0.1', 'temperature': '0', 'iters_per_ckpt': '0',
              'iters_per_print': '0', 'iters_per_save': '0', 'iters_per_images': '0', 'epochs_per_eval': '0',
              'epochs_per_eval_save': '0', 'num_images_visualize': '0', 'num_variables_visualize': '-1',
-             'num_temperatures_visualize': '5', 'num_workers': '-1', 'threads': '-1', 'warn_skipped': '0'}
+             'num_temperatures_visualize': '5', 'num_workers': '-1', 'threads': '-1', 'warn_skipped': '0',
+             'dist_timeout': '0'}
 
 
 def test_every_numeric_flag_is_covered():

@@ -125,3 +125,51 @@ def test_grayscale_model_runs_end_to_end():
     assert torch.isfinite(out['elbo'])
     s = model.forward_uncond_samples(2, t=0.5)
     assert s.shape == (2, 28, 28, 1) and s.dtype == np.uint8
+
+
+def test_gpu_tolerances_sit_above_the_fp32_floor(monkeypatch):
+    """tests/test_cuda.py compares GPU against CPU figures to tolerances set from the float32
+    rounding floor measured here: the release bundle's EMA model on the GPU test's 48 images
+    with their keyed noise, in float32 against float64 (the model's float32 casts patched away
+    for the float64 run), and the keyed normals against a float64 Box-Muller of the same
+    float32 uniforms.  Each tolerance leaves at least 4 times the floor (both devices round;
+    cuDNN's algorithms may round more) and at most 100 times (so that it still catches errors).
+    The rate, a sum of KL terms that nearly cancel, has the highest floor: 2.5e-5 relative."""
+    import math
+    import data
+    import utils
+    from test_cuda import GPU_VS_CPU_REL, KEYED_NORMAL_TOL, TINY32, synthetic_data
+    from hps import get_hparams
+    from vae_helpers import KeyedNormal, philox4x32, uniform_from_bits
+    torch.set_num_threads(1)
+    H = get_hparams(TINY32)
+    x_in, x_target = data.preprocess(H, torch.from_numpy(synthetic_data()['imagenet32_test']))
+    out = {}
+    with torch.no_grad(), utils.ieee_fp32():
+        for dtype in (torch.float32, torch.float64):
+            model = VAE(H)
+            utils.restore_params(model, ref('tiny32', 'tiny32-iter-10-model-ema.th'), H)
+            model.to(dtype).eval()
+            if dtype == torch.float64:
+                monkeypatch.setattr(torch.Tensor, 'float', lambda t: t)
+            with model.keyed_noise(KeyedNormal(H.seed, torch.arange(len(x_in)))):
+                o = model.forward_per_image(x_in.to(dtype), x_target.to(dtype))
+            out[dtype] = {k: o[k].double().mean() for k in GPU_VS_CPU_REL}
+            monkeypatch.undo()
+    for k, tol in GPU_VS_CPU_REL.items():
+        floor = abs(out[torch.float32][k] / out[torch.float64][k] - 1)
+        assert 4 * floor <= tol <= 100 * floor, (k, float(floor), tol)
+
+    rows, g = 64, torch.arange(256)
+    z = KeyedNormal(5, torch.arange(rows)).normal(3, (4, 16, 16)).view(rows, 4, 256).double()
+    w = philox4x32((g, torch.tensor([3]), torch.arange(rows)[:, None], torch.zeros(rows, 1, dtype=torch.int64)),
+                   (5, 0), KeyedNormal.ROUNDS)
+    u = [uniform_from_bits(x) for x in w]  # float32, made alike on every device (exact integer and IEEE steps)
+    r = [torch.sqrt(-2 * torch.log(u[j].double())) for j in (0, 2)]
+    theta = [u[j].mul(2 * math.pi).double() for j in (1, 3)]  # the float32 angles both devices compute
+    exact = torch.stack([r[0] * torch.cos(theta[0]), r[0] * torch.sin(theta[0]),
+                         r[1] * torch.cos(theta[1]), r[1] * torch.sin(theta[1])], 1)
+    err = (z - exact).abs()
+    assert (err <= (KEYED_NORMAL_TOL['atol'] + KEYED_NORMAL_TOL['rtol'] * exact.abs()) / 4).all()
+    big = exact.abs() > 0.1
+    assert KEYED_NORMAL_TOL['rtol'] <= 100 * (err[big] / exact[big].abs()).max()

@@ -139,29 +139,41 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _distributed_matches_single(fmnist_root, tmp_path, launcher, name):
-    common = TINY + ['--data_root', fmnist_root, '--save_dir', str(tmp_path), '--max_iters', '4',
-                     '--rank_invariant_noise', '--iters_per_print', '1', '--lr', '0.003', '--port', str(free_port())]
-    run(common + ['--desc', 'single', '--n_batch', '8'])
-    run(common + ['--desc', name, '--n_batch', '4'], launcher=launcher)
+def _distributed_args(fmnist_root, save_dir):
+    return TINY + ['--data_root', fmnist_root, '--save_dir', str(save_dir), '--max_iters', '4',
+                   '--rank_invariant_noise', '--iters_per_print', '1', '--lr', '0.003']
+
+
+@pytest.fixture(scope='session')
+def single_run(fmnist_root, tmp_path_factory):
+    """4 steps of one process with --n_batch 8: what 2 processes with --n_batch 4 must compute
+    (_distributed_matches_single, for every launcher)."""
+    save_dir = tmp_path_factory.mktemp('single')
+    run(_distributed_args(fmnist_root, save_dir) + ['--desc', 'single', '--n_batch', '8'])
+    return save_dir / 'single'
+
+
+def _distributed_matches_single(single_run, fmnist_root, tmp_path, launcher, name):
+    run(_distributed_args(fmnist_root, tmp_path) + ['--desc', name, '--n_batch', '4', '--port', str(free_port())],
+        launcher=launcher)
     rc = log_lines(tmp_path / name, 'rank_check')
     assert rc and rc[-1]['param_spread'] == 0.0  # replicas identical
-    a, b = (state_dict(tmp_path / d / 'latest-model.th') for d in ['single', name])
+    a, b = state_dict(single_run / 'latest-model.th'), state_dict(tmp_path / name / 'latest-model.th')
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    la, lb = train_losses(tmp_path / 'single'), train_losses(tmp_path / name)
+    la, lb = train_losses(single_run), train_losses(tmp_path / name)
     np.testing.assert_allclose([la[i] for i in range(4)], [lb[i] for i in range(4)], rtol=1e-5)
 
 
-def test_torchrun_two_processes_equal_one_process(fmnist_root, tmp_path):
-    _distributed_matches_single(fmnist_root, tmp_path, ['torchrun', '--standalone', '--nproc_per_node', '2'],
-                                'torchrun')
+def test_torchrun_two_processes_equal_one_process(single_run, fmnist_root, tmp_path):
+    _distributed_matches_single(single_run, fmnist_root, tmp_path,
+                                ['torchrun', '--standalone', '--nproc_per_node', '2'], 'torchrun')
 
 
-def test_mpiexec_two_processes_equal_one_process(fmnist_root, tmp_path):
+def test_mpiexec_two_processes_equal_one_process(single_run, fmnist_root, tmp_path):
     mpiexec = shutil.which('mpiexec', path=os.path.dirname(sys.executable)) or shutil.which('mpiexec')
     assert mpiexec, 'mpiexec not found: pip install mpich mpi4py'
-    _distributed_matches_single(fmnist_root, tmp_path, [mpiexec, '-n', '2'], 'mpi')
+    _distributed_matches_single(single_run, fmnist_root, tmp_path, [mpiexec, '-n', '2'], 'mpi')
 
 
 def test_restore_official_bundle_and_continue(cifar_root, tmp_path):
@@ -599,43 +611,6 @@ def test_mismatch_message_names_preset_and_block_override(tmp_path):
     msg = describe_mismatch(model, trimmed, 'x.th', H)
     assert f'The file has {n - 2} encoder blocks' in msg and f'builds {n}' in msg and '--enc_blocks' in msg
     assert f'encoder.enc_blocks.{n - 2}.c1.weight' in msg
-
-
-def test_cuda_graphs_step_runs_eagerly_with_the_same_numbers():
-    """GraphedStep's arithmetic (static uint8 batch buffer, learning rate read from a float32
-    device tensor, capturable fused AdamW), run eagerly on the CPU, against the plain step
-    over six steps at warm-up learning rates, one of them skipped (grad norm over the
-    threshold): the same skip decisions and step counts; losses, grad norms, parameters,
-    EMA and Adam moments equal to float rounding (the learning rate is rounded to float32)."""
-    import train
-    from hps import get_hparams
-    d = train.setup_distributed(device='cpu')
-    x = torch.randint(0, 256, (4, 28, 28, 1), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    runs = []
-    for graphs in (False, True):
-        H = get_hparams(TINY + ['--skip_threshold', '50', '--warmup_iters', '4', '--lr', '0.01']
-                        + (['--cuda_graphs'] if graphs else []))
-        model, ema = train.build_models(H, d)
-        opt = train.make_optimizer(H, model, d.device)
-        assert bool(opt.defaults.get('capturable')) == graphs
-        step = train.make_step(H, model, model, ema, opt, None, train.precision_context(H, d.device))
-        assert isinstance(step, train.GraphedStep) == graphs
-        out = []
-        for i in range(6):
-            torch.manual_seed(i)
-            H.skip_threshold = 1e-6 if i == 4 else 50
-            st, _ = step(x, train.learning_rate(H, i))
-            out.append([st[k].item() for k in train.STEP_STATS])
-        runs.append((torch.tensor(out), torch.cat([p.detach().flatten() for p in list(model.parameters()) +
-                                                   list(ema.parameters())]),
-                     torch.cat([s['exp_avg_sq'].flatten() for s in opt.state.values()]),
-                     [s['step'].item() for s in opt.state.values()]))
-    (o1, p1, s1, n1), (o2, p2, s2, n2) = runs
-    assert o1[:, train.STEP_STATS.index('skipped_updates')].tolist() == [0, 0, 0, 0, 1, 0]
-    torch.testing.assert_close(o2, o1, rtol=1e-6, atol=0)
-    torch.testing.assert_close(p2, p1, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(s2, s1, rtol=1e-5, atol=1e-12)
-    assert n1 == n2 and n1[0] == 5
 
 
 def test_cuda_graphs_flag_refused_on_cpu(fmnist_root, tmp_path):
