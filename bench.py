@@ -52,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import train
 from hps import HPARAMS_REGISTRY, Hyperparams, UserError, at_least, check_ranges, get_hparams
-from utils import Dist, configure_device, cudnn_conv_precision, ieee_fp32, run_main
+from utils import Dist, configure_device, cudnn_conv_precision, first_sentence, ieee_fp32, run_main
 from vae import VAE
 
 # The reference tests' tiny32 model (width 32, 13 decoder blocks, 135,078 parameters), on one
@@ -323,7 +323,7 @@ def count_aten_ops(fn):
         with counter:
             fn()
     except Exception as e:  # a measurement aid: report the gap instead of failing the benchmark
-        print(f'note: aten ops not counted ({type(e).__name__}: {str(e).splitlines()[0][:120]})', flush=True)
+        print(f'note: aten ops not counted ({type(e).__name__}: {first_sentence(e)})', flush=True)
         return None, None
     return counter.total, counter.compute
 

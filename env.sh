@@ -11,7 +11,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.installed-$(basename "$REQ")"
-WANT=$(cat "$HERE/$REQ" "$HERE/requirements.txt" | sha256sum | cut -c1-16)
+WANT=$(cat "$HERE/$REQ" "$HERE"/requirements*.txt | sha256sum | cut -c1-16)  # the files it includes too
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[env] installing $REQ into $VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$HERE/$REQ"

@@ -32,7 +32,6 @@ import zipfile
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import data
 from hps import (UserError, add_vae_arguments, at_least, check_ranges, explicit_flags,
@@ -40,8 +39,8 @@ from hps import (UserError, add_vae_arguments, at_least, check_ranges, explicit_
 from resume import resolve_weights
 from train import eval_batches, positions_on, standard_error, tile, write_png
 from utils import (Dist, allreduce, barrier, check_writable, cleanup_distributed, configure_cpu, gather_objects,
-                   ieee_fp32, logger, restore_params, run_main, setup_distributed)
-from vae import VAE, parse_layer_string
+                   ieee_fp32, logger, progress_bar, restore_params, run_main, setup_distributed)
+from vae import VAE, check_hparams, parse_layer_string
 from vae_helpers import KeyedNormal, gaussian_log_density
 
 LN2 = math.log(2)
@@ -67,7 +66,8 @@ def add_eval_arguments(parser):
     g = parser.add_argument_group('evaluation options')
     a = g.add_argument
     a('--split', choices=['test', 'valid', 'train'], default='test', help='dataset split to read')
-    a('--n_images', type=int, default=0, help='use only the first N images of the split (0: all)')
+    a('--n_images', type=int, default=0,
+      help='use only the first N images of the split (0: all; more than the split holds is refused)')
     a('--out_dir', type=str, default=None, help='output folder (default {save_dir}/{desc})')
     a('--iw_batch', type=int, default=0,
       help='posterior samples per decoder pass for --n_importance (0: --n_batch_eval, else 4 x n_batch); '
@@ -599,6 +599,7 @@ def main(argv=None):
     check_args(H)
     H.run_dir = os.path.join(H.save_dir, H.desc)
     weights, notes = resolve_weights(H)
+    check_hparams(H)  # the architecture (perhaps the run's), before any data is read
     check_model_args(H, len(parse_layer_string(H.dec_blocks)))
     H.out_dir = H.out_dir or H.run_dir
     check_writable(H.out_dir, 'pass --out_dir DIR somewhere writable (evaluation only reads the run)')
@@ -607,7 +608,7 @@ def main(argv=None):
          else _existing_group())
     threads = torch.get_num_threads()
     if d.device.type == 'cpu':
-        configure_cpu(H.threads, keep_heap=joined)  # a caller's process keeps its own malloc settings
+        configure_cpu(H.threads, keep_heap=joined, is_main=d.is_main)  # a caller's process keeps its malloc
     elif joined:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     try:
@@ -633,6 +634,9 @@ def _run(H, d, weights, notes):
     source = images = names = None
     if H.mode in ('n_importance', 'kl_stats', 'encode'):
         source = getattr(data.load_data(H), H.split)
+        if H.n_images > len(source):  # every rank alike, before any collective
+            raise UserError(f"--n_images {H.n_images}: the {H.split} split of {H.dataset} has {len(source)} images; "
+                            f"pass at most {len(source)}, or 0 for all of them")
         if H.n_images and H.n_images < len(source):
             source = source.view(np.arange(H.n_images))
         if len(source) == 0:
@@ -650,7 +654,7 @@ def _run(H, d, weights, notes):
         log(note)
     log(f'{H.mode}: {model.num_params():,} parameters | {d.world_size} process(es) via {d.launcher} | '
         f'device {d.device} | outputs in {H.out_dir}')
-    bar = tqdm(total=todo, desc=H.mode, unit='img', dynamic_ncols=True, disable=not d.is_main or H.no_progress)
+    bar = progress_bar(is_main=d.is_main, off=H.no_progress, total=todo, desc=H.mode, unit='img', dynamic_ncols=True)
     try:
         return _dispatch(H, d, model, source, images, names, weights, bar, log)
     finally:

@@ -137,7 +137,8 @@ def add_vae_arguments(parser):
     a('--restart', action='store_true',
       help='begin {save_dir}/{desc} afresh at step 0; its earlier files are moved to a before-restart-* folder in it')
     a('--allow_changes', action='store_true',
-      help='resume even though the batch size, seed, architecture or training data differ from the checkpoint\'s')
+      help='resume even though the global batch (n_batch x processes), seed, architecture or training data '
+           'differ from the checkpoint\'s')
     a('--dataset', type=str, default='fashion_mnist', help='dataset name (set by the presets)')
     a('--image_size', type=int, default=28, help='image height and width (set by the presets)')
     a('--image_channels', type=int, default=1, help='1 (grayscale) or 3 (RGB) (set by the presets)')
@@ -191,7 +192,8 @@ def add_vae_arguments(parser):
     a('--channels_last', action='store_true', help='NHWC memory layout for the convolutions (tensor cores)')
     a('--grad_checkpoint', action='store_true', help='recompute block activations in backward to save memory')
     a('--num_workers', type=int, default=2, help='data-loading worker processes per rank')
-    a('--threads', type=int, default=0, help='CPU threads per process (0: cores / local processes)')
+    a('--threads', type=int, default=0,
+      help='CPU threads per process (0: cores / local processes; more than that is capped to it, with a note)')
     a('--rank_invariant_noise', action='store_true',
       help='draw posterior noise for the global batch on every rank and keep this rank\'s slice, so that N '
            'processes compute exactly what one process does with the combined batch')

@@ -18,9 +18,11 @@ import zlib
 import numpy as np
 import torch
 
+import data
 from hps import UserError, apply_run_config
-from utils import (atomic_copy, atomic_save, atomic_write, barrier, file_crc, gather_objects, load_optimizer_file,
-                   remove_stale_temporaries, restore_log, restore_params, safe_torch_load, saved_run_config)
+from utils import (atomic_copy, atomic_save, atomic_write, barrier, file_crc, file_damage, gather_objects,
+                   load_optimizer_file, remove_stale_temporaries, restore_log, restore_params, safe_torch_load,
+                   saved_run_config)
 
 CHECKPOINT_FILES = ['-model.th', '-model-ema.th', '-opt.th', '-log.jsonl']
 
@@ -84,55 +86,82 @@ def keep_previous(run_dir):
 
 
 def _state(prefix):
-    """The training state recorded in {prefix}-state.th, or None where it is unreadable."""
+    """(training state recorded in {prefix}-state.th, None), or (None, why it is unreadable)."""
     try:
         st = safe_torch_load(prefix + '-state.th', 'training state')
-        return st if isinstance(st, dict) and 'step' in st and 'files' in st else None
-    except UserError:
-        return None
+    except UserError as e:
+        return None, str(e)
+    if isinstance(st, dict) and 'step' in st and 'files' in st:
+        return st, None
+    return None, f'{prefix}-state.th is not a training state (no step and file record)'
 
 
-def _complete(prefix, st):
-    """Whether every file of the set {prefix}-* is present with the size and CRC ``st`` recorded."""
-    try:
-        return all(os.path.exists(prefix + s) and file_crc(prefix + s) == tuple(st['files'][s])
-                   for s in CHECKPOINT_FILES)
-    except (KeyError, TypeError, OSError):
-        return False
+def damaged_files(prefix, st):
+    """{suffix: what is wrong} for the files of the set {prefix}-* whose size or CRC differ
+    from those its state ``st`` recorded (utils.file_damage); empty when the set is complete."""
+    damage = {}
+    for s in CHECKPOINT_FILES:
+        try:
+            recorded = tuple(st['files'][s])
+        except (KeyError, TypeError):
+            damage[s] = 'not recorded in its -state.th'
+            continue
+        if (what := file_damage(prefix + s, recorded)) is not None:
+            damage[s] = what
+    return damage
 
 
 def checkpoint_state(prefix):
     """The training state of the set {prefix}-* if all its files are present and match the
     sizes and CRCs recorded in {prefix}-state.th; None if it is incomplete or torn."""
-    st = _state(prefix)
-    return st if st is not None and _complete(prefix, st) else None
+    st, _ = _state(prefix)
+    return st if st is not None and not damaged_files(prefix, st) else None
 
 
-def find_checkpoint(run_dir):
-    """(prefix, state) of the newest complete checkpoint in run_dir, or (None, None).
-
-    Sets are checked newest first (by the step their -state.th records; on a tie, latest),
-    and only until one is complete, so the CRCs of older sets' files are not computed."""
-    if not os.path.isdir(run_dir):
-        return None, None
+def _sets(run_dir):
+    """[(state, prefix)] of the sets in run_dir whose -state.th is readable, newest first (by
+    the step recorded; on a tie, latest); a warning names each set whose -state.th is not."""
     readable = []
-    for f in sorted(os.listdir(run_dir)):
+    for f in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
         if f.endswith('-state.th'):
             prefix = os.path.join(run_dir, f[:-len('-state.th')])
-            st = _state(prefix)
+            st, why = _state(prefix)
             if st is None:
-                _warn_incomplete(prefix)
+                print(f'warning: ignoring checkpoint {prefix}-*: its files cannot be checked, {why}', flush=True)
             else:
                 readable.append((st, prefix))
-    for st, prefix in sorted(readable, key=lambda c: (c[0]['step'], c[1].endswith('latest')), reverse=True):
-        if _complete(prefix, st):
-            return prefix, st
-        _warn_incomplete(prefix)
-    return None, None
+    return sorted(readable, key=lambda c: (c[0]['step'], c[1].endswith('latest')), reverse=True)
 
 
-def _warn_incomplete(prefix):
-    print(f'warning: ignoring incomplete checkpoint {prefix}-* (torn or partly written)', flush=True)
+def find_checkpoint(run_dir, need=CHECKPOINT_FILES):
+    """(prefix, state) of the newest checkpoint set in run_dir whose files ``need`` (all four
+    by default: to resume) match their record, or (None, None).  Sets are checked newest
+    first, and only until one fits, so older sets' files are not read; each set passed over
+    gets a warning line naming its damaged files and what is wrong with them (truncated, a
+    checksum failure, ...) and the files that are still good."""
+    prefix, st, _, _ = _find(run_dir, need)
+    return prefix, st
+
+
+def _find(run_dir, need):
+    """find_checkpoint's (prefix, state), that set's damaged_files (files it does not need)
+    and [(state, prefix, damaged_files)] of the sets passed over."""
+    passed = []
+    for st, prefix in _sets(run_dir):
+        damage = damaged_files(prefix, st)
+        if not any(s in damage for s in need):
+            return prefix, st, damage, passed
+        _warn_damaged(prefix, st, damage, 'ignoring incomplete checkpoint' if need == CHECKPOINT_FILES
+                      else 'passing over checkpoint')
+        passed.append((st, prefix, damage))
+    return None, None, {}, passed
+
+
+def _warn_damaged(prefix, st, damage, what):
+    good = [os.path.basename(prefix) + s for s in CHECKPOINT_FILES if s not in damage]
+    print(f'warning: {what} {prefix}-* (step {st["step"]}): '
+          + '; '.join(f'{os.path.basename(prefix)}{s}: {why}' for s, why in damage.items())
+          + f'; still good: {", ".join(good) if good else "none"}', flush=True)
 
 
 def checkpoint_files(run_dir):
@@ -157,11 +186,12 @@ def set_aside(run_dir):
     return folder
 
 
-# Hyperparameters whose change makes the saved state mean something else: the batch size
-# (the position in the epoch), the seed (the data order), the architecture (the weights).
+# Hyperparameters whose change makes the saved state mean something else: the seed (the
+# data order), the architecture (the weights).  The batch is checked as the global batch,
+# n_batch x processes (check_changes): that, not the per-process n_batch, sets the updates.
 ARCH_KEYS = ['dataset', 'image_size', 'image_channels', 'width', 'zdim', 'enc_blocks', 'dec_blocks',
              'custom_width_str', 'bottleneck_multiple', 'no_bias_above', 'num_mixtures']
-EXACT_RESUME_KEYS = ['n_batch', 'seed'] + ARCH_KEYS
+EXACT_RESUME_KEYS = ['seed'] + ARCH_KEYS
 # Where the run lives, how it is launched and shown, and what to restore: never a change of the run.
 NOT_RUN_KEYS = ['desc', 'save_dir', 'run_dir', 'resume', 'restart', 'allow_changes', 'no_progress', 'port',
                 'dist_timeout', 'num_workers', 'threads', 'test_eval', 'restore_path', 'restore_ema_path',
@@ -182,9 +212,17 @@ def data_fingerprint(source):
     return [n, zlib.crc32(np.ascontiguousarray(source[idx]).tobytes())]
 
 
-def check_changes(H, st, prefix, data_id, log):
+def global_batch(n_batch, world_size):
+    """The images of one update, in words: '--n_batch B x N processes = B*N'."""
+    return f'--n_batch {n_batch} x {world_size} process{"es" if world_size > 1 else ""} = {n_batch * world_size}'
+
+
+def check_changes(H, st, prefix, data_id, log, world_size=1):
     """Log the hyperparameters that differ from the checkpoint's (old -> new); refuse those
-    that break an exact continuation unless --allow_changes (--test_eval only reads)."""
+    that break an exact continuation unless --allow_changes (--test_eval only reads): the
+    seed, the architecture, the training data and the global batch (n_batch x processes,
+    which sets the updates and the order the images come in; the same global batch split
+    over another number of processes continues the same run)."""
     if H.test_eval:
         return
     changes = changed_hparams(st['H'], H)
@@ -192,35 +230,64 @@ def check_changes(H, st, prefix, data_id, log):
         log('hyperparameters changed since ' + os.path.basename(prefix) + ': '
             + ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changes.items()))
     breaking = [k for k in changes if k in EXACT_RESUME_KEYS]
+    old_batch, old_world = st['H']['n_batch'], st.get('world_size', 1)
+    batch_changed = old_batch * old_world != H.n_batch * world_size
+    if batch_changed:
+        breaking.append(f'global batch ({global_batch(old_batch, old_world)} -> '
+                        f'{global_batch(H.n_batch, world_size)} images per update)')
     if data_id is not None and st.get('data') is not None and list(st['data']) != list(data_id):
         breaking.append(f'training data ({st["data"][0]} -> {data_id[0]} images or their content)')
     if breaking and not H.allow_changes:
-        raise UserError(f"resuming {prefix} with changed {', '.join(breaking)} would not continue the same run; "
+        why = ' (a changed global batch changes the optimisation and the order of the images)' if batch_changed else ''
+        raise UserError(f"resuming {prefix} with changed {', '.join(breaking)} would not continue the same run{why}; "
                         "add --allow_changes to continue anyway, --restart to begin afresh, or use another --desc")
 
 
 def resolve_weights(H):
     """Weights for the tools that read a run (evaluate.py, sample.py): (path, notes).
-    --restore_ema_path / --restore_path win, else the newest complete checkpoint of the run
-    folder.  The run's saved config (from its run folder, or from the -state.th beside an
-    explicit weights file) becomes the default of every setting not given on the command
-    line (``H.explicit``): its architecture, data_root, grid size, ..."""
+    --restore_ema_path / --restore_path win, else the EMA file of the run folder's newest
+    checkpoint set whose EMA file is intact (its other files need not be; notes say what is
+    damaged and when older weights are used).  The run's saved config (from its run folder,
+    or from the -state.th beside an explicit weights file) becomes the default of every
+    setting not given on the command line (``H.explicit``): its architecture, data_root,
+    grid size, ..."""
     if H.restore_ema_path or H.restore_path:
         path = H.restore_ema_path or H.restore_path
         notes = [f'EMA weights {path}' if H.restore_ema_path else
                  f"weights {path} (not an EMA file: pass --restore_ema_path for the paper's numbers)"]
         saved = saved_run_config(path)
     else:
-        prefix, st = find_checkpoint(H.run_dir)
+        # reading needs only the EMA file (and the set's -state.th, for the config): a set whose
+        # other files are damaged still serves, and a damaged newest one falls back to an older set
+        prefix, st, damage, passed = _find(H.run_dir, need=['-model-ema.th'])
         if prefix is None:
-            raise UserError(f"no weights to evaluate: pass --restore_ema_path FILE, or the --save_dir/--desc of a "
-                            f"run whose folder ({H.run_dir}) holds checkpoints")
+            raise UserError(no_weights(H.run_dir, passed))
         path, saved = prefix + '-model-ema.th', st.get('H')
         notes = [f'EMA weights {path} (step {st.get("step")})']
+        if damage:
+            notes.append('note: in the same set, ' + '; '.join(f'{os.path.basename(prefix)}{s}: {why}'
+                                                               for s, why in damage.items())
+                         + ' (reading needs only the intact EMA file; training resumes from another set)')
+        if passed:
+            newer = ', '.join(f'{os.path.basename(p)} (step {s["step"]})' for s, p, _ in passed)
+            notes.append(f'note: these are not the newest weights of the run: the EMA file of {newer} is damaged '
+                         '(see the warning above)')
     changed = apply_run_config(H, saved, set(H.explicit))
     if changed:
         notes.append(f"from the run's saved config: {changed}")
     return path, notes
+
+
+def no_weights(run_dir, passed):
+    """Why a run folder offers no EMA weights to read, and what to pass instead; ``passed``:
+    _find's sets passed over."""
+    if not checkpoint_files(run_dir):
+        return (f"no weights to evaluate: {run_dir} holds no checkpoint; pass --restore_ema_path FILE, or the "
+                "--save_dir/--desc of a run whose folder holds checkpoints")
+    model = [p + '-model.th' for _, p, damage in passed if '-model.th' not in damage]
+    return (f"no intact EMA weights in {run_dir}: every -model-ema.th there is damaged or cannot be checked (the "
+            "warnings above say what is wrong with each); pass --restore_ema_path FILE"
+            + (f", or --restore_path {model[0]} for the intact non-EMA weights of that set" if model else ""))
 
 
 def check_restore_paths(H):
@@ -236,7 +303,8 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
     progress: step, epoch, batch (next batch within the epoch), best_eval, skipped.
 
     Refuses (UserError) to start from zero in a folder whose checkpoints are all torn, and
-    to resume with changed EXACT_RESUME_KEYS or data, unless --restart / --allow_changes."""
+    to resume with changed EXACT_RESUME_KEYS, global batch or data, unless --restart /
+    --allow_changes (check_changes)."""
     progress = dict(step=0, epoch=0, batch=0, best_eval=float('inf'), skipped=0)
     if H.resume and H.restart:
         raise UserError("--resume continues the run and --restart begins it afresh: pass one of them")
@@ -249,7 +317,7 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
                         "but no complete set, so the run cannot continue; to begin afresh add --restart (the old "
                         "files are moved to a before-restart-* folder beside them), or pick another --desc")
     if prefix is not None:
-        check_changes(H, st, prefix, data_id, log)
+        check_changes(H, st, prefix, data_id, log, d.world_size)
         log(f'resuming from {prefix} (step {st["step"]}, epoch {st["epoch"]})')
         # find_checkpoint has checked every file's size and CRC against the set's record
         restore_params(model, prefix + '-model.th', H, verified=True)
@@ -260,17 +328,16 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
         rngs = st['rng']
         if len(rngs) == d.world_size:
             set_rng_state(rngs[d.rank], d.device)
+        elif (H.rank_invariant_noise or d.world_size == 1) and same_states(rngs):
+            # every rank drew the global batch's noise from one stream: it goes on, on every rank
+            set_rng_state(rngs[0], d.device)
+            log(f'note: checkpoint written by {len(rngs)} process(es), now {d.world_size}: data order and '
+                'posterior noise continue (every process drew the same noise stream)')
         else:
-            log(f'note: checkpoint written by {len(rngs)} processes, now {d.world_size}: '
-                'data order is kept, posterior noise is reseeded')
+            log(f'note: checkpoint written by {len(rngs)} process(es), now {d.world_size}: data order is kept, '
+                'posterior noise is reseeded (with --rank_invariant_noise on both sides it would continue)')
         progress = {k: st.get(k, progress[k]) for k in progress}
-        # the position in the epoch counts global batches: convert it if their size changed
-        old_global, new_global = st['H']['n_batch'] * st.get('world_size', 1), H.n_batch * d.world_size
-        if old_global != new_global and progress['batch']:
-            images = progress['batch'] * old_global
-            progress['batch'] = images // new_global
-            log(f'note: {images} images of epoch {progress["epoch"]} were trained on in batches of {old_global}; '
-                f'continuing at batch {progress["batch"]} of {new_global}')
+        progress['batch'] = position_in_epoch(H, d, st, progress, data_id, log)
         return progress
     # load everything before logging anything, so a bad file leaves no trace in the run folder
     if H.restore_path:
@@ -294,19 +361,47 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
     return progress
 
 
-def load_for_evaluation(H, d, model, ema, optimizer, scaler, log):
-    """Weights for --test_eval: an explicit file wins, else the run folder's newest checkpoint."""
+def same_states(rngs):
+    """Whether every rank's saved RNG state (rng_state) is the same."""
+    return all(set(r) == set(rngs[0]) and all(torch.equal(r[k], rngs[0][k]) for k in r) for r in rngs)
+
+
+def position_in_epoch(H, d, st, progress, data_id, log):
+    """The next global batch of the epoch for this run.  It counts global batches (n_batch x
+    processes); when their size changed (--allow_changes), the images already trained on
+    this epoch are carried over, rounded down to whole new global batches (the images of
+    the partial one are trained on again)."""
+    old_global, new_global = st['H']['n_batch'] * st.get('world_size', 1), H.n_batch * d.world_size
+    batch = progress['batch']
+    if old_global == new_global or not batch:
+        return batch
+    images = batch * old_global
+    batch, again = divmod(images, new_global)
+    per_epoch = f' of {data.train_batches_per_epoch(data_id[0], H.n_batch, d.world_size)}' if data_id else ''
+    log(f'note: {images} images of epoch {progress["epoch"]} were trained on in global batches of '
+        f'{global_batch(st["H"]["n_batch"], st.get("world_size", 1))}; continuing at global batch {batch}{per_epoch} '
+        f'of this epoch, in global batches of {global_batch(H.n_batch, d.world_size)}'
+        + (f' ({again} images of the last one are trained on again)' if again else ''))
+    return batch
+
+
+def load_for_evaluation(H, ema, log):
+    """Weights for --test_eval: an explicit file wins, else the EMA file of the run folder's
+    newest set whose EMA file is intact (its other files need not be)."""
     if H.restore_ema_path:
         restore_params(ema, H.restore_ema_path, H)
         log(f'evaluating EMA weights {H.restore_ema_path}')
     elif H.restore_path:
         restore_params(ema, H.restore_path, H)
         log(f'evaluating {H.restore_path} (not an EMA file: pass --restore_ema_path for the paper\'s numbers)')
-    elif (found := find_checkpoint(H.run_dir))[0]:
-        restore(H, d, model, ema, optimizer, scaler, log, found=found)
-    else:
-        raise UserError(f"--test_eval needs trained weights: pass --restore_ema_path FILE, or the --desc of a run "
-                        f"whose folder ({H.run_dir}) holds checkpoints")
+    else:  # as sample.py and evaluate.py: the newest intact EMA file (resolve_weights)
+        prefix, st, _, passed = _find(H.run_dir, need=['-model-ema.th'])
+        if prefix is None:
+            raise UserError(no_weights(H.run_dir, passed) if checkpoint_files(H.run_dir) else
+                            f"--test_eval needs trained weights: pass --restore_ema_path FILE, or the --desc of a "
+                            f"run whose folder ({H.run_dir}) holds checkpoints")
+        restore_params(ema, prefix + '-model-ema.th', H, verified=True)  # _find checked its size and CRC
+        log(f'evaluating EMA weights {prefix}-model-ema.th (step {st["step"]})')
 
 
 def open_run_folder(H, d, progress, found, log):

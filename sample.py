@@ -2,7 +2,8 @@
 
     # the release's sample grid of a run (originals, reconstructions, samples)
     python sample.py --desc quickstart --mode grid
-    # 16 unconditional samples at each of three temperatures (one row per temperature)
+    # 16 unconditional samples at each of three temperatures (one row per temperature; more than 16
+    # per temperature wrap into a near-square block of rows of max(16, ceil(sqrt(n))) images)
     python sample.py --hps cifar10 --restore_ema_path cifar10-seed1-iter-1050000-model-ema.th \
         --mode uncond --n 16 --temperatures 1.0 0.9 0.8
     # reconstructions of given images (files or test-set indices) keeping the first k latents
@@ -17,6 +18,7 @@ the format its suffix names (default {out_dir}/{mode}.png, --out_dir defaulting 
 run folder).
 """
 import argparse
+import math
 import os
 
 import numpy as np
@@ -37,7 +39,8 @@ RANGES = {'n': (at_least(1), '>= 1')}
 def add_sample_arguments(parser):
     a = parser.add_argument
     a('--mode', choices=['grid', 'uncond', 'recon'], default='grid', help='what to draw')
-    a('--n', type=int, default=8, help='uncond: samples per temperature')
+    a('--n', type=int, default=8, help='uncond: samples per temperature (one row each up to 16; more wrap into '
+                                       'rows of max(16, ceil(sqrt(n))) images: a near-square block per temperature)')
     a('--temperatures', nargs='+', default=None, help='uncond: temperatures, one row each (default: --temperature)')
     a('--images', nargs='+', default=None, help='recon: image files (the model\'s size and channels)')
     a('--indices', nargs='+', default=None, help='recon: positions in --split, e.g. 0 1 2 3 (or 0,1,2,3)')
@@ -151,9 +154,25 @@ def reconstructions(H, model, x, ks, device):
     return tile(np.stack(rows))
 
 
+def grid_columns(n):
+    """Images per row for n samples of one temperature: all n up to 16, else max(16, ceil(sqrt(n))),
+    so that many samples make a near-square block instead of one very long row."""
+    return min(n, max(16, math.isqrt(n - 1) + 1))
+
+
+def wrap(batch, cols):
+    """(n, H, W, C) -> (ceil(n / cols), cols, H, W, C); the last row's empty places are black."""
+    rows = -(-len(batch) // cols)
+    pad = np.zeros((rows * cols - len(batch),) + batch.shape[1:], batch.dtype)
+    return np.concatenate([batch, pad]).reshape(rows, cols, *batch.shape[1:])
+
+
 @torch.no_grad()
 def unconditional(H, model, n, temperatures):
-    return tile(np.stack([model.forward_uncond_samples(n, t=t) for t in temperatures]))
+    """n samples per temperature: one row each up to 16, else rows of grid_columns(n), each
+    temperature's block below the previous one."""
+    cols = grid_columns(n)
+    return tile(np.concatenate([wrap(model.forward_uncond_samples(n, t=t), cols) for t in temperatures]))
 
 
 def main(argv=None):

@@ -29,16 +29,15 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import data
 from hps import UserError, get_hparams
 from utils import (allreduce, check_writable, cleanup_distributed, clip_grad_norm, configure_device, ieee_fp32,
-                   is_writable, logger, naming_file, param_spread_across_ranks, print_once, read_log, run_main,
-                   setup_distributed)
+                   is_writable, logger, naming_file, param_spread_across_ranks, print_once, progress_bar, read_log,
+                   run_main, setup_distributed)
 from resume import (check_restore_paths, data_fingerprint, find_checkpoint, load_for_evaluation, open_run_folder,
                     restore, save_checkpoint)
-from vae import VAE
+from vae import VAE, check_hparams
 from vae_helpers import KeyedNormal
 
 LN2 = math.log(2)
@@ -49,8 +48,9 @@ LN2 = math.log(2)
 def set_up(argv=None):
     """Resolve H, join the process group, make the run folder and the logger."""
     H = get_hparams(argv)
+    check_hparams(H)  # the architecture, before any process group, file or data
     d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout)
-    configure_device(d.device, H.threads)
+    configure_device(d.device, H.threads, is_main=d.is_main)
     H.run_dir = os.path.join(H.save_dir, H.desc)
     check_cuda_graphs(H, d)
     check_restore_paths(H)
@@ -351,7 +351,8 @@ def skip_streak(streak, skipped, overflow):
 
 
 def accumulate_stats(stats, frequency):
-    """The release's summary of the last ``frequency`` steps."""
+    """The release's summary of the last ``frequency`` steps, and ``window_steps``: how many
+    steps it averages (fewer than ``frequency`` in the first windows after a start)."""
     window = list(stats)[-frequency:]
     z = {}
     for k in stats[-1]:
@@ -369,6 +370,7 @@ def accumulate_stats(stats, frequency):
         else:
             z[k] = float(vals.mean())
     z['elbo_bpd'] = z['elbo'] / LN2
+    z['window_steps'] = len(window)
     return z
 
 
@@ -386,7 +388,7 @@ def evaluate(H, d, ema, source, desc='eval'):
     sums = torch.zeros(7, dtype=torch.float64, device=d.device)
     batches = eval_batches(H, d, source)
     with ieee_fp32():
-        for positions, x in tqdm(batches, desc=desc, disable=not d.is_main or H.no_progress, leave=False):
+        for positions, x in progress_bar(batches, is_main=d.is_main, off=H.no_progress, desc=desc, leave=False):
             x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
             with ema.keyed_noise(KeyedNormal(H.seed, positions)):
                 out = ema.forward_per_image(x_in, x_target)
@@ -481,34 +483,61 @@ def write_images(H, d, ema, viz_batch, fname, log):
     log(f'printing samples to {fname}')
 
 
+def log_series(records, kind, field, unit=1.0):
+    """[(step, value / unit)] of ``field`` in the run-log records of type ``kind``, sorted
+    by step.  A step logged more than once (a print and a save at the same step, or steps
+    trained again after a resume) keeps its last record."""
+    points = {}
+    for z in records:
+        if z.get('type') == kind and 'step' in z and field in z:
+            points[z['step']] = z[field] / unit
+    return sorted(points.items())
+
+
 def loss_curves(records):
     """(train, valid) lists of (step, bits/dim) from run-log records, sorted by step.
     train: every train_loss record, the per-print ones and those written with each
-    checkpoint (the run's last point); valid: eval_loss records.  A step logged more than
-    once (a print and a save at the same step, or steps trained again after a resume)
-    keeps its last record."""
-    curves = {'train_loss': {}, 'eval_loss': {}}
-    for z in records:
-        if z.get('type') in curves and 'step' in z and 'elbo' in z:
-            curves[z['type']][z['step']] = z['elbo'] / LN2
-    return [sorted(curves[k].items()) for k in ('train_loss', 'eval_loss')]
+    checkpoint (the run's last point); valid: eval_loss records (see log_series)."""
+    return [log_series(records, kind, 'elbo', LN2) for kind in ('train_loss', 'eval_loss')]
 
 
 def write_loss_plot(log_path, png_path):
-    """Train and valid bits/dim against step, from the run log."""
+    """Four panels against step, from the run log: train and valid bits/dim; the train
+    distortion and rate (bits/dim); the largest pre-clip gradient norm of each print window,
+    with --skip_threshold; the skipped updates since the start."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    tr, va = loss_curves(read_log(log_path))
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    if tr:
-        ax.plot(*zip(*tr), label='train (batch average)', lw=1)
-    if va:
-        ax.plot(*zip(*va), 'o-', label='valid (EMA model)', lw=1.5)
-    ax.set_xlabel('step')
-    ax.set_ylabel('negative ELBO (bits/dim)')
-    ax.grid(alpha=0.3)
-    ax.legend()
+    from matplotlib.ticker import MaxNLocator
+    records = read_log(log_path)
+    tr, va = loss_curves(records)
+    grad_norms = log_series(records, 'train_loss', 'grad_norm')
+    skipped = log_series(records, 'train_loss', 'total_skipped')
+    fig, ((loss, parts), (grad, skips)) = plt.subplots(2, 2, figsize=(9, 6), dpi=100, sharex=True)
+    for ax, points, style, label in [
+            (loss, tr, '-', 'train (batch average)'), (loss, va, 'o-', 'valid (EMA model)'),
+            (parts, log_series(records, 'train_loss', 'distortion', LN2), '-', 'distortion'),
+            (parts, log_series(records, 'train_loss', 'rate', LN2), '-', 'rate (KL)'),
+            (grad, grad_norms, '-', 'largest of the print window'),
+            (skips, skipped, '-', 'since the start')]:
+        if points:
+            ax.plot(*zip(*points), style, label=label, lw=1)
+    threshold = [z['value'] for z in records if z.get('type') == 'hparam' and z.get('key') == 'skip_threshold']
+    if threshold and threshold[-1] != -1:
+        grad.axhline(threshold[-1], color='gray', ls='--', lw=1, label='--skip_threshold')
+    if grad_norms and min(v for _, v in grad_norms) > 0:
+        grad.set_yscale('log')  # norms span orders of magnitude early in training
+    for ax, ylabel in [(loss, 'negative ELBO (bits/dim)'), (parts, 'bits/dim'), (grad, 'gradient norm (pre-clip)'),
+                       (skips, 'skipped updates')]:
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    top = max([1] + [1.1 * v for _, v in skipped])
+    skips.set_ylim(-0.03 * top, top)  # a count: from 0 (the line at 0 visible), whole numbers
+    skips.yaxis.set_major_locator(MaxNLocator(integer=True))
+    grad.set_xlabel('step')
+    skips.set_xlabel('step')
     fig.tight_layout()
     tmp = png_path + '.tmp.png'
     with naming_file(png_path):
@@ -573,6 +602,7 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at):
     stopper = StopSignal(d.is_main)
     viz_batch = visualization_batch(H, splits.valid)
     valid = splits.valid if not H.valid_images else splits.valid.view(np.arange(min(H.valid_images, len(splits.valid))))
+    # the release's early steps: log lines after each start, sample grids at the run's first steps
     early_evals = set([1] + [2 ** exp for exp in range(3, 14)])
     n_batches = data.train_batches_per_epoch(len(splits.train), H.n_batch, d.world_size)
     if n_batches == 0:
@@ -583,13 +613,13 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at):
     # go at print, save and checkpoint points (read_stats), not once per step.
     pending = []  # (step, {name: device tensor}, host seconds) of the steps not read yet
     stop_vote = None  # more than one process: the last step's stop vote, on its way to the host
-    consecutive_skips, since_start = 0, 0
+    consecutive_skips, since_start, grid_step = 0, 0, None
     it, epoch, start_batch = progress['step'], progress['epoch'], progress['batch']
     if start_batch >= n_batches:
         epoch, start_batch = epoch + 1, 0
     total = H.max_iters if H.max_iters else H.num_epochs * n_batches
-    bar = tqdm(total=total, initial=min(it, total), desc='train', unit='it', dynamic_ncols=True,
-               disable=not d.is_main or H.no_progress)
+    bar = progress_bar(is_main=d.is_main, off=H.no_progress, total=total, initial=min(it, total), desc='train',
+                       unit='it', dynamic_ncols=True)
 
     def read_stats():
         """Bring the pending steps' statistics to the host (one synchronisation), add them to
@@ -618,7 +648,7 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at):
         progress.update(step=it, epoch=ep, batch=batch)
         save_checkpoint(H, d, name, model, ema, optimizer, scaler, log, progress)
 
-    done = H.max_iters and it >= H.max_iters
+    done, stop = H.max_iters and it >= H.max_iters, False
     loader = data.train_loader(splits.train, H.n_batch, seed=H.seed, epoch=epoch, rank=d.rank,
                                world_size=d.world_size, start_batch=start_batch, num_workers=H.num_workers,
                                pin_memory=d.device.type == 'cuda', mp_context=worker_start_method(d))
@@ -646,12 +676,15 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at):
                 log(model=H.desc, type='train_loss', lr=learning_rate(H, it), epoch=epoch, step=it,
                     total_skipped=progress['skipped'], **accumulate_stats(stats, H.iters_per_print),
                     **({'graph_replays': step.replays} if isinstance(step, GraphedStep) else {}))
-            if d.is_main and (it % H.iters_per_images == 0 or (since_start in early_evals and H.dataset != 'ffhq_1024')):
-                write_images(H, d, ema, viz_batch, os.path.join(H.run_dir, f'samples-{it}.png'), log)
             it += 1
             at['step'] = it
             since_start += 1
             bar.update(1)
+            # samples-N.png: the EMA model after N updates, at the run's early steps (not each start's)
+            # and every iters_per_images; so a resumed or extended run never redraws an earlier grid
+            if d.is_main and (it % H.iters_per_images == 0 or (it in early_evals and H.dataset != 'ffhq_1024')):
+                write_images(H, d, ema, viz_batch, os.path.join(H.run_dir, f'samples-{it}.png'), log)
+                grid_step = it
             done = bool(H.max_iters) and it >= H.max_iters
             if it % H.iters_per_save == 0 or stop or done:
                 read_stats()
@@ -660,11 +693,7 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at):
                     checkpoint('latest', epoch, b + 1)
             if it % H.iters_per_ckpt == 0:
                 checkpoint(f'iter-{it}', epoch, b + 1)
-            if stop:
-                bar.close()
-                log(f'stopped by signal at step {it}; continue with the same command')
-                return
-            if done:
+            if stop or done:
                 break
         else:
             start_batch = 0
@@ -680,13 +709,23 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at):
             continue
         break
     bar.close()
+    # Close the loader's workers now, not whenever this frame is freed: a reference cycle that
+    # holds a frame of this call (matplotlib makes such cycles while plotting) would keep them
+    # alive until a garbage collection or the exit (data.stop_workers ends them there).
+    del loader
+    if stop:  # checkpoint written; the picture of the run so far, for a job that ends here
+        if d.is_main:
+            write_loss_plot(log.jsonl_path, os.path.join(H.run_dir, 'loss.png'))
+        log(f'stopped by signal at step {it}; continue with the same command')
+        return
     if d.world_size > 1:
         spread = param_spread_across_ranks(model)
         log(f'parameters differ across ranks by at most {spread}', type='rank_check', step=it, param_spread=spread)
     ev = evaluate(H, d, ema, valid, desc='valid')
     log(model=H.desc, type='eval_loss', epoch=epoch, step=it, **ev)
     if d.is_main:
-        write_images(H, d, ema, viz_batch, os.path.join(H.run_dir, f'samples-{it}.png'), log)
+        if grid_step != it:  # not drawn by the loop after this very update
+            write_images(H, d, ema, viz_batch, os.path.join(H.run_dir, f'samples-{it}.png'), log)
         write_loss_plot(log.jsonl_path, os.path.join(H.run_dir, 'loss.png'))
     log(f'finished at step {it}: valid elbo {ev["elbo"]:.4f} ± {ev["elbo_se"]:.4f} nats/dim = '
         f'{ev["elbo_bpd"]:.4f} ± {ev["elbo_bpd_se"]:.4f} bits/dim')
@@ -710,7 +749,7 @@ def main(argv=None):
         optimizer = make_optimizer(H, model, d.device)
         scaler = torch.amp.GradScaler(d.device.type) if H.precision == 'fp16' else None
         if H.test_eval:
-            load_for_evaluation(H, d, model, ema, optimizer, scaler, log)
+            load_for_evaluation(H, ema, log)
             log.commit()
             return run_test_eval(H, d, splits, ema, log)
         data_id = data_fingerprint(splits.train)

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+import zipfile
 import zlib
 from dataclasses import dataclass
 
@@ -141,7 +142,8 @@ def setup_distributed(port=29500, device=None, timeout=600.0):
         try:
             from mpi4py import MPI
         except ImportError:
-            raise UserError("launched under mpiexec but mpi4py is missing: pip install mpi4py mpich") from None
+            raise UserError("launched under mpiexec but mpi4py is missing: pip install -r requirements-mpi.txt (pip's "
+                            "MPICH), or mpi4py built against your cluster's MPI (see that file)") from None
         comm = MPI.COMM_WORLD
         rank, world = comm.Get_rank(), comm.Get_size()
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -255,29 +257,47 @@ def gather_objects(obj):
 
 # ----------------------------------------------------------------------------- CPU runs
 
-def configure_cpu(threads=0, keep_heap=True):
+def cpu_cores():
+    """The cores this process may run on: its affinity mask (what taskset, Slurm's cpusets
+    and containers allow), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_cpu(threads=0, keep_heap=True, is_main=True):
     """Settings for a process that computes on the CPU.
 
-    ``threads``: torch's intra-op threads; 0 means the machine's cores divided by the
-    processes launched on this node (torchrun's LOCAL_WORLD_SIZE, MPICH's MPI_LOCALNRANKS,
-    Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE, the srun step's tasks on this node).
+    ``threads``: torch's intra-op threads; 0 means this process's share of the cores: the
+    cores (cpu_cores) divided by the processes launched on this node (torchrun's
+    LOCAL_WORLD_SIZE, MPICH's MPI_LOCALNRANKS, Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE, the
+    srun step's tasks on this node).  More than that share is capped to it, with a note
+    (printed where ``is_main``): threads beyond the cores never run at once, and
+    oversubscribed intra-op threads make each step many times slower.
     ``keep_heap``: see ``keep_freed_heap``.  Returns the thread count."""
     env = os.environ
     local = int(env.get('LOCAL_WORLD_SIZE', env.get('MPI_LOCALNRANKS', env.get('OMPI_COMM_WORLD_LOCAL_SIZE', 0))))
     local = local or (slurm_local_tasks() if srun_tasks() else 1)
-    n = threads or max(1, (os.cpu_count() or 1) // local)
+    cores = cpu_cores()
+    share = max(1, cores // local)
+    n = min(threads, share) if threads else share
+    if threads > share and is_main:
+        print(f'note: --threads {threads} is more than the {cores} cores here'
+              + (f' shared by {local} processes' if local > 1 else '') + f' allow; using {n} threads per process',
+              flush=True)
     torch.set_num_threads(n)
     if keep_heap:
         keep_freed_heap()
     return n
 
 
-def configure_device(device, threads=0, keep_heap=True):
+def configure_device(device, threads=0, keep_heap=True, is_main=True):
     """How train.py sets up its process for training on ``device`` (bench.py times the same
     set-up): on the CPU, configure_cpu; on CUDA, cuDNN's autotuner (fixed shapes: each
     convolution's algorithm is timed once, then reused)."""
     if device.type == 'cpu':
-        configure_cpu(threads, keep_heap)
+        configure_cpu(threads, keep_heap, is_main)
     else:
         torch.backends.cudnn.benchmark = True
 
@@ -411,6 +431,13 @@ def logger(log_prefix, is_main=True, write=True, hold=False):
     return log
 
 
+def progress_bar(iterable=None, *, is_main=True, off=False, **kwargs):
+    """A tqdm bar on the main process and on a terminal only (not with --no_progress, ``off``).
+    On a log file (a cluster job's stdout and stderr) its \\r updates would pile up, and the
+    log lines already say how far the run is."""
+    return tqdm(iterable, disable=not is_main or off or not sys.stderr.isatty(), **kwargs)
+
+
 def read_log(path):
     """All JSON objects of a jsonl log (a torn last line from a crash is ignored)."""
     if not os.path.exists(path):
@@ -524,9 +551,73 @@ def file_crc(path):
     return os.path.getsize(path), crc
 
 
+def first_sentence(text):
+    """The first sentence of an exception's message (its first line up to '. '), whole: a
+    message quoted in one of ours is never cut off mid-word."""
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ''
+    return line.split('. ')[0].rstrip('.')
+
+
+def _zip_intact(path):
+    """True: a complete zip (torch.save's format) whose every member matches the CRC stored
+    with it; False: a zip that is cut off or whose bytes changed; None: not a zip at all."""
+    with open(path, 'rb') as f:
+        is_zip = f.read(4) == b'PK\x03\x04'
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error):
+        return False if is_zip else None
+
+
+def why_unreadable(path, error):
+    """Why torch.load failed on ``path``, in words: empty, truncated (a zip cut off before
+    its directory), a checksum failure (a member's bytes differ from the CRC the zip stores
+    with them), pickled data that cannot be unpickled, or not a PyTorch file at all."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 'it is empty (0 bytes)'
+    intact = _zip_intact(path)
+    if intact is None:
+        with open(path, 'rb') as f:
+            legacy = f.read(1) == b'\x80'  # a pickle: torch.save's format before the zip one
+        if not legacy:
+            return 'it is not a PyTorch file (neither the zip format of torch.save nor its older pickle format)'
+        return f'its pickled data cannot be unpickled, so it is truncated or corrupt ({type(error).__name__}' + \
+            (f': {first_sentence(error)})' if first_sentence(error) else ')')
+    if not intact:
+        if not zipfile.is_zipfile(path):
+            return (f'it is truncated: {size:,} bytes of a PyTorch (zip) file whose end, the zip directory, is '
+                    'missing (a write or copy that did not finish)')
+        return ('it fails its checksum: bytes inside it differ from the CRC stored with them (changed in place: '
+                'disk, memory or copy corruption)')
+    detail = first_sentence(error)
+    return f'its pickled data cannot be unpickled ({type(error).__name__}{": " + detail if detail else ""})'
+
+
+def file_damage(path, recorded):
+    """What is wrong with ``path`` against the (size, CRC) ``recorded`` when it was saved, in
+    words; None when it matches."""
+    if not os.path.exists(path):
+        return 'missing'
+    (size, crc), (rsize, rcrc) = file_crc(path), tuple(recorded)
+    if (size, crc) == (rsize, rcrc):
+        return None
+    if _zip_intact(path):  # a whole, self-consistent file, just not the one recorded
+        return (f'another file than the one recorded ({size:,} bytes, recorded {rsize:,}; e.g. from a later save '
+                'that did not finish)')
+    if size < rsize:
+        return f'truncated ({size:,} of {rsize:,} bytes)'
+    if size == rsize:
+        return (f'checksum failure (same size, CRC {crc:08x} instead of {rcrc:08x}: bytes changed in place, e.g. '
+                'by disk or copy corruption)')
+    return f'changed since it was saved ({size:,} bytes, recorded {rsize:,})'
+
+
 def safe_torch_load(path, what='checkpoint'):
     """torch.load with weights_only=True onto the CPU; no code inside the file can run.
-    Anything unreadable is a one-line UserError naming the file."""
+    Anything unreadable is a one-line UserError naming the file and what is wrong with it
+    (why_unreadable)."""
     if not path or not os.path.exists(path):
         raise UserError(f"{what} file {path!r} does not exist")
     try:
@@ -539,14 +630,11 @@ def safe_torch_load(path, what='checkpoint'):
                             f"which could run code when unpickled; use a plain {what} (torch.save of a "
                             "state_dict(), as this repository and the release write), or re-save this one's "
                             "state_dict() where you trust its source") from None
-        raise UserError(f"cannot read {what} {path}: it is not a PyTorch file, or it is truncated or corrupt "
-                        "(its pickle data is unreadable)") from None
+        raise UserError(f"cannot read {what} {path}: {why_unreadable(path, e)}") from None
     except MemoryError:
         raise
     except Exception as e:  # torch.load raises RuntimeError, KeyError, IndexError, EOFError, ... on non-files
-        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ''
-        raise UserError(f"cannot read {what} {path}: it is not a PyTorch file, or it is truncated or corrupt "
-                        f"({type(e).__name__}{': ' + detail if detail else ''})") from None
+        raise UserError(f"cannot read {what} {path}: {why_unreadable(path, e)}") from None
 
 
 def load_state_dict_file(path):
@@ -656,11 +744,10 @@ def check_recorded_checksum(path):
         recorded = tuple(safe_torch_load(state_path, 'training state')['files'][suffix])
     except (UserError, KeyError, TypeError, IndexError):
         return False  # no usable record: the caller's other checks still apply
-    now = file_crc(path)
-    if now != recorded:
-        raise UserError(f"{path} is damaged: its size and CRC ({now[0]} bytes, {now[1]:08x}) differ from those "
-                        f"recorded in {state_path} when it was saved ({recorded[0]} bytes, {recorded[1]:08x}); "
-                        "use another checkpoint of the run (e.g. an iter-N-* set)")
+    damage = file_damage(path, recorded)
+    if damage:
+        raise UserError(f"{path} is damaged: {damage}, against the size and CRC that {state_path} recorded "
+                        "when it was saved; use another checkpoint of the run (e.g. previous-* or an iter-N-* set)")
     return True
 
 

@@ -12,6 +12,7 @@ blocks; parameter names and order match the released checkpoints.
 import contextlib
 import itertools
 import math
+import re
 from collections import defaultdict
 
 import torch
@@ -24,6 +25,32 @@ from vae_helpers import (DmolNet, discretized_mix_logistic_loss, draw_gaussian_d
                          get_1x1, get_3x3)
 
 
+LAYER_TOKEN = re.compile(r'([+-]?\d+)(?:([xdm])([+-]?\d+))?')
+TOKEN_FORMS = ("RxN (N blocks at resolution R), RdK (one block, then average-pooled by K), RmS (one decoder "
+               "block that mixes in resolution S) or R (one block), with positive integers R, N, K, S")
+
+
+def layer_tokens(s, flag='layer string'):
+    """'32x2,32d2,4m1,1' -> [('32x2', 32, 'x', 2), ('32d2', 32, 'd', 2), ('4m1', 4, 'm', 1), ('1', 1, '', None)]:
+    (token, resolution, kind, number) per token, every number a positive integer.  A token
+    that is not of the four forms is a UserError naming ``flag``, the token and the forms."""
+    if not s or not isinstance(s, str):
+        raise UserError(f"{flag} is not set: give a layer string of comma-separated tokens {TOKEN_FORMS}")
+    out = []
+    for tok in s.split(','):
+        m = LAYER_TOKEN.fullmatch(tok.strip())
+        if m is None:
+            raise UserError(f"{flag} {s!r}: bad token {tok!r}: expected {TOKEN_FORMS}")
+        res, kind, num = int(m.group(1)), m.group(2) or '', None if m.group(3) is None else int(m.group(3))
+        if res < 1:
+            raise UserError(f"{flag} {s!r}: token {tok!r} is at resolution {res}: a resolution R must be >= 1")
+        if num is not None and num < 1:
+            what = {'x': 'block count N of RxN', 'd': 'down rate K of RdK', 'm': 'mixin resolution S of RmS'}[kind]
+            raise UserError(f"{flag} {s!r}: token {tok!r} has {what} = {num}: it must be >= 1")
+        out.append((tok, res, kind, num))
+    return out
+
+
 def parse_layer_string(s):
     """'32x2,32d2,4m1,1' -> [(32, None), (32, None), (32, 2), (4, 1), (1, None)].
 
@@ -31,32 +58,20 @@ def parse_layer_string(s):
     (``RmS``, decoder) or None.
     """
     layers = []
-    for ss in s.split(','):
-        try:
-            if 'x' in ss:
-                res, num = ss.split('x')
-                layers += [(int(res), None) for _ in range(int(num))]
-            elif 'm' in ss:
-                res, mixin = [int(a) for a in ss.split('m')]
-                layers.append((res, mixin))
-            elif 'd' in ss:
-                res, down_rate = [int(a) for a in ss.split('d')]
-                layers.append((res, down_rate))
-            else:
-                layers.append((int(ss), None))
-        except ValueError:
-            raise UserError(f"bad token {ss!r} in layer string {s!r}: expected RxN, RdK, RmS or R "
-                            "(R, N, K, S integers)") from None
+    for _, res, kind, num in layer_tokens(s):
+        layers += [(res, None)] * num if kind == 'x' else [(res, num if kind else None)]
     return layers
 
 
 def get_width_settings(width, s):
     """Channels per resolution: ``width`` unless ``s`` ('512:32,256:64') says otherwise."""
     mapping = defaultdict(lambda: width)
-    if s:
-        for ss in s.split(','):
-            k, v = ss.split(':')
-            mapping[int(k)] = int(v)
+    for tok in s.split(',') if s else []:
+        m = re.fullmatch(r'(\d+):(\d+)', tok.strip())
+        if m is None or min(int(m.group(1)), int(m.group(2))) < 1:
+            raise UserError(f"--custom_width_str {s!r}: bad token {tok!r}: expected resolution:width pairs of "
+                            "positive integers separated by commas, e.g. 512:32,256:64")
+        mapping[int(m.group(1))] = int(m.group(2))
     return mapping
 
 
@@ -421,24 +436,81 @@ class VAE(nn.Module):
 
 
 def check_hparams(H):
-    """Refuse configurations the architecture cannot build, with a message saying why."""
+    """Refuse, with one line naming the flag, the token and the rule, every configuration the
+    architecture cannot build or run (layer strings, widths, encoder and decoder).
+    Cheap (no tensors): train.py calls it before reading any data."""
     widths = get_width_settings(H.width, H.custom_width_str)
     if widths[H.image_size] != H.width:
         raise UserError(f"width at the image resolution {H.image_size} is {widths[H.image_size]} "
                         f"(custom_width_str={H.custom_width_str!r}) but --width is {H.width}; in_conv, gain/bias "
                         "and the output head use --width, so the two must be equal")
-    enc = parse_layer_string(H.enc_blocks)
-    dec = parse_layer_string(H.dec_blocks)
-    enc_res = {H.image_size}
-    for res, down in enc:
-        if res not in enc_res:
-            raise UserError(f"enc_blocks {H.enc_blocks!r} uses resolution {res}, which the encoder never reaches "
-                            f"(reached so far: {sorted(enc_res)})")
-        if down:
-            enc_res.add(res // down)
-    for res, mixin in dec:
-        if res not in enc_res:
-            raise UserError(f"dec_blocks {H.dec_blocks!r} has a block at resolution {res}, but the encoder "
-                            f"provides only {sorted(enc_res)}")
-    if dec[-1][0] != H.image_size:
-        raise UserError(f"dec_blocks {H.dec_blocks!r} must end at the image resolution {H.image_size}")
+    enc_res, enc_blocks = _check_encoder(H, widths)
+    dec_res = _check_decoder(H, enc_res)
+    for res in sorted(set(enc_blocks) | set(dec_res)):
+        if int(widths[res] * H.bottleneck_multiple) < 1:
+            raise UserError(f"--bottleneck_multiple {H.bottleneck_multiple}: the blocks at resolution {res} (width "
+                            f"{widths[res]}) get a bottleneck of int({widths[res]} x {H.bottleneck_multiple}) = 0 "
+                            f"channels; a bottleneck needs >= 1, so raise --bottleneck_multiple to at least "
+                            f"{1 / widths[res]:g} (or the width)")
+
+
+def _check_encoder(H, widths):
+    """The encoder starts at the image resolution and moves only with RdK.  Returns the
+    resolutions it provides, in order (the image resolution, from in_conv, first), and
+    those of its blocks."""
+    flag, s = '--enc_blocks', H.enc_blocks
+    res, provided, blocks = H.image_size, [H.image_size], []
+    for tok, r, kind, k in layer_tokens(s, flag):
+        where = f"{flag} {s!r}: token {tok!r}"
+        if kind == 'm':
+            raise UserError(f"{where} is a decoder mixin (RmS); the encoder takes RxN, RdK and R")
+        if r != res:
+            raise UserError(f"{where} is at resolution {r}, but the encoder is at resolution {res} there: it starts "
+                            f"at the image size {H.image_size} and only an RdK token changes the resolution")
+        blocks.append(r)
+        if kind == 'd':
+            if r % k:
+                raise UserError(f"{where} pools resolution {r} by {k}, which does not divide it: the down rate K of "
+                                "RdK must divide R")
+            res = r // k
+            if widths[res] < widths[r]:
+                raise UserError(f"{where} goes from width {widths[r]} at resolution {r} to {widths[res]} at {res} "
+                                f"(--custom_width_str {H.custom_width_str!r}): the encoder zero-pads channels on the "
+                                "way down and cannot drop any, so a lower resolution needs at least the width of a "
+                                "higher one")
+            if res not in provided:
+                provided.append(res)
+    return provided, blocks
+
+
+def _check_decoder(H, enc_res):
+    """Top-down: resolutions never decrease, every block is at a resolution the encoder
+    provides, a mixin RmS brings in a lower resolution S that an earlier block produced,
+    and the last block is at the image resolution.  Returns the decoder's resolutions, in
+    order.  A mixin's upsampling factor R/S is then a whole number and S has at least
+    width[R] channels: R and S are both encoder resolutions, and each of those divides the
+    ones above it and is at least as wide (_check_encoder)."""
+    flag, s = '--dec_blocks', H.dec_blocks
+    produced = []
+    for tok, r, kind, n in layer_tokens(s, flag):
+        where = f"{flag} {s!r}: token {tok!r}"
+        if kind == 'd':
+            raise UserError(f"{where} is an encoder down-sampling (RdK); the decoder takes RxN, RmS and R")
+        if r not in enc_res:
+            raise UserError(f"{where} is a block at resolution {r}, but the encoder provides only {sorted(enc_res)} "
+                            f"(--enc_blocks {H.enc_blocks!r})")
+        if produced and r < produced[-1]:
+            raise UserError(f"{where} goes back down from resolution {produced[-1]} to {r}: the decoder runs from "
+                            "low resolution to high, so its resolutions must never decrease")
+        if kind == 'm':
+            if n >= r:
+                raise UserError(f"{where} mixes resolution {n} into resolution {r}: a mixin upsamples a lower "
+                                "resolution, so S must be below R")
+            if n not in produced:
+                raise UserError(f"{where} mixes in resolution {n}, which no earlier decoder block has produced "
+                                f"(so far: {sorted(set(produced)) or 'none'}); put a block at {n} before it")
+        produced.append(r)
+    if produced[-1] != H.image_size:
+        raise UserError(f"{flag} {s!r} ends at resolution {produced[-1]}; it must end at the image resolution "
+                        f"{H.image_size}, which the output head reads")
+    return produced

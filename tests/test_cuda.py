@@ -116,13 +116,13 @@ def log_lines(run_dir, kind=None, name='log.jsonl'):
 
 def check_run(run_dir, steps):
     """A finished run: one train_loss per step with finite numbers, a finite valid ELBO with
-    its standard error, the sample grid of step 0 and the latest checkpoint."""
+    its standard error, the sample grid after the first update and the latest checkpoint."""
     tl = {z['step']: z for z in log_lines(run_dir, 'train_loss') if 'lr' in z}
     assert sorted(tl) == list(range(steps))
     assert all(np.isfinite(z['elbo']) and np.isfinite(z['grad_norm']) for z in tl.values())
     ev = log_lines(run_dir, 'eval_loss')[-1]
     assert np.isfinite(ev['elbo']) and ev['elbo_se'] > 0
-    for f in ['samples-0.png', 'loss.png', 'latest-model.th', 'latest-opt.th', 'latest-state.th']:
+    for f in ['samples-1.png', 'loss.png', 'latest-model.th', 'latest-opt.th', 'latest-state.th']:
         assert os.path.exists(os.path.join(run_dir, f)), f
     info = next(z['message'] for z in log_lines(run_dir) if 'process(es) via' in z.get('message', ''))
     assert f'device {DEVICE}' in info, info

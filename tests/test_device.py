@@ -106,7 +106,7 @@ def test_evaluate_modes_keep_tensors_on_the_device(H, images, mode, tmp_path):
     H.update(n_importance=3, iw_batch=2, encode_what='both', encode_list=[0, 3], split='test',
              keep_list=[0, 2, 4], interp_list=[1, 4], interp_steps=3, rest_temperature=0.1, inactive_threshold=0.01)
     source = data.ArraySource(images, 'in memory')
-    bar = evaluate.tqdm(disable=True)
+    bar = utils.progress_bar(off=True)
     with HostReads():
         _, ema = _models(H)
         ema.requires_grad_(False)

@@ -264,11 +264,24 @@ def test_configure_cpu_threads_and_heap(monkeypatch):
     import platform
     from utils import configure_cpu, keep_freed_heap
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
-    monkeypatch.setattr(os, 'cpu_count', lambda: 8)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(8)))  # the cores this process may use
     assert configure_cpu(0, keep_heap=False) == 4 and torch.get_num_threads() == 4
     assert configure_cpu(3, keep_heap=False) == 3 and torch.get_num_threads() == 3
     if platform.libc_ver()[0] == 'glibc':
         assert keep_freed_heap()
+
+
+def test_threads_beyond_the_cores_are_capped_with_one_line(monkeypatch, capsys):
+    """--threads 100 on 8 cores shared by 2 processes runs 4 threads each (more only
+    oversubscribes the cores, many times slower), and says so in one line on the main process."""
+    import os
+    from utils import configure_cpu
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(8)))
+    assert configure_cpu(100, keep_heap=False) == 4 and torch.get_num_threads() == 4
+    assert capsys.readouterr().out == ('note: --threads 100 is more than the 8 cores here shared by 2 processes '
+                                       'allow; using 4 threads per process\n')
+    assert configure_cpu(100, keep_heap=False, is_main=False) == 4 and capsys.readouterr().out == ''
 
 
 def test_evaluation_runs_in_ieee_fp32(tiny, monkeypatch):

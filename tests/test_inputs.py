@@ -21,6 +21,7 @@ from PIL import Image
 import bench
 import evaluate
 import hps
+import resume
 import sample
 import train
 from conftest import ref
@@ -157,8 +158,46 @@ def test_out_of_range_number_is_one_line_naming_the_flag(flag):
 
 
 def test_presets_pass_the_checks():
+    from vae import check_hparams
     for name in hps.HPARAMS_REGISTRY:
-        hps.preset(name)
+        check_hparams(hps.preset(name))  # the numbers, then the layer strings and widths
+
+
+# Layer strings and widths that cannot build the tiny model (enc 28x1,28d2,14x1,14d2,7x1,7d7,1x1, dec
+# 1x1,7m1,14m7,28m14, width 16): (flags, the token or value the line must name, the rule it must state).
+BAD_ARCHITECTURE = [
+    (['--dec_blocks', '1x1,14m7,28m14'], "'14m7'", 'no earlier decoder block has produced'),
+    (['--dec_blocks', '1x1,7m14,14m7,28m14'], "'7m14'", 'S must be below R'),
+    (['--dec_blocks', '1x1,7m1,7m7,14m7,28m14'], "'7m7'", 'S must be below R'),
+    (['--dec_blocks', '1x1,7m1,14m7,7x1,28m14'], "'7x1'", 'must never decrease'),
+    (['--dec_blocks', '1x1,7m1,14m7'], "'1x1,7m1,14m7'", 'must end at the image resolution 28'),
+    (['--dec_blocks', '1x1,7m1,14d2,28m14'], "'14d2'", 'the decoder takes RxN, RmS and R'),
+    (['--dec_blocks', '1x1,7m1,9x1,28m7'], "'9x1'", 'the encoder provides only [1, 7, 14, 28]'),
+    (['--dec_blocks', '1x0,7m1,14m7,28m14'], "'1x0'", 'block count N of RxN = 0: it must be >= 1'),
+    (['--enc_blocks', '28x-1,28d2,14x1,14d2,7x1,7d7,1x1'], "'28x-1'", 'block count N of RxN = -1'),
+    (['--enc_blocks', '28d3,9x1,9d9,1x1', '--dec_blocks', '1x1,9m1,9x1,28m9'], "'28d3'", 'K of RdK must divide R'),
+    (['--enc_blocks', '28x1,28d2,28x1,14d2,7x1,7d7,1x1'], "'28x1'", 'the encoder is at resolution 14 there'),
+    (['--enc_blocks', '28x1,28m2,14x1,14d2,7x1,7d7,1x1'], "'28m2'", 'the encoder takes RxN, RdK and R'),
+    (['--enc_blocks', '28x1,28d0,14x1'], "'28d0'", 'down rate K of RdK = 0'),
+    (['--enc_blocks', '28x1,,28d2,14x1,14d2,7x1,7d7,1x1'], "''", 'expected RxN'),
+    (['--enc_blocks', '28x2x1'], "'28x2x1'", 'expected RxN'),
+    (['--custom_width_str', '14-64'], "'14-64'", 'resolution:width pairs of positive integers'),
+    (['--custom_width_str', '14:0'], "'14:0'", 'resolution:width pairs of positive integers'),
+    (['--custom_width_str', '14:8'], "'28d2'", 'cannot drop any'),
+    (['--bottleneck_multiple', '0.01'], '--bottleneck_multiple 0.01', 'int(16 x 0.01) = 0'),
+]
+
+
+@pytest.mark.parametrize('flags,token,rule', BAD_ARCHITECTURE, ids=[' '.join(c[0]) for c in BAD_ARCHITECTURE])
+def test_architecture_that_cannot_be_built_is_refused_before_any_data_is_read(tmp_path, capsys, flags, token,
+                                                                                 rule):
+    """train.py refuses each in one line naming the token and the rule, and does so before
+    it reads data: --data_root points at a folder with no data at all."""
+    argv = TINY + ['--data_root', str(tmp_path / 'no-data'), '--save_dir', str(tmp_path / 'runs'), '--desc', 'x',
+                   '--max_iters', '2'] + flags
+    err = exits_2(capsys, train.main, argv)
+    assert token in err and rule in err, err
+    assert not os.path.exists(tmp_path / 'runs')
 
 
 @pytest.mark.parametrize('flags', [
@@ -263,6 +302,14 @@ def test_evaluate_bad_batch_exits_2_and_writes_nothing(tiny_run, tmp_path, capsy
 
 # ----------------------------------------------------------------------------- outputs
 
+def test_evaluate_more_images_than_the_split_is_one_line(tiny_run, tmp_path, capsys):
+    root, save = tiny_run
+    err = exits_2(capsys, evaluate.main, ['--save_dir', save, '--desc', 'r', '--kl_stats', '--n_images', '20000',
+                                          '--threads', '1', '--num_workers', '0', '--out_dir', str(tmp_path)])
+    assert err == ('error: --n_images 20000: the test split of fashion_mnist has 300 images; pass at most 300, or 0 '
+                   'for all of them')
+
+
 def test_sample_out_suffix_decides_the_format(tiny_run, tmp_path, capsys):
     root, save = tiny_run
     base = ['--save_dir', save, '--desc', 'r', '--mode', 'uncond', '--n', '2', '--threads', '1']
@@ -322,6 +369,98 @@ def test_flipped_bit_is_caught_by_the_recorded_checksum(tiny_run, tmp_path, caps
                                                '--out', str(tmp_path / 'u.png')])
     assert f'{path} is damaged' in err and 'latest-state.th' in err
     assert not os.path.exists(tmp_path / 'u.png')
+
+
+def _rewrite_member(path, member, data):
+    """Replace one member of a torch.save zip by ``data``, with a correct CRC (so the file is a
+    sound zip whose content is wrong)."""
+    with zipfile.ZipFile(path) as z:
+        items = [(i, data if i.filename.endswith(member) else z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as z:
+        for info, content in items:
+            z.writestr(info, content)
+
+
+def test_damaged_files_are_named_with_what_failed(tiny_run, tmp_path, capsys):
+    """Against the set's record: a flipped byte is a checksum failure, a cut file is truncated,
+    and the warning says which files of the set are still good.  Without a record: a cut file
+    is truncated, a zip whose bytes changed fails its checksum, a sound zip with bad pickled
+    data cannot be unpickled; each message is whole (no sentence cut off)."""
+    from utils import safe_torch_load
+    root, save = tiny_run
+    shutil.copytree(save, tmp_path / 'copy')
+    prefix = str(tmp_path / 'copy' / 'r' / 'latest')
+    _flip_a_bit_in_the_largest_tensor(prefix + '-model-ema.th')
+    os.truncate(prefix + '-opt.th', os.path.getsize(prefix + '-opt.th') // 2)
+    capsys.readouterr()
+    assert resume.find_checkpoint(str(tmp_path / 'copy' / 'r')) == (None, None)
+    warning = capsys.readouterr().out.strip()
+    assert len(warning.splitlines()) == 1 and warning.startswith(f'warning: ignoring incomplete checkpoint {prefix}-*')
+    assert 'latest-model-ema.th: checksum failure (same size, CRC' in warning
+    assert 'latest-opt.th: truncated (' in warning
+    assert warning.endswith('still good: latest-model.th, latest-log.jsonl')
+    cases = {'cut': lambda p: os.truncate(p, os.path.getsize(p) // 3),
+             'pkl_flipped': lambda p: _flip_byte_of_member(p, 'data.pkl'),
+             'pkl_bad': lambda p: _rewrite_member(p, 'data.pkl', b'\x80\x02not a pickle')}
+    expect = {'cut': 'it is truncated: ', 'pkl_flipped': 'it fails its checksum: ',
+              'pkl_bad': 'its pickled data cannot be unpickled ('}
+    for name, damage in cases.items():
+        path = str(tmp_path / f'{name}.th')
+        shutil.copy(os.path.join(save, 'r', 'latest-model.th'), path)
+        damage(path)
+        with pytest.raises(UserError) as e:
+            safe_torch_load(path, 'state dict')
+        msg = str(e.value)
+        assert msg.startswith(f'cannot read state dict {path}: {expect[name]}'), msg
+        assert '\n' not in msg and 'there is a high' not in msg and msg.endswith((')', 'finish)')), msg
+
+
+def _flip_byte_of_member(path, member):
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(member))
+    with open(path, 'r+b') as f:
+        f.seek(info.header_offset + 26)
+        n_name, n_extra = struct.unpack('<HH', f.read(4))
+        f.seek(info.header_offset + 30 + n_name + n_extra + 2)
+        b = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([b ^ 0x01]))
+
+
+def test_readers_use_an_intact_ema_file_and_say_what_is_damaged(tiny_run, tmp_path, capsys):
+    """sample.py, evaluate.py and train.py --test_eval need only the EMA file of a set: with
+    -model.th and -opt.th damaged (no complete set left) they use it and say so; with the
+    newest EMA file damaged they fall back to an older set and say so; with none intact they
+    name what is usable instead."""
+    root, save = tiny_run
+    rd = tmp_path / 'copy' / 'r'
+    shutil.copytree(save, tmp_path / 'copy')
+    suffixes = ['-model.th', '-model-ema.th', '-opt.th', '-log.jsonl', '-state.th']
+    for suffix in suffixes:
+        shutil.copy(rd / f'latest{suffix}', tmp_path / f'previous{suffix}')
+    os.truncate(rd / 'latest-model.th', 1000)
+    os.truncate(rd / 'latest-opt.th', 1000)
+    draw = ['--save_dir', str(tmp_path / 'copy'), '--desc', 'r', '--mode', 'uncond', '--n', '2', '--threads', '1',
+            '--out', str(tmp_path / 'u.png')]
+    capsys.readouterr()
+    sample.main(draw)
+    out = capsys.readouterr().out
+    assert f'EMA weights {rd}/latest-model-ema.th' in out and 'latest-opt.th: truncated (1,000 of' in out
+    assert 'reading needs only the intact EMA file' in out and os.path.exists(tmp_path / 'u.png')
+    stats = train.main(TINY + ['--data_root', root, '--save_dir', str(tmp_path / 'copy'), '--desc', 'r',
+                               '--test_eval'])
+    assert stats['n_images'] == 300 and f'evaluating EMA weights {rd}/latest-model-ema.th' in capsys.readouterr().out
+    for suffix in suffixes:  # a second, older-named complete set
+        shutil.copy(tmp_path / f'previous{suffix}', rd / f'previous{suffix}')
+    _flip_a_bit_in_the_largest_tensor(rd / 'latest-model-ema.th')
+    sample.main(draw)
+    out = capsys.readouterr().out
+    assert 'passing over checkpoint' in out and 'latest-model-ema.th: checksum failure' in out
+    assert f'EMA weights {rd}/previous-model-ema.th' in out and 'not the newest weights of the run' in out
+    _flip_a_bit_in_the_largest_tensor(rd / 'previous-model-ema.th')
+    err = exits_2(capsys, evaluate.main, ['--save_dir', str(tmp_path / 'copy'), '--desc', 'r', '--kl_stats',
+                                          '--out_dir', str(tmp_path / 'ev')])
+    assert f'no intact EMA weights in {rd}' in err and f'--restore_path {rd}/previous-model.th' in err
 
 
 def test_non_finite_values_without_a_record_are_refused(tiny_run, tmp_path, capsys):

@@ -49,7 +49,7 @@ def test_quick_preset_end_to_end(real_fmnist, tmp_path):
     from hps import get_hparams
     H = get_hparams(['--hps', 'fashion_mnist_quick'])
     rows = 1 + H.num_variables_visualize + H.num_temperatures_visualize
-    for name in ['samples-0.png', 'samples-2.png', 'samples-3.png']:
+    for name in ['samples-1.png', 'samples-2.png', 'samples-3.png']:
         im = Image.open(rd / name)
         im.load()
         assert im.size == (28 * H.num_images_visualize, 28 * rows) and im.mode == 'L'

@@ -155,8 +155,10 @@ def test_changed_hyperparameters_are_logged_refused_or_allowed(fmnist_root, tmp_
     before = folder_bytes(rd)
     # breaks exact resume: refused with one line naming the key and the flag; nothing touched
     p = run(args(fmnist_root, tmp_path, 'h', 4, '--n_batch', '8', '--lr', '0.01'), check=False)
-    assert p.returncode == 2 and 'n_batch' in p.stderr and '--allow_changes' in p.stderr
-    assert 'with changed n_batch would' in p.stderr  # only the breaking key is named
+    assert p.returncode == 2 and '--allow_changes' in p.stderr
+    named = p.stderr.split('with changed ', 1)[1].split(' would not', 1)[0]  # only the breaking change is named
+    assert named == 'global batch (--n_batch 4 x 1 process = 4 -> --n_batch 8 x 1 process = 8 images per update)'
+
     assert len(p.stderr.strip().splitlines()) == 1
     assert folder_bytes(rd) == before
     # an architecture change is refused before anything is loaded or logged
@@ -174,9 +176,54 @@ def test_changed_hyperparameters_are_logged_refused_or_allowed(fmnist_root, tmp_
     # confirmed batch-size change: the position in the epoch is kept in images (4 x 4 = 2 x 8)
     p = run(args(fmnist_root, tmp_path, 'h', 6, '--lr', '0.01', '--ema_rate', '0.5', '--n_batch', '8',
                  '--allow_changes'))
-    assert 'n_batch 4 -> 8' in p.stdout and 'continuing at batch 2 of 8' in p.stdout
+    assert 'n_batch 4 -> 8' in p.stdout and 'continuing at global batch 2 of 25 of this epoch' in p.stdout
     st = torch.load(rd / 'latest-state.th', weights_only=True)
     assert st['step'] == 6 and st['epoch'] == 0 and st['batch'] == 4
+
+
+def test_resume_across_process_counts_keeps_the_global_batch(fmnist_root, tmp_path, uninterrupted):
+    """1 process x 4 images -> 2 processes x 2 -> 1 process x 4: the same global batch, so each
+    resume is accepted and continues the uninterrupted run (the same images, and with
+    --rank_invariant_noise the same noise stream, to float tolerance); a different global
+    batch (1 x 2 after 2 x 2: the per-process batch kept, the update halved) is refused."""
+    full, _ = uninterrupted
+    rd = tmp_path / 'g'
+    run(args(fmnist_root, tmp_path, 'g', 2))
+    p = run(args(fmnist_root, tmp_path, 'g', 4, '--n_batch', '2', '--rank_invariant_noise'),
+            launcher=['torchrun', '--standalone', '--nproc_per_node', '2'])
+    assert f'resuming from {rd / "latest"} (step 2' in p.stdout and 'noise continue' in p.stdout
+    assert torch.load(rd / 'latest-state.th', weights_only=True)['world_size'] == 2
+    before = folder_bytes(rd)
+    p = run(args(fmnist_root, tmp_path, 'g', 6, '--n_batch', '2'), check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert 'changed global batch (--n_batch 2 x 2 processes = 4 -> --n_batch 2 x 1 process = 2 images' in p.stderr
+    assert '--allow_changes' in p.stderr and folder_bytes(rd) == before
+    run(args(fmnist_root, tmp_path, 'g', 6))  # one process: its one stream is the global one
+    losses = train_losses(rd)
+    assert sorted(losses) == list(range(6))
+    np.testing.assert_allclose([losses[i] for i in range(6)], [full[i] for i in range(6)], rtol=1e-5)
+    st = torch.load(rd / 'latest-state.th', weights_only=True)
+    assert (st['step'], st['epoch'], st['batch'], st['world_size']) == (6, 0, 6, 1)
+
+
+def test_resumed_run_redraws_no_earlier_grid_and_says_how_many_steps_a_window_holds(fmnist_root, tmp_path):
+    """samples-N.png is the EMA model after N updates, drawn at the run's early steps and every
+    --iters_per_images: extending a finished run (2 -> 4 steps) draws only new grids (no
+    samples-2.png again, no early grids of its own start) and changes none of the earlier
+    ones; each log window says how many steps it averages (fewer right after a start)."""
+    rd = tmp_path / 'x'
+
+    def train(steps):
+        p = run(args(fmnist_root, tmp_path, 'x', steps, '--iters_per_images', '2', '--iters_per_print', '4',
+                     '--ema_rate', '0.5'))
+        return [line.rsplit(' ', 1)[1] for line in p.stdout.splitlines() if 'printing samples to' in line]
+
+    assert train(2) == [str(rd / 'samples-1.png'), str(rd / 'samples-2.png')]
+    first = {f: (rd / f).read_bytes() for f in os.listdir(rd) if f.startswith('samples-')}
+    assert train(4) == [str(rd / 'samples-4.png')]
+    assert all((rd / f).read_bytes() == b for f, b in first.items())
+    windows = [(z['step'], z['window_steps']) for z in log_lines(rd, 'train_loss') if 'lr' in z]
+    assert windows == [(0, 1), (1, 2), (3, 2)]  # the window after the second start begins at step 2
 
 
 def test_other_training_data_is_refused(fmnist_root, tmp_path):
@@ -309,6 +356,24 @@ def test_one_loader_with_persistent_workers_keeps_the_data_order_and_ignores_sig
         del loader
 
 
+# ----------------------------------------------------------------------------- logs on clusters
+
+def test_no_progress_bar_updates_in_a_log_file(fmnist_root, tmp_path):
+    """A cluster job's stdout and stderr are files: progress bars are off there (without
+    --no_progress), so no carriage-return updates pile up; the log lines are all there is.
+    With the default flags (workers on) the run also ends: the loader's workers, which
+    ignore SIGTERM, are closed by the loop, not left to Python's exit handler."""
+    a = args(fmnist_root, tmp_path, 'bar', 3)
+    a = [x for x in a if x != '--no_progress']
+    del a[a.index('--num_workers'):a.index('--num_workers') + 2]
+    with open(tmp_path / 'out.txt', 'w') as out, open(tmp_path / 'err.txt', 'w') as err:
+        subprocess.run([sys.executable, 'train.py', *a], cwd=ROOT, stdout=out, stderr=err, timeout=120, check=True)
+    # bytes: text mode would read carriage returns as newlines
+    raw = (tmp_path / 'out.txt').read_bytes() + (tmp_path / 'err.txt').read_bytes()
+    assert b'\r' not in raw and b'it/s' not in raw
+    assert b'finished at step 3' in raw and b'\r' not in (tmp_path / 'bar' / 'log.txt').read_bytes()
+
+
 # ----------------------------------------------------------------------------- the loss plot
 
 def test_loss_curve_points_keep_the_last_record_per_step_and_the_final_save():
@@ -330,3 +395,25 @@ def test_loss_curve_points_keep_the_last_record_per_step_and_the_final_save():
     tr, va = loss_curves(records)
     assert tr == [(0, 5.0 / LN2), (2, 4.0 / LN2), (4, 2.5 / LN2), (6, 2.0 / LN2), (7, 1.5 / LN2)]
     assert va == [(4, 3.2 / LN2), (7, 1.8 / LN2)]
+
+
+def test_loss_plot_has_the_rate_distortion_grad_norm_and_skip_panels(tmp_path):
+    """write_loss_plot reads the four series of its panels from the log (log_series: the last
+    record of a step wins, as for the bits/dim curve) and writes one 2 x 2 figure."""
+    from PIL import Image
+    from train import LN2, log_series, write_loss_plot
+    records = [{'type': 'hparam', 'key': 'skip_threshold', 'value': 400.0},
+               {'type': 'train_loss', 'step': 0, 'elbo': 5.0, 'distortion': 4.0, 'rate': 1.0, 'grad_norm': 900.0,
+                'total_skipped': 1},
+               {'type': 'train_loss', 'step': 2, 'elbo': 4.0, 'distortion': 3.5, 'rate': 0.5, 'grad_norm': 50.0,
+                'total_skipped': 1},
+               {'type': 'train_loss', 'step': 2, 'elbo': 4.0, 'distortion': 3.0, 'rate': 1.0, 'grad_norm': 60.0},
+               {'type': 'eval_loss', 'step': 2, 'elbo': 4.2, 'distortion': 3.1, 'rate': 1.1}]
+    assert log_series(records, 'train_loss', 'distortion', LN2) == [(0, 4.0 / LN2), (2, 3.0 / LN2)]
+    assert log_series(records, 'train_loss', 'rate', LN2) == [(0, 1.0 / LN2), (2, 1.0 / LN2)]
+    assert log_series(records, 'train_loss', 'grad_norm') == [(0, 900.0), (2, 60.0)]
+    assert log_series(records, 'train_loss', 'total_skipped') == [(0, 1), (2, 1)]
+    with open(tmp_path / 'log.jsonl', 'w') as f:
+        f.writelines(json.dumps(z) + '\n' for z in records)
+    write_loss_plot(str(tmp_path / 'log.jsonl'), str(tmp_path / 'loss.png'))
+    assert Image.open(tmp_path / 'loss.png').size == (900, 600)

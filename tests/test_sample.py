@@ -66,3 +66,20 @@ def test_bad_arguments(tiny_run, args, expect):
     root, save = tiny_run
     p = sample('--hps', 'fashion_mnist', '--data_root', root, '--save_dir', save, '--desc', 'r', *args, check=False)
     assert p.returncode == 2 and expect in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_many_uncond_samples_wrap_into_a_near_square_block():
+    """--mode uncond --n 3000 makes, per temperature, a block of rows of 55 images (the last
+    one filled with black), not one row 84000 pixels wide; up to 16 stay one row each."""
+    from sample import unconditional
+
+    class Model:
+        def forward_uncond_samples(self, n, t=None):
+            return np.full((n, 28, 28, 1), int(t * 100), np.uint8)
+
+    im = unconditional(None, Model(), 3000, [1.0, 0.5])
+    assert im.shape == (2 * 55 * 28, 55 * 28, 1)  # 3000 = 54 rows of 55 + 30
+    first, second = im[:55 * 28], im[55 * 28:]
+    assert (first[:54 * 28] == 100).all() and (second[:54 * 28] == 50).all()
+    assert (first[54 * 28:, :30 * 28] == 100).all() and (first[54 * 28:, 30 * 28:] == 0).all()
+    assert unconditional(None, Model(), 16, [1.0, 0.9, 0.8]).shape == (3 * 28, 16 * 28, 1)
