@@ -36,6 +36,10 @@ from hps import HPARAMS_REGISTRY, UserError, preset
 
 # ----------------------------------------------------------------------------- distributed
 
+# Whether this process has joined a group of several (setup_distributed); see exit_process.
+_JOINED_GROUP = False
+
+
 @dataclass
 class Dist:
     rank: int = 0
@@ -164,6 +168,8 @@ def setup_distributed(port=29500, device=None, timeout=600.0):
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1:
+        global _JOINED_GROUP
+        _JOINED_GROUP = True  # this process ends at once after an error (exit_process)
         if use_cuda:
             os.environ.setdefault('TORCH_NCCL_ASYNC_ERROR_HANDLING', '3')  # a timed-out collective ends the process
         dist.init_process_group('nccl' if use_cuda else 'gloo', init_method=init, rank=rank, world_size=world,
@@ -877,10 +883,25 @@ def print_once(*args, dist_info=None):
         print(*args, flush=True)
 
 
-def die(msg, code=2):
-    """Print a one-line error and exit (for UserError at entry points)."""
+def say_error(msg):
+    """Print a one-line error on stderr."""
     print(f'error: {msg}', file=sys.stderr, flush=True)
-    sys.exit(code)
+
+
+def exit_process(code):
+    """End the process with ``code``.  A process that has been part of a group of several
+    ends at once (os._exit) once its data-loading workers are stopped: after an error a
+    peer may be gone, and the process group's destructor, run when Python tears its
+    objects down, joins gloo threads still waiting for that peer, for up to --dist_timeout
+    (torchrun stops waiting after 30 s and kills the process).  Every file of the run is
+    complete by then: checkpoints are written atomically, log lines flushed as they go."""
+    if not _JOINED_GROUP:
+        sys.exit(code)
+    import data  # only on this path: utils does not otherwise depend on the data module
+    data.stop_workers()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # A file system that refuses a write: full, over quota, read-only, no permission.
@@ -936,17 +957,30 @@ def run_main(main):
     Data-loading workers end in every case (data.stop_workers)."""
     try:
         main()
-    except UserError as e:
-        die(str(e) + _notes(e))
     except Exception as e:
-        err = os_error_in(e)
-        if err is not None and err.errno in WRITE_REFUSED:
-            die(f"{err.filename or 'a file'}: {err.strerror}; {WRITE_REFUSED[err.errno]}, or pass another "
-                f"--save_dir, --out_dir or --out{_notes(e)}")
-        if lost_peer(e):
-            # gloo's message without its source position and advice: "Read error [addr]:port: Connection reset by peer"
-            detail = re.sub(r'^\[[^\]]*\.cc:\d+\]\s*', '', (str(e).strip().splitlines() or [''])[0]).split('. ')[0]
-            slow = '; if it is only slow (a long save), raise --dist_timeout' if 'Timed out' in detail else ''
-            die(f"another process of this run exited or stopped answering ({detail or type(e).__name__}): its "
-                f"output says why{slow}{_notes(e)}", code=1)
-        raise
+        # inside the except clause: leaving it releases the exception, whose frames hold the
+        # process group, and its destructor may wait for a peer that is gone (exit_process)
+        exit_process(report_error(e))
+
+
+def report_error(e):
+    """Print what ended the process (see run_main); returns the exit status."""
+    if isinstance(e, UserError):
+        say_error(str(e) + _notes(e))
+        return 2
+    err = os_error_in(e)
+    if err is not None and err.errno in WRITE_REFUSED:
+        say_error(f"{err.filename or 'a file'}: {err.strerror}; {WRITE_REFUSED[err.errno]}, or pass another "
+                  f"--save_dir, --out_dir or --out{_notes(e)}")
+        return 2
+    if lost_peer(e):
+        # gloo's message without its source position and advice: "Read error [addr]:port: Connection reset by peer"
+        detail = re.sub(r'^\[[^\]]*\.cc:\d+\]\s*', '', (str(e).strip().splitlines() or [''])[0]).split('. ')[0]
+        slow = '; if it is only slow (a long save), raise --dist_timeout' if 'Timed out' in detail else ''
+        say_error(f"another process of this run exited or stopped answering ({detail or type(e).__name__}): "
+                  f"its output says why{slow}{_notes(e)}")
+        return 1
+    # a bug: its traceback and notes (train.py: the step, the safe checkpoint), through the hook that
+    # torch.distributed sets to prefix each line with the rank
+    sys.excepthook(type(e), e, e.__traceback__)
+    return 1

@@ -118,8 +118,11 @@ def test_internal_error_on_one_torchrun_rank_ends_every_process(fmnist_root, tmp
     """Rank 1 fails at step 2: it ends with its traceback, rank 0 (waiting for it in the
     step's all-reduce) with one line saying a peer is gone, torchrun after them."""
     a = args(fmnist_root, tmp_path, 'bug2', 8, '--port', str(free_port())) + WORKERS
-    rc, out, err = finish(start([*TORCHRUN, wrapper, *a], tmp_path, {'VDVAE_TEST_FAIL_RANKS': '1'}), tmp_path)
+    # 25 s: torchrun itself kills a process that outlives a failed peer by 30 s (exit_process)
+    rc, out, err = finish(start([*TORCHRUN, wrapper, *a], tmp_path, {'VDVAE_TEST_FAIL_RANKS': '1'}), tmp_path,
+                          timeout=25)
     out += err
+    assert 'forcefully exiting' not in out, out[-3000:]
     assert rc != 0 and '[rank1]: RuntimeError: injected failure' in out, out[-3000:]
     assert 'error: another process of this run exited or stopped answering' in out, out[-3000:]
 
@@ -161,8 +164,9 @@ def test_peer_killed_under_torchrun_ends_the_run_and_keeps_its_checkpoint(fmnist
         assert pid, 'rank 1 not found'
         os.kill(pid, signal.SIGKILL)
     finally:
-        rc, out, err = finish(p, tmp_path)
+        rc, out, err = finish(p, tmp_path, timeout=25)  # as above: within torchrun's 30 s
     out += err
+    assert 'forcefully exiting' not in out, out[-3000:]
     assert rc != 0 and 'error: another process of this run exited or stopped answering' in out, out[-3000:]
     prefix, st = resume.find_checkpoint(str(rd))
     assert prefix is not None and st['step'] >= 2 and st['world_size'] == 2
