@@ -9,7 +9,7 @@
 (reproduce.sh makes the virtualenv as quickstart.sh does, then runs this file.)  Steps:
 1. the preset's setup_*.sh puts the data under --data_root (it prints what to do where the
    data must come from you: ImageNet's zips, FFHQ's images);
-2. checkpoints.py fetches the released EMA weights into --checkpoint_dir and verifies them;
+2. released.py fetches the released EMA weights into --checkpoint_dir and verifies them;
 3. train.py --test_eval evaluates each on the full test split (and evaluate.py --n_importance K
    computes the importance-weighted bound), under the launcher in $LAUNCH if set;
 4. one line per checkpoint: measured bits/dim +- standard error, the published figure, the
@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-import checkpoints
+import released
 from hps import UserError
 from utils import read_log, run_main
 
@@ -142,7 +142,7 @@ def mean_row(preset, rows):
     se = sum(r['measured_bpd_se'] for r in rows) / n
     row = dict(checkpoint=f'mean of {n}', n_images=rows[0]['n_images'], measured_bpd=measured,
                measured_bpd_se=se, se_is_upper_bound=True,
-               **compare(measured, se, checkpoints.PUBLISHED_MEAN_BPD[preset]))
+               **compare(measured, se, released.PUBLISHED_MEAN_BPD[preset]))
     if all('iw_bpd' in r for r in rows):
         row.update(n_importance=rows[0]['n_importance'], iw_bpd=sum(r['iw_bpd'] for r in rows) / n,
                    iw_bpd_se=sum(r['iw_bpd_se'] for r in rows) / n)
@@ -217,7 +217,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description='Reproduce the paper\'s test-set bits/dim from the released checkpoints.',
                                 epilog='Other flags go to train.py and evaluate.py. $LAUNCH puts a launcher in front '
                                        'of them, e.g. LAUNCH="torchrun --nproc_per_node 8".')
-    p.add_argument('preset', choices=list(dict.fromkeys(r.preset for r in checkpoints.RELEASES)))
+    p.add_argument('preset', choices=list(dict.fromkeys(r.preset for r in released.RELEASES)))
     p.add_argument('--n_importance', type=int, default=None, metavar='K',
                    help='also the importance-weighted bound with K samples per image (evaluate.py)')
     p.add_argument('--iw_batch', type=int, default=0, help='evaluate.py --iw_batch: samples per decoder pass')
@@ -225,8 +225,8 @@ def parse_args(argv=None):
     p.add_argument('--data_source', default=None,
                    help='passed to the setup script: imagenet: the folder holding the downloaded zips or tars; '
                         'ffhq256: a copy of ffhq-256.npy or a folder of PNGs; ffhq1024: FFHQ\'s images1024x1024')
-    p.add_argument('--checkpoint_dir', default=checkpoints.DEFAULT_DIR, help='where the checkpoints go')
-    p.add_argument('--base_url', default=None, help=f'checkpoint mirror (default ${checkpoints.URL_ENV} or the '
+    p.add_argument('--checkpoint_dir', default=released.DEFAULT_DIR, help='where the checkpoints go')
+    p.add_argument('--base_url', default=None, help=f'checkpoint mirror (default ${released.URL_ENV} or the '
                                                     'release\'s)')
     p.add_argument('--out', default=None, help='results folder (default ./saved_models/reproduce-PRESET)')
     args, common = p.parse_known_args(argv)
@@ -245,9 +245,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, common = parse_args(argv)
-    checkpoints.hparams_for(args.preset, common)  # bad hps.py flags fail here, before any download
+    released.hparams_for(args.preset, common)  # bad hps.py flags fail here, before any download
     set_up_data(args.preset, args.data_root, args.data_source)
-    fetched = checkpoints.fetch(args.preset, args.checkpoint_dir, base_url=args.base_url, argv=common)
+    fetched = released.fetch(args.preset, args.checkpoint_dir, base_url=args.base_url, argv=common)
     common = ['--data_root', args.data_root, *common]
     rows = []
     for rel, path, stamp in fetched:
@@ -260,7 +260,7 @@ def main(argv=None):
             iw_extra = extra + (['--iw_batch', str(args.iw_batch)] if args.iw_batch else [])
             iw = evaluate_iw(args.preset, path, run_dir, args.n_importance, iw_extra)
         rows.append(result_row(rel, path, stamp, test, iw))
-    if args.preset in checkpoints.PUBLISHED_MEAN_BPD:
+    if args.preset in released.PUBLISHED_MEAN_BPD:
         rows.append(mean_row(args.preset, rows))
     report = dict(preset=args.preset, date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
                   device=device_name(common), launcher=os.environ.get('LAUNCH', ''), torch=torch.__version__,

@@ -19,4 +19,4 @@ if [ $# -lt 1 ]; then
     echo "usage: $0 PRESET [DIR] [--all] [--base_url URL]    (PRESET: cifar10 imagenet32 imagenet64 ffhq256 ffhq1024)" >&2
     exit 2
 fi
-exec "$PY" "$HERE/checkpoints.py" fetch "$@"
+exec "$PY" "$HERE/released.py" fetch "$@"

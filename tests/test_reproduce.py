@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
+import released
 from conftest import ref
 from hps import HPARAMS_REGISTRY, Hyperparams, UserError, preset
 
@@ -109,9 +109,9 @@ def server():
     holding the tiny32 reference weights.  Stops with the test, or after 5 minutes at most."""
     ema, perturbed = read('tiny32', 'tiny32-iter-10-model-ema.th'), read('tiny32_perturbed', 'model.th')
     files = {}
-    for i, rel in enumerate(checkpoints.releases('cifar10')):
+    for i, rel in enumerate(released.releases('cifar10')):
         files[f'/{rel.folder}/{rel.name}-model-ema.th'] = ema if i < 2 else perturbed
-    rel = checkpoints.releases('imagenet32')[0]
+    rel = released.releases('imagenet32')[0]
     for suffix, body in [('-model-ema.th', ema), ('-model.th', release_style_model(ema)),
                          ('-opt.th', read('tiny32', 'tiny32-iter-10-opt.th')),
                          ('-log.jsonl', read('tiny32', 'tiny32-iter-10-log.jsonl'))]:
@@ -133,13 +133,13 @@ def server():
 
 @pytest.fixture(autouse=True)
 def no_retry_wait(monkeypatch):
-    monkeypatch.setattr(checkpoints, '_RETRY_DELAY', 0.0)
-    monkeypatch.delenv(checkpoints.URL_ENV, raising=False)
+    monkeypatch.setattr(released, '_RETRY_DELAY', 0.0)
+    monkeypatch.delenv(released.URL_ENV, raising=False)
 
 
 def fetch(preset_name, folder, srv, everything=False, argv=TINY):
     said = []
-    got = checkpoints.fetch(preset_name, str(folder), everything=everything, base_url=srv.url, argv=argv,
+    got = released.fetch(preset_name, str(folder), everything=everything, base_url=srv.url, argv=argv,
                             say=said.append)
     return got, '\n'.join(said)
 
@@ -152,7 +152,7 @@ def sha256(b):
 
 def test_complete_fetch_of_a_bundle_then_nothing_twice(server, tmp_path):
     got, said = fetch('imagenet32', tmp_path, server, everything=True)
-    rel = checkpoints.releases('imagenet32')[0]
+    rel = released.releases('imagenet32')[0]
     for suffix in ['-model-ema.th', '-model.th', '-opt.th', '-log.jsonl']:
         path = tmp_path / (rel.name + suffix)
         served = server.files[f'/{rel.folder}/{rel.name}{suffix}']
@@ -172,7 +172,7 @@ def test_complete_fetch_of_a_bundle_then_nothing_twice(server, tmp_path):
 
 
 def test_interrupted_fetch_resumes_where_it_stopped(server, tmp_path):
-    rels = checkpoints.releases('cifar10')
+    rels = released.releases('cifar10')
     names = [r.name + '-model-ema.th' for r in rels]
     server.drop_after[f'/{rels[0].folder}/{names[0]}'] = 100_000  # the connection dies after 100 kB
     body1 = server.files[f'/{rels[1].folder}/{names[1]}']
@@ -187,7 +187,7 @@ def test_interrupted_fetch_resumes_where_it_stopped(server, tmp_path):
 
 
 def test_corrupt_files_are_refused_and_fetched_again(server, tmp_path):
-    rels = checkpoints.releases('cifar10')
+    rels = released.releases('cifar10')
     names = [r.name + '-model-ema.th' for r in rels]
     good = [server.files[f'/{r.folder}/{n}'] for r, n in zip(rels, names)]
     (tmp_path / names[0]).write_bytes(good[0][:len(good[0]) // 2])  # a truncated file in the folder
@@ -230,7 +230,7 @@ def test_wrong_preset_file_gets_a_clear_message(server, tmp_path, monkeypatch):
 
 def test_command_line_errors_are_one_line(server, tmp_path):
     def cli(*args):
-        return subprocess.run([sys.executable, 'checkpoints.py', *args], cwd=ROOT, capture_output=True, text=True,
+        return subprocess.run([sys.executable, 'released.py', *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=120)
     p = cli('fetch', 'cifar10', str(tmp_path), '--base_url', server.url + '/nothing-here', *TINY)
     assert p.returncode == 2 and p.stderr.count('\n') == 1
@@ -239,7 +239,7 @@ def test_command_line_errors_are_one_line(server, tmp_path):
     p = cli('fetch', 'cifar10', str(tmp_path), '--widht', '32')
     assert p.returncode == 2 and p.stderr.startswith('error: unknown flag --widht')
     # the environment variable points at a mirror just as --base_url does
-    p = subprocess.run([sys.executable, 'checkpoints.py', 'fetch', 'cifar10', str(tmp_path), *TINY], cwd=ROOT,
+    p = subprocess.run([sys.executable, 'released.py', 'fetch', 'cifar10', str(tmp_path), *TINY], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, VDVAE_CHECKPOINT_URL=server.url))
     assert p.returncode == 0, p.stderr
     assert '4 cifar10 EMA checkpoint(s) ready' in p.stdout and len(server.paths_requested(
@@ -257,12 +257,12 @@ def test_ffhq1024_release_files_get_the_layer_string_that_fits():
     keys, no shape mismatch): blocks 66 and 67 keep the 1x1-resolution shapes, so the file's
     encoder ends in 1x2 where the preset says 1x4."""
     H = preset('ffhq1024')
-    assert checkpoints.model_shapes(H) == manifest_shapes('ffhq1024')  # the release's manifest
-    assert checkpoints.check_shapes(manifest_shapes('ffhq1024'), H, 'x') == {}
+    assert released.model_shapes(H) == manifest_shapes('ffhq1024')  # the release's manifest
+    assert released.check_shapes(manifest_shapes('ffhq1024'), H, 'x') == {}
     shapes = manifest_shapes('ffhq1024', drop=('encoder.enc_blocks.68.', 'encoder.enc_blocks.69.'))
-    fitted = checkpoints.check_shapes(shapes, H, 'ffhq1024-iter-1700000-model-ema.th')
+    fitted = released.check_shapes(shapes, H, 'ffhq1024-iter-1700000-model-ema.th')
     assert fitted == {'enc_blocks': H.enc_blocks.replace('4d4,1x4', '4d4,1x2')}
-    assert checkpoints.model_shapes(preset('ffhq1024', enc_blocks=fitted['enc_blocks'])) == shapes
+    assert released.model_shapes(preset('ffhq1024', enc_blocks=fitted['enc_blocks'])) == shapes
 
 
 def test_fitted_encoder_follows_the_block_shapes():
@@ -270,12 +270,12 @@ def test_fitted_encoder_follows_the_block_shapes():
     really shorter is found; a decoder mismatch is never 'fitted'."""
     H = preset('cifar10')
     short4 = H.enc_blocks.replace('4x3,4d4', '4x1,4d4')
-    assert checkpoints.fit_encoder_string(checkpoints.model_shapes(preset('cifar10', enc_blocks=short4)), H) == short4
+    assert released.fit_encoder_string(released.model_shapes(preset('cifar10', enc_blocks=short4)), H) == short4
     short1 = H.enc_blocks.replace('1x3', '1x1')
-    assert checkpoints.fit_encoder_string(checkpoints.model_shapes(preset('cifar10', enc_blocks=short1)), H) == short1
-    dec = checkpoints.model_shapes(preset('cifar10', dec_blocks=H.dec_blocks.replace('32x21', '32x20')))
+    assert released.fit_encoder_string(released.model_shapes(preset('cifar10', enc_blocks=short1)), H) == short1
+    dec = released.model_shapes(preset('cifar10', dec_blocks=H.dec_blocks.replace('32x21', '32x20')))
     with pytest.raises(UserError, match='The file has 42 decoder blocks'):
-        checkpoints.check_shapes(dec, H, 'x')
+        released.check_shapes(dec, H, 'x')
 
 
 # ----------------------------------------------------------------------------- reproduce
@@ -309,7 +309,7 @@ def test_reproduce_end_to_end(server, cifar_root, tmp_path):
     """Data set-up, fetch, test-set evaluation, the importance-weighted bound and the printed
     comparison, for the four 'cifar10' seeds; the fourth file lacks its last encoder block
     (as the released ffhq1024 files do), and the layer string that fits it is passed on."""
-    rels = checkpoints.releases('cifar10')
+    rels = released.releases('cifar10')
     sd = torch.load(io.BytesIO(server.files[f'/{rels[3].folder}/{rels[3].name}-model-ema.th']), weights_only=True)
     server.files[f'/{rels[3].folder}/{rels[3].name}-model-ema.th'] = torch_bytes(
         {k: v for k, v in sd.items() if not k.startswith('encoder.enc_blocks.13.')})

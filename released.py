@@ -1,9 +1,9 @@
 """Fetch and verify the released VDVAE checkpoints (the official release's files, unchanged).
 
-    python checkpoints.py list                                # every released file and its URL
-    python checkpoints.py fetch cifar10 [DIR]                 # the four seeds' EMA weights
-    python checkpoints.py fetch imagenet32 [DIR] --all        # + -model.th, -opt.th, -log.jsonl (to train on)
-    python checkpoints.py verify ffhq1024 [DIR]               # re-check files already in DIR
+    python released.py list                                # every released file and its URL
+    python released.py fetch cifar10 [DIR]                 # the four seeds' EMA weights
+    python released.py fetch imagenet32 [DIR] --all        # + -model.th, -opt.th, -log.jsonl (to train on)
+    python released.py verify ffhq1024 [DIR]               # re-check files already in DIR
 
 DIR defaults to ./checkpoints.  Downloads resume where they stopped (HTTP Range requests into
 FILE.part).  Every file is verified before use: a state dict must load with
@@ -424,7 +424,7 @@ def main(argv=None):
     known = set(hparams_for(args.preset)) | {'hps'}
     bad = [a for a in rest if a.startswith('--') and a[2:].split('=')[0] not in known]
     if bad:
-        raise UserError(f"unknown flag {bad[0]}; checkpoints.py takes --all, --base_url and the flags of hps.py")
+        raise UserError(f"unknown flag {bad[0]}; released.py takes --all, --base_url and the flags of hps.py")
     if args.command == 'fetch':
         got = fetch(args.preset, args.dir, args.all, args.base_url, rest)
         print(f'{len(got)} {args.preset} EMA checkpoint(s) ready in {args.dir}: '
