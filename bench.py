@@ -140,7 +140,7 @@ def parse(argv=None):
     try:
         H = get_hparams(argv, bench_arguments(argparse.ArgumentParser(description=__doc__.split('\n')[0])))
     finally:
-        if tiny:  # leave the registry as hps.py made it (utils.guess_preset walks it)
+        if tiny:  # leave the registry as hps.py made it (checkpoints.guess_preset walks it)
             del HPARAMS_REGISTRY[TINY_PRESET]
     check_ranges(H, RANGES)
     if H.device == 'auto':

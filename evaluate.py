@@ -34,12 +34,12 @@ import torch
 import torch.distributed as dist
 
 import data
+from checkpoints import resolve_weights, restore_params
 from hps import (UserError, add_vae_arguments, at_least, check_ranges, explicit_flags,
                  Hyperparams, int_list, parse_args_and_update_hparams)
-from resume import resolve_weights
 from train import eval_batches, positions_on, standard_error, tile, write_png
 from utils import (Dist, allreduce, barrier, check_writable, cleanup_distributed, configure_cpu, gather_objects,
-                   ieee_fp32, logger, progress_bar, restore_params, run_main, setup_distributed)
+                   ieee_fp32, logger, progress_bar, run_main, setup_distributed)
 from vae import VAE, check_hparams, parse_layer_string
 from vae_helpers import KeyedNormal, gaussian_log_density
 

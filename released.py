@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
+from checkpoints import describe_mismatch, load_state_dict_file, safe_torch_load
 from hps import Hyperparams, UserError, add_vae_arguments, parse_args_and_update_hparams
-from utils import describe_mismatch, load_state_dict_file, read_log, run_main, safe_torch_load
+from utils import read_log, run_main
 
 RELEASE_URL = 'https://openaipublic.blob.core.windows.net/very-deep-vaes-assets'
 URL_ENV = 'VDVAE_CHECKPOINT_URL'

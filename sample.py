@@ -26,11 +26,11 @@ import torch
 from PIL import Image
 
 import data
+from checkpoints import resolve_weights, restore_params
 from hps import (UserError, add_vae_arguments, at_least, check_ranges, explicit_flags,
                  float_list, Hyperparams, int_list, parse_args_and_update_hparams)
-from resume import resolve_weights
 from train import sample_grid, tile
-from utils import check_writable, ieee_fp32, restore_params, run_main, setup_distributed
+from utils import check_writable, ieee_fp32, run_main, setup_distributed
 from vae import VAE
 
 RANGES = {'n': (at_least(1), '>= 1')}

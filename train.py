@@ -31,12 +31,12 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 import data
+from checkpoints import (check_restore_paths, data_fingerprint, find_checkpoint, load_for_evaluation,
+                         open_run_folder, restore, save_checkpoint)
 from hps import UserError, get_hparams
 from utils import (allreduce, check_writable, cleanup_distributed, clip_grad_norm, configure_device, ieee_fp32,
                    is_writable, logger, naming_file, param_spread_across_ranks, print_once, progress_bar, read_log,
                    run_main, setup_distributed)
-from resume import (check_restore_paths, data_fingerprint, find_checkpoint, load_for_evaluation, open_run_folder,
-                    restore, save_checkpoint)
 from vae import VAE, check_hparams
 from vae_helpers import KeyedNormal
 
@@ -280,7 +280,7 @@ class GraphedStep(EagerStep):
     """The whole training step in one CUDA graph (--cuda_graphs), replayed every step.
 
     The graph reads a static uint8 batch buffer and the learning rate from a device tensor
-    (the optimizer's, see make_optimizer; utils.load_optimizer_file keeps that tensor), and
+    (the optimizer's, see make_optimizer; checkpoints.load_optimizer_file keeps that tensor), and
     writes its statistics to static tensors that each call copies out.  The first ``warmup``
     steps run eagerly on a side stream (lazy initialisation: optimizer state, cuDNN/cuBLAS
     handles), the next one captures the graph, and every step after replays it.  Everything

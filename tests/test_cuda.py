@@ -366,8 +366,8 @@ def test_keyed_noise_is_the_same_on_the_gpu():
 def test_fused_adamw_on_the_gpu_after_loading_the_other_layout_and_an_apex_file(tmp_path):
     """The fused CUDA kernel refuses state whose layout differs from its parameter's; an apex
     file must leave the optimizer fused with its step tensors on the GPU."""
+    import checkpoints
     import train
-    import utils
     from conftest import load_tiny
     H, model, _, _, _ = load_tiny()
     dev = torch.device('cuda')
@@ -380,7 +380,7 @@ def test_fused_adamw_on_the_gpu_after_loading_the_other_layout_and_an_apex_file(
     model.set_channels_last(True)
     for src in (str(tmp_path / 'opt.th'), ref('tiny32', 'apex_opt.th')):
         opt = train.make_optimizer(H, model, dev)
-        utils.load_optimizer_file(opt, src)
+        checkpoints.load_optimizer_file(opt, src)
         assert all(g['fused'] for g in opt.param_groups)
         for p in model.parameters():
             p.grad = torch.randn_like(p)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import train
-import utils
 from conftest import ref
 from hps import get_hparams
 from test_train import TINY, TINY32
@@ -137,7 +137,7 @@ def test_cuda_graphs_learning_rate_reaches_the_graph_after_an_optimizer_restore(
         path = str(tmp_path / 'latest-opt.th')
         torch.save(opt.state_dict(), path)
         H, model, ema, opt, step, x = _setup(['--cuda_graphs'], TINY32, (4, 32, 32, 3))
-    utils.load_optimizer_file(opt, path)
+    checkpoints.load_optimizer_file(opt, path)
     step = train.make_step(H, model, model, ema, opt, None, train.precision_context(H, x.device))
     _, unchanged = _replays_at_zero_lr(H, model, step, x)
     assert unchanged

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import checkpoints
 import data
 import evaluate
 import train
@@ -156,7 +157,7 @@ def test_optimizer_state_from_the_other_layout_takes_its_parameters_strides(H, t
     conv = model.decoder.dec_blocks[-1].resnet.c2.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     opt = train.make_optimizer(H, model, cpu)
-    utils.load_optimizer_file(opt, str(tmp_path / 'latest-opt.th'))
+    checkpoints.load_optimizer_file(opt, str(tmp_path / 'latest-opt.th'))
     for p in model.parameters():
         assert all(opt.state[p][k].stride() == p.stride() for k in ('exp_avg', 'exp_avg_sq'))
     for step in range(2, 5):
@@ -174,7 +175,7 @@ def test_loading_an_apex_file_keeps_the_fused_optimizer():
     model.train()
     opt = train.make_optimizer(H, model, torch.device('cpu'))
     assert opt.param_groups[0]['fused'] is True
-    utils.load_optimizer_file(opt, ref('tiny32', 'apex_opt.th'))
+    checkpoints.load_optimizer_file(opt, ref('tiny32', 'apex_opt.th'))
     for g in opt.param_groups:
         assert g['fused'] is True and not g['foreach'] and not g['capturable'] and g['decoupled_weight_decay']
         for p in g['params']:
@@ -182,7 +183,7 @@ def test_loading_an_apex_file_keeps_the_fused_optimizer():
             assert step.dtype == torch.float32 and step.device == p.device and step.item() == 10
     # and a file from a foreach run loaded into a fused one stays fused, and vice versa
     foreach = torch.optim.AdamW(model.parameters(), foreach=True)
-    utils.load_optimizer_file(foreach, ref('tiny32', 'apex_opt.th'))
+    checkpoints.load_optimizer_file(foreach, ref('tiny32', 'apex_opt.th'))
     assert foreach.param_groups[0]['foreach'] is True and not foreach.param_groups[0]['fused']
 
 

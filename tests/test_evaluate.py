@@ -17,7 +17,7 @@ from PIL import Image
 
 import data
 import evaluate
-import resume
+import checkpoints
 from hps import UserError, preset
 from vae import VAE
 from vae_helpers import KeyedNormal, gaussian_log_density
@@ -279,7 +279,7 @@ def test_run_folder_checkpoint_brings_its_architecture(trained, fm_root, tmp_pat
     H = preset('fashion_mnist', data_root=fm_root, save_dir=str(tmp_path), desc='run', **ARCH)
     H.run_dir = str(tmp_path / 'run')
     os.makedirs(H.run_dir)
-    resume.save_checkpoint(H, Dist(), 'latest', model, model, torch.optim.AdamW(model.parameters()), None,
+    checkpoints.save_checkpoint(H, Dist(), 'latest', model, model, torch.optim.AdamW(model.parameters()), None,
                           logger(os.path.join(H.run_dir, 'log')),
                           dict(step=100, epoch=0, batch=0, best_eval=float('inf')))
     st = evaluate.main(['--save_dir', str(tmp_path), '--desc', 'run', '--data_root', fm_root, '--kl_stats',

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import resume
+import checkpoints
 from test_reliability import _wait_for_step, args
 from test_train import (ROOT, _distributed_matches_single, _worker_pid, fmnist_root, free_port, run,  # noqa: F401
                         single_run)
@@ -140,7 +140,7 @@ def test_full_disk_during_a_save_is_one_line_and_the_last_checkpoint_resumes(fmn
     assert not [f for f in os.listdir(rd) if '.tmp.' in f]
     p = run(a)
     assert f'resuming from {rd / "latest"} (step 2' in p.stdout
-    assert resume.find_checkpoint(str(rd))[1]['step'] == 4
+    assert checkpoints.find_checkpoint(str(rd))[1]['step'] == 4
 
 
 def test_srun_two_tasks_equal_one_process(single_run, fmnist_root, tmp_path):
@@ -168,7 +168,7 @@ def test_peer_killed_under_torchrun_ends_the_run_and_keeps_its_checkpoint(fmnist
     out += err
     assert 'forcefully exiting' not in out, out[-3000:]
     assert rc != 0 and 'error: another process of this run exited or stopped answering' in out, out[-3000:]
-    prefix, st = resume.find_checkpoint(str(rd))
+    prefix, st = checkpoints.find_checkpoint(str(rd))
     assert prefix is not None and st['step'] >= 2 and st['world_size'] == 2
     assert f'{prefix}-* (step {st["step"]}) is the newest complete checkpoint' in out, out[-3000:]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import resume
+import checkpoints
 import train
 import utils
 from conftest import ref
@@ -106,7 +106,7 @@ def _restore(kind, H, model, ema, opt, tmp_path):
         path = {'plain_run_file': lambda: _optimizer_file(tmp_path, False),
                 'graphs_run_file': lambda: _optimizer_file(tmp_path, True),
                 'apex_file': lambda: ref('tiny32', 'apex_opt.th')}[kind]()
-        utils.load_optimizer_file(opt, path)
+        checkpoints.load_optimizer_file(opt, path)
     elif kind == 'resume':  # a --cuda_graphs run's latest checkpoint, continued
         saved_H, saved_model, saved_ema, saved_opt = _tiny32(torch.device('cpu'))
         _one_update(saved_model, saved_opt)
@@ -115,14 +115,14 @@ def _restore(kind, H, model, ema, opt, tmp_path):
         progress = dict(step=3, epoch=0, batch=3, best_eval=float('inf'), skipped=0)
         log = utils.logger(str(tmp_path / 'run' / 'log'))
         log('a run log for the checkpoint to copy')
-        resume.save_checkpoint(saved_H, Dist(), 'latest', saved_model, saved_ema, saved_opt, None, log, progress)
+        checkpoints.save_checkpoint(saved_H, Dist(), 'latest', saved_model, saved_ema, saved_opt, None, log, progress)
         H.run_dir = saved_H.run_dir
-        assert resume.restore(H, d, model, ema, opt, None, log)['step'] == 3
+        assert checkpoints.restore(H, d, model, ema, opt, None, log)['step'] == 3
     else:  # the release's four restore flags on its bundle (an apex FusedAdam optimizer file)
         b = ref('tiny32', 'tiny32-iter-10-')
         H.update(run_dir=str(tmp_path / 'bundle'), restore_path=b + 'model.th', restore_ema_path=b + 'model-ema.th',
                  restore_optimizer_path=b + 'opt.th', restore_log_path=b + 'log.jsonl')
-        assert resume.restore(H, d, model, ema, opt, None, log)['step'] == 10
+        assert checkpoints.restore(H, d, model, ema, opt, None, log)['step'] == 10
 
 
 KINDS = ['plain_run_file', 'graphs_run_file', 'apex_file', 'resume', 'release_bundle']

@@ -7,7 +7,7 @@ import torch
 from conftest import load_tiny, ref
 from hps import (DEFAULT_PRESET, HPARAMS_REGISTRY, Hyperparams, UserError, add_vae_arguments, get_hparams,
                  parse_args_and_update_hparams)
-from utils import load_state_dict_file, restore_params
+from checkpoints import load_state_dict_file, restore_params
 
 
 def test_release_defaults_and_preset_chain():
@@ -79,6 +79,6 @@ def test_wrong_checkpoint_names_its_preset():
     H = preset('cifar10')
     with torch.device('meta'):
         model = VAE(H)
-    from utils import describe_mismatch
+    from checkpoints import describe_mismatch
     msg = describe_mismatch(model, sd, 'f.th', H)
     assert "'imagenet32' preset" in msg and 'Shape differs' in msg

@@ -21,13 +21,14 @@ from PIL import Image
 import bench
 import evaluate
 import hps
-import resume
+import checkpoints
 import sample
 import train
 from conftest import ref
 from hps import UserError, get_hparams
 from test_train import TINY, fmnist_root, run as run_train  # noqa: F401 (fixture)
-from utils import describe_mismatch, run_main
+from checkpoints import describe_mismatch
+from utils import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the tiny run's picture settings differ from every preset's, so a grid shows whose settings it used
@@ -386,14 +387,14 @@ def test_damaged_files_are_named_with_what_failed(tiny_run, tmp_path, capsys):
     and the warning says which files of the set are still good.  Without a record: a cut file
     is truncated, a zip whose bytes changed fails its checksum, a sound zip with bad pickled
     data cannot be unpickled; each message is whole (no sentence cut off)."""
-    from utils import safe_torch_load
+    from checkpoints import safe_torch_load
     root, save = tiny_run
     shutil.copytree(save, tmp_path / 'copy')
     prefix = str(tmp_path / 'copy' / 'r' / 'latest')
     _flip_a_bit_in_the_largest_tensor(prefix + '-model-ema.th')
     os.truncate(prefix + '-opt.th', os.path.getsize(prefix + '-opt.th') // 2)
     capsys.readouterr()
-    assert resume.find_checkpoint(str(tmp_path / 'copy' / 'r')) == (None, None)
+    assert checkpoints.find_checkpoint(str(tmp_path / 'copy' / 'r')) == (None, None)
     warning = capsys.readouterr().out.strip()
     assert len(warning.splitlines()) == 1 and warning.startswith(f'warning: ignoring incomplete checkpoint {prefix}-*')
     assert 'latest-model-ema.th: checksum failure (same size, CRC' in warning

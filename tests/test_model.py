@@ -136,6 +136,7 @@ def test_gpu_tolerances_sit_above_the_fp32_floor(monkeypatch):
     cuDNN's algorithms may round more) and at most 100 times (so that it still catches errors).
     The rate, a sum of KL terms that nearly cancel, has the highest floor: 2.5e-5 relative."""
     import math
+    import checkpoints
     import data
     import utils
     from test_cuda import GPU_VS_CPU_REL, KEYED_NORMAL_TOL, TINY32, synthetic_data
@@ -148,7 +149,7 @@ def test_gpu_tolerances_sit_above_the_fp32_floor(monkeypatch):
     with torch.no_grad(), utils.ieee_fp32():
         for dtype in (torch.float32, torch.float64):
             model = VAE(H)
-            utils.restore_params(model, ref('tiny32', 'tiny32-iter-10-model-ema.th'), H)
+            checkpoints.restore_params(model, ref('tiny32', 'tiny32-iter-10-model-ema.th'), H)
             model.to(dtype).eval()
             if dtype == torch.float64:
                 monkeypatch.setattr(torch.Tensor, 'float', lambda t: t)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import resume
+import checkpoints
 
 from test_train import ROOT, TINY, fmnist_root, log_lines, run, state_dict, train_losses  # noqa: F401 (fixture)
 
@@ -118,19 +118,19 @@ def test_previous_generation_is_the_last_complete_latest(fmnist_root, tmp_path):
     model, ema = train.build_models(H, d)
     opt = train.make_optimizer(H, model, d.device)
     for step in (1, 2):
-        resume.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=step, epoch=0, batch=step))
-    assert resume.checkpoint_state(os.path.join(H.run_dir, 'previous'))['step'] == 1
-    resume.keep_previous(H.run_dir)
-    resume.keep_previous(H.run_dir)  # again, before latest changed
-    assert resume.checkpoint_state(os.path.join(H.run_dir, 'previous'))['step'] == 2
+        checkpoints.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=step, epoch=0, batch=step))
+    assert checkpoints.checkpoint_state(os.path.join(H.run_dir, 'previous'))['step'] == 1
+    checkpoints.keep_previous(H.run_dir)
+    checkpoints.keep_previous(H.run_dir)  # again, before latest changed
+    assert checkpoints.checkpoint_state(os.path.join(H.run_dir, 'previous'))['step'] == 2
     assert not [f for f in os.listdir(H.run_dir) if '.tmp.' in f]
     torn = os.path.join(H.run_dir, 'latest-model.th')
     with open(torn + '.new', 'wb') as f:
         f.write(b'not the model the state file describes')
     os.replace(torn + '.new', torn)  # a torn latest (replaced, as a save does; previous keeps its own file)
-    resume.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=3, epoch=0, batch=3))
-    assert resume.checkpoint_state(os.path.join(H.run_dir, 'previous'))['step'] == 2
-    assert resume.find_checkpoint(H.run_dir)[1]['step'] == 3
+    checkpoints.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=3, epoch=0, batch=3))
+    assert checkpoints.checkpoint_state(os.path.join(H.run_dir, 'previous'))['step'] == 2
+    assert checkpoints.find_checkpoint(H.run_dir)[1]['step'] == 3
 
 
 def test_stale_temporaries_of_killed_processes_are_removed(fmnist_root, tmp_path):
@@ -260,7 +260,7 @@ def _stop_group(cmd, tmp_path, desc, sig=signal.SIGTERM):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    prefix, st = resume.find_checkpoint(str(tmp_path / desc))
+    prefix, st = checkpoints.find_checkpoint(str(tmp_path / desc))
     assert prefix is not None and prefix.endswith('latest') and st['step'] >= 4, out[-3000:]
     assert 'stopped by signal' in out and 'DataLoader worker' not in out, out[-3000:]
     # no traceback but torchrun's own report of the signal it received (it exits 1 by design)

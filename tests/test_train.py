@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import resume
+import checkpoints
 
 from conftest import ref
 
@@ -211,7 +211,7 @@ def test_apex_optimizer_state_continues_adamw():
     the bias correction at t = 11 with the stored moments."""
     from hps import Hyperparams
     from train import make_optimizer
-    from utils import load_optimizer_file
+    from checkpoints import load_optimizer_file
     from vae import VAE
     H = Hyperparams(json.load(open(ref('tiny32', 'config.json')))['H'])
     model = VAE(H)
@@ -237,7 +237,7 @@ def test_apex_optimizer_state_continues_adamw():
 
 
 def test_restore_log_reads_release_format():
-    from utils import restore_log
+    from checkpoints import restore_log
     assert restore_log(ref('tiny32', 'log.jsonl')) == (6.2851, 10, 2)
 
 
@@ -260,16 +260,16 @@ def test_crash_during_checkpoint_write_keeps_previous(fmnist_root, tmp_path, mon
     model, ema = train.build_models(H, d)
     opt = train.make_optimizer(H, model, d.device)
     with pytest.raises(KeyboardInterrupt):
-        resume.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=99, epoch=0, batch=0,
+        checkpoints.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=99, epoch=0, batch=0,
                                                                                best_eval=1.0))
     after = {f: open(os.path.join(rd, f), 'rb').read() for f in os.listdir(rd) if f.startswith('latest-')}
     assert after == before  # nothing torn, no temporary left behind
-    prefix, st = resume.find_checkpoint(rd)
+    prefix, st = checkpoints.find_checkpoint(rd)
     assert prefix.endswith('latest') and st['step'] == 3
     # a set torn between renames (new model file, old state file) is recognised and skipped
     with open(os.path.join(rd, 'latest-model.th'), 'ab') as f:
         f.write(b'x')
-    assert resume.find_checkpoint(rd) == (None, None)
+    assert checkpoints.find_checkpoint(rd) == (None, None)
 
 
 def test_sigterm_writes_latest_and_exits_cleanly(fmnist_root, tmp_path):
@@ -284,7 +284,7 @@ def test_sigterm_writes_latest_and_exits_cleanly(fmnist_root, tmp_path):
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
-    prefix, st = resume.find_checkpoint(str(tmp_path / 's'))
+    prefix, st = checkpoints.find_checkpoint(str(tmp_path / 's'))
     assert prefix is not None and st['step'] >= 4
     assert 'stopped by signal' in out
     assert (tmp_path / 's' / 'loss.png').exists()  # before the first epoch's evaluation: written at the stop
@@ -333,7 +333,7 @@ def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(fmnist_root, 
     os.kill(pid, signal.SIGTERM)
     out, err = p.communicate(timeout=180)
     assert p.returncode == 0, err[-3000:]
-    prefix, st = resume.find_checkpoint(str(tmp_path / 'v'))
+    prefix, st = checkpoints.find_checkpoint(str(tmp_path / 'v'))
     assert prefix is not None and st['step'] >= 4 and st['world_size'] == 2
     assert f'stopped by signal at step {st["step"]}' in out
 
@@ -597,7 +597,7 @@ def test_mismatch_message_names_preset_and_block_override(tmp_path):
     """A cifar10 checkpoint with two encoder blocks missing (like the released ffhq1024
     files) is recognised and the message says how to override the block string."""
     from hps import preset
-    from utils import describe_mismatch
+    from checkpoints import describe_mismatch
     from vae import VAE
     H = preset('cifar10')
     with torch.device('meta'):

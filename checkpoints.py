@@ -1,30 +1,360 @@
-"""Checkpoints of a run and resuming from them: writing a set, finding the newest complete
-set, restoring from it (or from the release's four restore flags), and the run folder's bookkeeping.
+"""A run's checkpoints: reading them safely, checking that a file fits the model, writing a
+set, finding the newest complete set, resuming from it (or from the release's four restore
+flags), and the run folder's bookkeeping.
 
 A checkpoint set {run_dir}/{name}-* holds the release's four files (-model.th,
 -model-ema.th, -opt.th, -log.jsonl) plus -state.th, written last, with the step, epoch,
 position in the epoch, every rank's RNG state, the configuration, a fingerprint of the
 training data and the size and CRC of the other four.  Before a new `latest` set is
 written the complete current one becomes `previous`, so a crash at any point of a save
-leaves one complete set behind.  train.py calls these; sample.py and evaluate.py use
-find_checkpoint / resolve_weights to read a run.
+leaves one complete set behind.  Every file is read with torch.load(weights_only=True)
+(safe_torch_load), and a file that does not fit the model is one line saying why
+(describe_mismatch).  train.py calls these; sample.py and evaluate.py use resolve_weights
+to read a run, released.py the loaders and describe_mismatch.
 """
 import json
 import os
+import pickle
 import shutil
 import time
+import zipfile
 import zlib
 
 import numpy as np
 import torch
 
 import data
-from hps import UserError, apply_run_config
-from utils import (atomic_copy, atomic_save, atomic_write, barrier, file_crc, file_damage, gather_objects,
-                   load_optimizer_file, remove_stale_temporaries, restore_log, restore_params, safe_torch_load,
-                   saved_run_config)
+from hps import HPARAMS_REGISTRY, UserError, apply_run_config, preset
+from utils import atomic_write, barrier, first_sentence, gather_objects, read_log, remove_stale_temporaries
 
+# The release's four files of a checkpoint set; its -state.th records the size and CRC of each.
 CHECKPOINT_FILES = ['-model.th', '-model-ema.th', '-opt.th', '-log.jsonl']
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def safe_torch_load(path, what='checkpoint'):
+    """torch.load with weights_only=True onto the CPU; no code inside the file can run.
+    Anything unreadable is a one-line UserError naming the file and what is wrong with it
+    (why_unreadable)."""
+    if not path or not os.path.exists(path):
+        raise UserError(f"{what} file {path!r} does not exist")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = [line.strip() for line in str(e).splitlines() if 'GLOBAL' in line]
+        if found:  # a pickled Python object: unpickling it could run code
+            name = found[0].split('GLOBAL', 1)[1].split()[0]
+            raise UserError(f"refusing to load {path}: besides tensors it holds a Python object ({name}), "
+                            f"which could run code when unpickled; use a plain {what} (torch.save of a "
+                            "state_dict(), as this repository and the release write), or re-save this one's "
+                            "state_dict() where you trust its source") from None
+        raise UserError(f"cannot read {what} {path}: {why_unreadable(path, e)}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # torch.load raises RuntimeError, KeyError, IndexError, EOFError, ... on non-files
+        raise UserError(f"cannot read {what} {path}: {why_unreadable(path, e)}") from None
+
+
+def load_state_dict_file(path):
+    """A plain {name: tensor} state dict from ``path``, ``module.`` prefixes stripped."""
+    sd = safe_torch_load(path, 'state dict')
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise UserError(f"{path} is not a model state dict (expected a dict of parameter name -> tensor, "
+                        f"got {type(sd).__name__}); pass a -model.th or -model-ema.th file")
+    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in sd.items()}
+
+
+def _zip_intact(path):
+    """True: a complete zip (torch.save's format) whose every member matches the CRC stored
+    with it; False: a zip that is cut off or whose bytes changed; None: not a zip at all."""
+    with open(path, 'rb') as f:
+        is_zip = f.read(4) == b'PK\x03\x04'
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error):
+        return False if is_zip else None
+
+
+def why_unreadable(path, error):
+    """Why torch.load failed on ``path``, in words: empty, truncated (a zip cut off before
+    its directory), a checksum failure (a member's bytes differ from the CRC the zip stores
+    with them), pickled data that cannot be unpickled, or not a PyTorch file at all."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 'it is empty (0 bytes)'
+    intact = _zip_intact(path)
+    if intact is None:
+        with open(path, 'rb') as f:
+            legacy = f.read(1) == b'\x80'  # a pickle: torch.save's format before the zip one
+        if not legacy:
+            return 'it is not a PyTorch file (neither the zip format of torch.save nor its older pickle format)'
+        return f'its pickled data cannot be unpickled, so it is truncated or corrupt ({type(error).__name__}' + \
+            (f': {first_sentence(error)})' if first_sentence(error) else ')')
+    if not intact:
+        if not zipfile.is_zipfile(path):
+            return (f'it is truncated: {size:,} bytes of a PyTorch (zip) file whose end, the zip directory, is '
+                    'missing (a write or copy that did not finish)')
+        return ('it fails its checksum: bytes inside it differ from the CRC stored with them (changed in place: '
+                'disk, memory or copy corruption)')
+    detail = first_sentence(error)
+    return f'its pickled data cannot be unpickled ({type(error).__name__}{": " + detail if detail else ""})'
+
+
+def file_crc(path):
+    crc = 0
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 24), b''):
+            crc = zlib.crc32(chunk, crc)
+    return os.path.getsize(path), crc
+
+
+def file_damage(path, recorded):
+    """What is wrong with ``path`` against the (size, CRC) ``recorded`` when it was saved, in
+    words; None when it matches."""
+    if not os.path.exists(path):
+        return 'missing'
+    (size, crc), (rsize, rcrc) = file_crc(path), tuple(recorded)
+    if (size, crc) == (rsize, rcrc):
+        return None
+    if _zip_intact(path):  # a whole, self-consistent file, just not the one recorded
+        return (f'another file than the one recorded ({size:,} bytes, recorded {rsize:,}; e.g. from a later save '
+                'that did not finish)')
+    if size < rsize:
+        return f'truncated ({size:,} of {rsize:,} bytes)'
+    if size == rsize:
+        return (f'checksum failure (same size, CRC {crc:08x} instead of {rcrc:08x}: bytes changed in place, e.g. '
+                'by disk or copy corruption)')
+    return f'changed since it was saved ({size:,} bytes, recorded {rsize:,})'
+
+
+# ----------------------------------------------------------------------------- does a file fit the model
+
+def describe_mismatch(model, sd, path, H):
+    """One line saying how ``sd`` differs from ``model``: the most likely cause and its fix
+    first, then the details after ';'."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    wrong = [f'{k} {tuple(sd[k].shape)} vs {tuple(want[k].shape)}' for k in want
+             if k in sd and sd[k].shape != want[k].shape]
+    parts = [f"{path} does not fit the model built from --hps {H.hparam_sets}"]
+    guess = guess_preset(sd)
+    cause = _likely_cause(sd, want, H)
+    if guess:
+        parts[0] += f": it looks like a checkpoint of the {guess!r} preset, run with --hps {guess}"
+        if cause:
+            parts.append(cause[0])
+    elif cause:
+        parts[0] += f": {cause[0]}; {cause[1]}"
+    parts.append(f"{len(sd)} tensors in the file, {len(want)} in the model")
+    if missing:
+        parts.append(f"missing from the file ({len(missing)}): {_abbrev(missing)}")
+    if unexpected:
+        parts.append(f"not in the model ({len(unexpected)}): {_abbrev(unexpected)}")
+    if wrong:
+        parts.append(f"Shape differs ({len(wrong)}): {_abbrev(wrong)}")
+    return '; '.join(parts)
+
+
+def guess_preset(sd):
+    """Name of the registry preset whose model has exactly these keys and shapes (or None)."""
+    from vae import VAE  # only needed on this error path
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    for name in HPARAMS_REGISTRY:
+        with torch.device('meta'):
+            ref = VAE(preset(name)).state_dict()
+        if {k: tuple(v.shape) for k, v in ref.items()} == shapes:
+            return name
+    return None
+
+
+def _likely_cause(sd, want, H):
+    """(what differs, the fix) for the first architecture setting that explains a mismatch."""
+    def shape(d, k):
+        return tuple(d[k].shape) if k in d else None
+    from vae_helpers import dmol_params_per_mixture
+    conv_in, conv_out = 'encoder.in_conv.weight', 'decoder.out_net.out_conv.weight'
+    f_in, m_in, f_out = shape(sd, conv_in), shape(want, conv_in), shape(sd, conv_out)
+    if f_in and m_in and f_in[1] != m_in[1]:
+        return (f"the file is for {f_in[1]}-channel images and the model for {m_in[1]}-channel ones ({H.dataset}: "
+                f"{conv_in} {f_in} vs {m_in})",
+                "use a preset of the checkpoint's dataset (--hps, e.g. cifar10 or imagenet32 for RGB, "
+                "fashion_mnist for grayscale) or the checkpoint of a run on this dataset")
+    if f_in and m_in and f_in[0] != m_in[0]:
+        return f"the file has width {f_in[0]}, the model {m_in[0]}", f"pass --width {f_in[0]}"
+    m_out = shape(want, conv_out)
+    if f_out and m_out and f_out != m_out:
+        k = f_out[0] // dmol_params_per_mixture(H.image_channels)
+        return f"the output head differs ({conv_out} {f_out} vs {m_out})", f"pass --num_mixtures {k}"
+    for kind, prefix, flag in [('encoder', 'encoder.enc_blocks.', '--enc_blocks'),
+                               ('decoder', 'decoder.dec_blocks.', '--dec_blocks')]:
+        n_file, n_model = _block_count(sd, prefix), _block_count(want, prefix)
+        if n_file != n_model:
+            return (f"The file has {n_file} {kind} blocks, {flag} {H[flag[2:]]!r} builds {n_model}",
+                    f"pass {flag} with a layer string of {n_file} blocks that matches the file")
+    return None
+
+
+def _block_count(keys, prefix):
+    idx = {int(k[len(prefix):].split('.')[0]) for k in keys if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def _abbrev(items, n=3):
+    return ', '.join(items[:n]) + (' ...' if len(items) > n else '')
+
+
+def check_finite(sd, path):
+    """Refuse a state dict with NaN or infinite values (a damaged file or a diverged run)."""
+    bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path} holds values that are not finite (NaN or inf) in {len(bad)} of {len(sd)} tensors "
+                        f"({_abbrev(bad)}): the file is damaged, or was saved from a diverged run; use another "
+                        "checkpoint")
+
+
+# ----------------------------------------------------------------------------- the record of a set
+
+def _sibling_state(path):
+    """(suffix, path of the -state.th beside it) for a file of a checkpoint set whose
+    -state.th exists; (None, None) otherwise."""
+    suffix = next((s for s in CHECKPOINT_FILES if path.endswith(s)), None)
+    state_path = path[:-len(suffix)] + '-state.th' if suffix else None
+    return (suffix, state_path) if state_path and os.path.isfile(state_path) else (None, None)
+
+
+def check_recorded_checksum(path):
+    """If ``path`` is a file of a checkpoint set whose -state.th is beside it, refuse it
+    when its size or CRC differ from those recorded at save time.  Returns whether a
+    record was found and matched."""
+    suffix, state_path = _sibling_state(path)
+    if state_path is None:
+        return False
+    try:
+        recorded = tuple(safe_torch_load(state_path, 'training state')['files'][suffix])
+    except (UserError, KeyError, TypeError, IndexError):
+        return False  # no usable record: the caller's other checks still apply
+    damage = file_damage(path, recorded)
+    if damage:
+        raise UserError(f"{path} is damaged: {damage}, against the size and CRC that {state_path} recorded "
+                        "when it was saved; use another checkpoint of the run (e.g. previous-* or an iter-N-* set)")
+    return True
+
+
+def saved_run_config(path):
+    """The 'H' of the -state.th beside a checkpoint file (None where there is none)."""
+    _, state_path = _sibling_state(path)
+    if state_path is None:
+        return None
+    try:
+        return safe_torch_load(state_path, 'training state').get('H')
+    except (UserError, AttributeError):
+        return None
+
+
+# ----------------------------------------------------------------------------- loading weights, optimizer state and logs
+
+def restore_params(model, path, H, verified=False):
+    """Load a -model.th / -model-ema.th file into ``model`` (any device), strictly.  The
+    file must match the size and CRC its set's -state.th recorded (where there is one;
+    ``verified``: the caller has checked that already, e.g. find_checkpoint) and
+    hold only finite values."""
+    if not verified:
+        check_recorded_checksum(path)
+    sd = load_state_dict_file(path)
+    want = model.state_dict()
+    if set(sd) != set(want) or any(sd[k].shape != want[k].shape for k in want):
+        raise UserError(describe_mismatch(model, sd, path, H))
+    check_finite(sd, path)
+    model.load_state_dict(sd)
+
+
+def convert_apex_optimizer_state(sd):
+    """Turn an apex FusedAdam state dict (step per group, no per-parameter step) into
+    torch.optim.AdamW's layout (a float32 0-dim ``step`` per parameter).  torch-format
+    dicts pass through unchanged.  See tests/reference/apex_fusedadam_state.md."""
+    if not isinstance(sd, dict) or 'state' not in sd or 'param_groups' not in sd:
+        raise UserError("optimizer file is not an optimizer state dict (no 'state'/'param_groups')")
+    groups = sd['param_groups']
+    if not any('bias_correction' in g for g in groups):  # apex-only key
+        return sd
+    state = {}
+    for g in groups:
+        step = float(g.get('step', 0))
+        for p in g['params']:
+            if p in sd['state'] and sd['state'][p]:
+                s = dict(sd['state'][p])
+                s.setdefault('step', torch.tensor(step, dtype=torch.float32))
+                state[p] = s
+    new_groups = [{k: v for k, v in g.items() if k not in ('bias_correction', 'step')} for g in groups]
+    return {'state': state, 'param_groups': new_groups}
+
+
+# Flags that choose the optimizer's implementation: they belong to this run, not to the file.
+OPTIMIZER_IMPL_KEYS = ('fused', 'foreach', 'capturable', 'differentiable')
+
+
+def load_optimizer_file(optimizer, path, verified=False):
+    """Load an optimizer state file (ours, or the release's apex FusedAdam file) into
+    ``optimizer``.  The param groups keep the optimizer's own implementation flags
+    (fused/foreach/capturable/differentiable) whatever the file says or lacks, so loading
+    decides the ``step`` tensors' device as this optimizer needs, and each state tensor
+    (exp_avg, exp_avg_sq) is laid out like its parameter (a file written with the other
+    --channels_last setting has the other strides; the fused kernels need them equal).
+    A learning rate that is a tensor (--cuda_graphs: the device tensor the captured step
+    reads) stays that very tensor; load_state_dict would put in the file's, a float or a
+    tensor loaded onto the CPU.  (A float one becomes the file's, as in the release; the
+    schedule sets it before every step anyway.)
+    ``verified``: as for restore_params."""
+    if not verified:
+        check_recorded_checksum(path)
+    sd = convert_apex_optimizer_state(safe_torch_load(path, 'optimizer state'))
+    n_file = sum(len(g['params']) for g in sd['param_groups'])
+    n_model = sum(len(g['params']) for g in optimizer.param_groups)
+    if n_file != n_model or len(sd['param_groups']) != len(optimizer.param_groups):
+        raise UserError(f"{path} holds optimizer state for {n_file} parameter tensors, the model has {n_model}; "
+                        "is it from another preset?")
+    own = [{k: g[k] for k in OPTIMIZER_IMPL_KEYS if k in g} for g in optimizer.param_groups]
+    sd = dict(sd, param_groups=[dict(g, **flags) for g, flags in zip(sd['param_groups'], own)])
+    own_lr = [g['lr'] for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(sd)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"cannot load optimizer state {path}: {e}") from None
+    for g, lr in zip(optimizer.param_groups, own_lr):
+        if torch.is_tensor(lr):
+            g['lr'] = lr
+        g['decoupled_weight_decay'] = True  # AdamW's, even if the file says otherwise
+        for p in g['params']:
+            state = optimizer.state.get(p, {})
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)  # p's strides, v's values
+
+
+def restore_log(path):
+    """The release's log-based restore: (best eval elbo, step, epoch) from its
+    eval_loss and train_loss lines."""
+    loaded = read_log(path)
+    train = [z for z in loaded if z.get('type') == 'train_loss']
+    if not train:
+        raise UserError(f"{path} has no train_loss lines, so step and epoch cannot be restored from it")
+    evals = [z['elbo'] for z in loaded if z.get('type') == 'eval_loss']
+    return (min(evals) if evals else float('inf')), max(z['step'] for z in train), max(z['epoch'] for z in train)
+
+
+# ----------------------------------------------------------------------------- writing a set
+
+def atomic_save(obj, path):
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+
+
+def atomic_copy(src, dst):
+    with atomic_write(dst) as f, open(src, 'rb') as fi:
+        shutil.copyfileobj(fi, f)
 
 
 def rng_state(device):
@@ -85,6 +415,8 @@ def keep_previous(run_dir):
         os.replace(tmp, dst)
 
 
+# ----------------------------------------------------------------------------- finding the newest complete set
+
 def _state(prefix):
     """(training state recorded in {prefix}-state.th, None), or (None, why it is unreadable)."""
     try:
@@ -98,7 +430,7 @@ def _state(prefix):
 
 def damaged_files(prefix, st):
     """{suffix: what is wrong} for the files of the set {prefix}-* whose size or CRC differ
-    from those its state ``st`` recorded (utils.file_damage); empty when the set is complete."""
+    from those its state ``st`` recorded (file_damage); empty when the set is complete."""
     damage = {}
     for s in CHECKPOINT_FILES:
         try:
@@ -185,6 +517,8 @@ def set_aside(run_dir):
         os.replace(os.path.join(run_dir, f), os.path.join(folder, f))
     return folder
 
+
+# ----------------------------------------------------------------------------- resuming
 
 # Hyperparameters whose change makes the saved state mean something else: the seed (the
 # data order), the architecture (the weights).  The batch is checked as the global batch,
