@@ -26,9 +26,16 @@ import torch
 import data
 from hps import HPARAMS_REGISTRY, UserError, apply_run_config, preset
 from utils import atomic_write, barrier, first_sentence, gather_objects, read_log, remove_stale_temporaries
+from vae import VAE, parse_layer_string
+from vae_helpers import dmol_params_per_mixture
 
 # The release's four files of a checkpoint set; its -state.th records the size and CRC of each.
 CHECKPOINT_FILES = ['-model.th', '-model-ema.th', '-opt.th', '-log.jsonl']
+# The hyperparameters that decide the shapes of a model's state dict.
+SHAPE_KEYS = ('image_size', 'image_channels', 'width', 'zdim', 'custom_width_str', 'bottleneck_multiple',
+              'no_bias_above', 'num_mixtures', 'enc_blocks', 'dec_blocks')
+ENC_BLOCKS, DEC_BLOCKS = 'encoder.enc_blocks.', 'decoder.dec_blocks.'  # state-dict key prefixes of the blocks
+CONV_IN, CONV_OUT = 'encoder.in_conv.weight', 'decoder.out_net.out_conv.weight'
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -159,23 +166,45 @@ def describe_mismatch(model, sd, path, H):
 
 
 def guess_preset(sd):
-    """Name of the registry preset whose model has exactly these keys and shapes (or None)."""
-    from vae import VAE  # only needed on this error path
+    """Name of the registry preset whose model has exactly the keys and shapes of ``sd``, or
+    None.  Cheap, as an error path should be: a preset's model is built (model_shapes, on the
+    meta device, once per architecture) only when its outline, read off its flags, is the
+    file's: the numbers of encoder and decoder blocks and the input and output convolutions."""
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    outline = (block_count(shapes, ENC_BLOCKS), block_count(shapes, DEC_BLOCKS), shapes.get(CONV_IN),
+               shapes.get(CONV_OUT))
     for name in HPARAMS_REGISTRY:
-        with torch.device('meta'):
-            ref = VAE(preset(name)).state_dict()
-        if {k: tuple(v.shape) for k, v in ref.items()} == shapes:
+        H = preset(name)
+        if _outline(H) == outline and model_shapes(H) == shapes:
             return name
     return None
+
+
+def _outline(H):
+    """guess_preset's outline of VAE(H), without building it."""
+    return (len(parse_layer_string(H.enc_blocks)), len(parse_layer_string(H.dec_blocks)),
+            (H.width, H.image_channels, 3, 3),
+            (H.num_mixtures * dmol_params_per_mixture(H.image_channels), H.width, 1, 1))
+
+
+_SHAPES = {}  # model_shapes' cache: SHAPE_KEYS values -> {name: shape}
+
+
+def model_shapes(H):
+    """{name: shape} of VAE(H)'s state dict, built on the meta device (no memory, no
+    initialisation) once per architecture (SHAPE_KEYS)."""
+    key = tuple(H[k] for k in SHAPE_KEYS)
+    if key not in _SHAPES:
+        with torch.device('meta'):
+            _SHAPES[key] = {k: tuple(v.shape) for k, v in VAE(H).state_dict().items()}
+    return dict(_SHAPES[key])
 
 
 def _likely_cause(sd, want, H):
     """(what differs, the fix) for the first architecture setting that explains a mismatch."""
     def shape(d, k):
         return tuple(d[k].shape) if k in d else None
-    from vae_helpers import dmol_params_per_mixture
-    conv_in, conv_out = 'encoder.in_conv.weight', 'decoder.out_net.out_conv.weight'
+    conv_in, conv_out = CONV_IN, CONV_OUT
     f_in, m_in, f_out = shape(sd, conv_in), shape(want, conv_in), shape(sd, conv_out)
     if f_in and m_in and f_in[1] != m_in[1]:
         return (f"the file is for {f_in[1]}-channel images and the model for {m_in[1]}-channel ones ({H.dataset}: "
@@ -188,16 +217,16 @@ def _likely_cause(sd, want, H):
     if f_out and m_out and f_out != m_out:
         k = f_out[0] // dmol_params_per_mixture(H.image_channels)
         return f"the output head differs ({conv_out} {f_out} vs {m_out})", f"pass --num_mixtures {k}"
-    for kind, prefix, flag in [('encoder', 'encoder.enc_blocks.', '--enc_blocks'),
-                               ('decoder', 'decoder.dec_blocks.', '--dec_blocks')]:
-        n_file, n_model = _block_count(sd, prefix), _block_count(want, prefix)
+    for kind, prefix, flag in [('encoder', ENC_BLOCKS, '--enc_blocks'), ('decoder', DEC_BLOCKS, '--dec_blocks')]:
+        n_file, n_model = block_count(sd, prefix), block_count(want, prefix)
         if n_file != n_model:
             return (f"The file has {n_file} {kind} blocks, {flag} {H[flag[2:]]!r} builds {n_model}",
                     f"pass {flag} with a layer string of {n_file} blocks that matches the file")
     return None
 
 
-def _block_count(keys, prefix):
+def block_count(keys, prefix):
+    """Blocks in a state dict's ``keys`` whose names start with ``prefix`` (ENC_BLOCKS, DEC_BLOCKS)."""
     idx = {int(k[len(prefix):].split('.')[0]) for k in keys if k.startswith(prefix)}
     return max(idx) + 1 if idx else 0
 

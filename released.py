@@ -32,9 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoints import describe_mismatch, load_state_dict_file, safe_torch_load
+from checkpoints import (ENC_BLOCKS, SHAPE_KEYS, block_count, describe_mismatch, load_state_dict_file, model_shapes,
+                         safe_torch_load)
 from hps import Hyperparams, UserError, add_vae_arguments, parse_args_and_update_hparams
 from utils import read_log, run_main
+from vae import VAE
 
 RELEASE_URL = 'https://openaipublic.blob.core.windows.net/very-deep-vaes-assets'
 URL_ENV = 'VDVAE_CHECKPOINT_URL'
@@ -65,9 +67,6 @@ RELEASES = [
 # The paper's figure for a preset with several released checkpoints (the mean over cifar10's seeds).
 PUBLISHED_MEAN_BPD = {'cifar10': '2.87'}
 EMA, BUNDLE = '-model-ema.th', ('-model.th', '-opt.th', '-log.jsonl')
-# The hyperparameters that decide the shapes of a model's state dict.
-SHAPE_KEYS = ('image_size', 'image_channels', 'width', 'zdim', 'custom_width_str', 'bottleneck_multiple',
-              'no_bias_above', 'num_mixtures', 'enc_blocks', 'dec_blocks')
 CHUNK = 1 << 20
 
 
@@ -111,13 +110,6 @@ def hparams_for(preset_name, argv=()):
     return parse_args_and_update_hparams(Hyperparams(), parser, ['--hps', preset_name, *argv])
 
 
-def model_shapes(H):
-    """{name: shape} of VAE(H)'s state dict, built on the meta device (no memory, no init cost)."""
-    from vae import VAE
-    with torch.device('meta'):
-        return {k: tuple(v.shape) for k, v in VAE(H).state_dict().items()}
-
-
 def _encoder_block_signatures(shapes, n):
     """Per encoder block of a state dict: (shapes of c1..c4 weights and biases), or None if
     the block is incomplete."""
@@ -126,11 +118,6 @@ def _encoder_block_signatures(shapes, n):
         keys = [f'encoder.enc_blocks.{i}.{c}.{p}' for c in ('c1', 'c2', 'c3', 'c4') for p in ('weight', 'bias')]
         sig.append(tuple(shapes.get(k) for k in keys) if all(k in shapes for k in keys) else None)
     return sig
-
-
-def _n_blocks(shapes, prefix):
-    idx = {int(k[len(prefix):].split('.')[0]) for k in shapes if k.startswith(prefix)}
-    return max(idx) + 1 if idx else 0
 
 
 def _removals(caps, k):
@@ -163,10 +150,9 @@ def fit_encoder_string(shapes, H, max_missing=8):
     shapes depend only on its resolution's width and on whether its 3x3 convs are 1x1
     (resolutions <= 2), so the file's block shapes decide which runs are shorter, up to runs of
     identical shapes; among those, the last runs (lowest resolutions) are shortened first."""
-    prefix = 'encoder.enc_blocks.'
     tokens = H.enc_blocks.split(',')
     model = model_shapes(H)
-    n_file, n_model = _n_blocks(shapes, prefix), _n_blocks(model, prefix)
+    n_file, n_model = block_count(shapes, ENC_BLOCKS), block_count(model, ENC_BLOCKS)
     if not 0 < n_model - n_file <= max_missing:
         return None
     want = _encoder_block_signatures(shapes, n_file)
@@ -192,7 +178,6 @@ def check_shapes(shapes, H, what):
     fitted = fit_encoder_string(shapes, H)
     if fitted is not None:
         return {'enc_blocks': fitted}
-    from vae import VAE
     with torch.device('meta'):
         model = VAE(H)
     raise WrongFile(describe_mismatch(model, {k: torch.empty(s, device='meta') for k, s in shapes.items()}, what, H))

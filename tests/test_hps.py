@@ -82,3 +82,28 @@ def test_wrong_checkpoint_names_its_preset():
     from checkpoints import describe_mismatch
     msg = describe_mismatch(model, sd, 'f.th', H)
     assert "'imagenet32' preset" in msg and 'Shape differs' in msg
+
+
+def test_naming_the_preset_of_a_file_builds_only_the_preset_that_fits(monkeypatch):
+    """describe_mismatch is an error path, so guessing the file's preset stays cheap: no model
+    is built for a preset whose block counts or input and output convolutions differ from the
+    file's (every preset's model was built), and the one that fits is built once."""
+    import checkpoints
+    import vae
+    from hps import preset
+    H = preset('cifar10')
+    with torch.device('meta'):
+        model = vae.VAE(H)
+        of_no_preset = vae.VAE(preset('fashion_mnist', width=16, zdim=2)).state_dict()
+        of_imagenet32 = vae.VAE(preset('imagenet32')).state_dict()
+    monkeypatch.setattr(checkpoints, '_SHAPES', {}, raising=False)  # nothing built before
+    built, init = [], vae.VAE.__init__
+
+    def counted(self, H):
+        built.append(H.hparam_sets)
+        init(self, H)
+    monkeypatch.setattr(vae.VAE, '__init__', counted)
+    assert 'looks like' not in checkpoints.describe_mismatch(model, of_no_preset, 'f.th', H) and built == []
+    for _ in range(2):
+        assert "'imagenet32' preset" in checkpoints.describe_mismatch(model, of_imagenet32, 'f.th', H)
+    assert built == ['imagenet32']
