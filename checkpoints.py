@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import data
-from hps import HPARAMS_REGISTRY, UserError, apply_run_config, preset
+from hps import HPARAMS_REGISTRY, NOT_RUN_KEYS, UserError, apply_run_config, preset
 from utils import atomic_write, barrier, first_sentence, gather_objects, read_log, remove_stale_temporaries
 from vae import VAE, parse_layer_string
 from vae_helpers import dmol_params_per_mixture
@@ -555,10 +555,6 @@ def set_aside(run_dir):
 ARCH_KEYS = ['dataset', 'image_size', 'image_channels', 'width', 'zdim', 'enc_blocks', 'dec_blocks',
              'custom_width_str', 'bottleneck_multiple', 'no_bias_above', 'num_mixtures']
 EXACT_RESUME_KEYS = ['seed'] + ARCH_KEYS
-# Where the run lives, how it is launched and shown, and what to restore: never a change of the run.
-NOT_RUN_KEYS = ['desc', 'save_dir', 'run_dir', 'resume', 'restart', 'allow_changes', 'no_progress', 'port',
-                'dist_timeout', 'num_workers', 'threads', 'test_eval', 'restore_path', 'restore_ema_path',
-                'restore_log_path', 'restore_optimizer_path']
 
 
 def changed_hparams(old, new):

@@ -330,20 +330,26 @@ def parse_args_and_update_hparams(H, parser, s=None):
     return H
 
 
-# Keys of a saved run configuration that describe where and how a process runs, not the
-# run: never taken from a run's saved config by the tools that read the run.
-PROCESS_KEYS = {'save_dir', 'desc', 'run_dir', 'restore_path', 'restore_ema_path', 'restore_log_path',
-                'restore_optimizer_path', 'resume', 'test_eval', 'device', 'port', 'dist_timeout', 'threads',
-                'num_workers', 'no_progress', 'compile', 'compile_scope', 'compile_mode', 'channels_last',
-                'grad_checkpoint', 'precision', 'rank_invariant_noise', 'hparam_sets'}
+# Keys that are never part of a run: where it lives, how its processes are launched and shown,
+# what they restore.  Resuming with other values is no change of the run (checkpoints.changed_hparams),
+# and the tools that read a run never take them from its saved configuration (apply_run_config).
+NOT_RUN_KEYS = ('desc', 'save_dir', 'run_dir', 'resume', 'restart', 'allow_changes', 'test_eval', 'restore_path',
+                'restore_ema_path', 'restore_log_path', 'restore_optimizer_path', 'port', 'dist_timeout',
+                'num_workers', 'threads', 'no_progress')
+# How a process trains (device, precision, speed options) and the presets its own --hps named.  Part
+# of a run: a resume with other values logs them as changes (the numbers move).  But the tools that
+# read a run keep their own (evaluation and sampling run the EMA model eagerly, in IEEE fp32).
+TRAINING_ONLY_KEYS = ('device', 'precision', 'compile', 'compile_scope', 'compile_mode', 'cuda_graphs',
+                      'channels_last', 'grad_checkpoint', 'rank_invariant_noise', 'hparam_sets')
 
 
 def apply_run_config(H, saved, explicit):
-    """Make a run's saved configuration (the 'H' of its -state.th) the default of H:
-    every key of ``saved`` that H has, that the command line did not give (``explicit``)
-    and that is not a PROCESS_KEYS, takes the run's value.  Returns {key: value} changed."""
+    """Make a run's saved configuration (the 'H' of its -state.th) the default of H: every
+    key of ``saved`` that H has, that the command line did not give (``explicit``) and that
+    is neither in NOT_RUN_KEYS nor in TRAINING_ONLY_KEYS, takes the run's value.  Returns
+    {key: value} changed."""
     changed = {k: v for k, v in (saved or {}).items()
-               if k in H and k not in explicit and k not in PROCESS_KEYS and H[k] != v}
+               if k in H and k not in explicit and k not in NOT_RUN_KEYS + TRAINING_ONLY_KEYS and H[k] != v}
     H.update(changed)
     check_ranges(H)
     return changed
