@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 import data
 from checkpoints import resolve_weights, restore_params
-from hps import (UserError, add_vae_arguments, at_least, check_ranges, explicit_flags,
+from hps import (UserError, add_vae_arguments, at_least, check_in_range, check_ranges, explicit_flags,
                  Hyperparams, int_list, parse_args_and_update_hparams)
 from train import eval_batches, positions_on, standard_error, tile, write_png
 from utils import (Dist, allreduce, barrier, check_writable, cleanup_distributed, configure_cpu, gather_objects,
@@ -76,7 +76,7 @@ def add_eval_arguments(parser):
       help='--kl_stats: a block whose average KL is below this many nats per image is flagged inactive')
     a('--encode_what', choices=['dist', 'sample', 'both'], default='dist',
       help='--encode: posterior means and log-stds (dist), posterior samples z (sample), or all three')
-    a('--encode_blocks', nargs='+', default=['all'], help='--encode: decoder blocks to export, e.g. 0-9 12 (all)')
+    a('--encode_blocks', nargs='+', default=None, help='--encode: decoder blocks to export, e.g. 0-9 12 (default: all)')
     a('--images', type=str, nargs='+', default=None, help='image files for --reconstruct/--interpolate')
     a('--indices', nargs='+', default=None,
       help='positions in --split for --reconstruct/--interpolate (instead of --images), e.g. 0 1 2 3')
@@ -99,9 +99,9 @@ def parse_args(argv=None):
     H = parse_args_and_update_hparams(Hyperparams(), parser, argv)
     check_ranges(H, RANGES)
     H.explicit = sorted(explicit_flags(parser, argv))
-    H.indices = int_list(H.indices, '--indices')
-    for name in ('keep', 'interp_layers', 'encode_blocks'):  # list flags -> '0,3,7' strings for _int_list
-        H[name] = None if H[name] is None else ','.join(H[name])
+    for name in ('indices', 'keep', 'interp_layers'):
+        H[name] = int_list(H[name], f'--{name}')
+    H.encode_blocks = None if H.encode_blocks in (None, ['all']) else int_list(H.encode_blocks, '--encode_blocks')
     return H
 
 
@@ -146,39 +146,28 @@ def check_args(H):
             raise UserError(f"--{flag} {H[flag]}: no such file")
 
 
-def _int_list(s, flag, lo, hi, n_blocks):
-    """'0,3,7' -> [0, 3, 7]; ranges like '2-5' allowed; every value in [lo, hi]."""
-    out = []
-    for tok in s.split(','):
-        try:
-            a, b = tok.split('-', 1) if '-' in tok else (tok, tok)
-            vals = list(range(int(a), int(b) + 1))
-        except ValueError:
-            raise UserError(f"{flag} {s!r}: expected comma-separated integers or ranges like 2-5") from None
-        bad = [v for v in vals if not lo <= v <= hi]
-        if bad or not vals:
-            raise UserError(f"{flag} {s!r}: {bad[0] if bad else tok} is out of range [{lo}, {hi}] (the model has "
-                            f"{n_blocks} decoder blocks)")
-        out += vals
-    return sorted(set(out), key=out.index)
-
-
 def check_model_args(H, n_blocks):
-    """Checks that need the number of decoder blocks; fills H.keep_list etc."""
+    """Checks that need the number of decoder blocks; fills H.keep_list, H.interp_list and
+    H.encode_list (each value once, in the order given)."""
+    blocks = f'the model has {n_blocks} decoder blocks'
     if H.mode == 'reconstruct':
         if H.keep is None:
             spread = np.floor(np.linspace(0, 1, H.num_variables_visualize + 2) * n_blocks).astype(int)[1:-1]
             H.keep_list = sorted(set(spread.tolist()) | {n_blocks})
         else:
-            H.keep_list = _int_list(H.keep, '--keep', 0, n_blocks, n_blocks)
+            check_in_range(H.keep, '--keep', 0, n_blocks,
+                           f'the decoder has {n_blocks} latent layers, so k must be in 0..{n_blocks}')
+            H.keep_list = list(dict.fromkeys(H.keep))
     if H.mode == 'interpolate':
         if H.interp_layers is None:
             H.interp_list = sorted({max(1, n_blocks // 4), max(1, n_blocks // 2), n_blocks})
         else:
-            H.interp_list = _int_list(H.interp_layers, '--interp_layers', 1, n_blocks, n_blocks)
+            check_in_range(H.interp_layers, '--interp_layers', 1, n_blocks, blocks)
+            H.interp_list = list(dict.fromkeys(H.interp_layers))
     if H.mode == 'encode':
-        H.encode_list = (list(range(n_blocks)) if H.encode_blocks == 'all'
-                         else sorted(_int_list(H.encode_blocks, '--encode_blocks', 0, n_blocks - 1, n_blocks)))
+        if H.encode_blocks is not None:
+            check_in_range(H.encode_blocks, '--encode_blocks', 0, n_blocks - 1, blocks)
+        H.encode_list = list(range(n_blocks)) if H.encode_blocks is None else sorted(set(H.encode_blocks))
 
 
 # ----------------------------------------------------------------------------- model

@@ -267,20 +267,20 @@ def check_ranges(H, ranges=None):
             raise UserError(f"--{name} {v}: must be {words}")
 
 
-def _list_flag(tokens, flag, parse, what, hint=''):
+def _list_flag(tokens, flag, parse, what, expected):
     """Values of a list flag (nargs='+'): tokens separated by spaces and/or commas, each
-    turned into a list by ``parse``; a UserError naming the flag when one does not parse
-    or none is given.  None (flag unset) stays None."""
+    turned into a list by ``parse``; a UserError naming the flag and what it ``expected``
+    when one does not parse or none is given.  None (flag unset) stays None."""
     if tokens is None:
         return None
-    given = tokens if isinstance(tokens, str) else ' '.join(tokens)
+    given = ' '.join(tokens)
     out = []
     for tok in given.replace(' ', ',').split(','):
         if tok.strip():
             try:
                 out += parse(tok.strip())
             except ValueError:
-                raise UserError(f"{flag} {given}: expected {what}s separated by spaces or commas{hint}") from None
+                raise UserError(f"{flag} {given}: expected {expected}") from None
     if not out:
         raise UserError(f"{flag}: give at least one {what}")
     return out
@@ -293,12 +293,21 @@ def _int_range(tok):
 
 def int_list(tokens, flag):
     """Integers from a list flag, with ranges a-b: ['0,1', '3', '5-7'] -> [0, 1, 3, 5, 6, 7]."""
-    return _list_flag(tokens, flag, _int_range, 'integer', ' (ranges like 2-5 allowed)')
+    return _list_flag(tokens, flag, _int_range, 'integer',
+                      'comma-separated integers or ranges like 2-5 (spaces separate them as well)')
 
 
 def float_list(tokens, flag):
     """Numbers from a list flag: ['1.0,0.9', '0.8'] -> [1.0, 0.9, 0.8]."""
-    return _list_flag(tokens, flag, lambda tok: [float(tok)], 'number')
+    return _list_flag(tokens, flag, lambda tok: [float(tok)], 'number', 'numbers separated by spaces or commas')
+
+
+def check_in_range(values, flag, lo, hi, why):
+    """Refuse a list flag whose values (int_list) are not all in [lo, hi]: one line naming
+    the flag, the first value outside and ``why`` the range is what it is."""
+    bad = [v for v in values if not lo <= v <= hi]
+    if bad:
+        raise UserError(f"{flag} {' '.join(map(str, values))}: {bad[0]} is out of range [{lo}, {hi}] ({why})")
 
 
 def explicit_flags(parser, s=None):

@@ -27,7 +27,7 @@ from PIL import Image
 
 import data
 from checkpoints import resolve_weights, restore_params
-from hps import (UserError, add_vae_arguments, at_least, check_ranges, explicit_flags,
+from hps import (UserError, add_vae_arguments, at_least, check_in_range, check_ranges, explicit_flags,
                  float_list, Hyperparams, int_list, parse_args_and_update_hparams)
 from train import sample_grid, tile
 from utils import check_writable, ieee_fp32, run_main, setup_distributed
@@ -147,9 +147,7 @@ def reconstructions(H, model, x, ks, device):
     (the rest from the prior at t=0.1) for each k."""
     x_in, _ = data.preprocess(H, x.to(device))
     zs = [s['z'] for s in model.forward_get_latents(x_in)]
-    bad = [k for k in ks if not 0 <= k <= len(zs)]
-    if bad:
-        raise UserError(f"--keep {bad}: the decoder has {len(zs)} latent layers, so k must be in 0..{len(zs)}")
+    check_in_range(ks, '--keep', 0, len(zs), f'the decoder has {len(zs)} latent layers, so k must be in 0..{len(zs)}')
     rows = [x.numpy()] + [model.forward_samples_set_latents(len(x), zs[:k], t=0.1) for k in ks]
     return tile(np.stack(rows))
 
