@@ -199,7 +199,7 @@ class PngFolderSource(ImageSource):
     """The .png files of one folder, in sorted file-name order, decoded with Pillow
     on each read (ffhq_1024; the release read them with torchvision's ImageFolder)."""
 
-    def __init__(self, folder, image_shape, hint, rows=None):
+    def __init__(self, folder, image_shape, hint, rows=None, wants='the data set'):
         if not os.path.isdir(folder):
             raise UserError(f"{folder} not found (a folder of .png images); {hint}")
         names = sorted(os.listdir(folder))
@@ -210,31 +210,35 @@ class PngFolderSource(ImageSource):
         if not names:
             raise UserError(f"{folder} holds no .png images; {hint}")
         super().__init__(folder, image_shape, len(names), rows)
-        self.files = [os.path.join(folder, x) for x in names]
-        _read_png(self.files[0], self.image_shape, header_only=True)
+        self.files, self.wants = [os.path.join(folder, x) for x in names], wants
+        read_image(self.files[0], self.image_shape, png=True, wants=wants, header_only=True)
 
     def _gather(self, rows):
-        return np.stack([_read_png(self.files[r], self.image_shape) for r in rows])
+        return np.stack([read_image(self.files[r], self.image_shape, png=True, wants=self.wants) for r in rows])
 
 
-def _read_png(path, image_shape, header_only=False):
-    """Decode one PNG into uint8 (H, W, C); UserError naming the file if it is not
-    a readable PNG of that size and channel count."""
+def read_image(path, image_shape, png=False, wants='the data set', header_only=False):
+    """The one image reader (data folders, setup conversions, the tools' --images): one file
+    as uint8 (H, W, C) of ``image_shape``, decoded by Pillow.  The file must have exactly that
+    size and channel count (L for 1 channel, RGB for 3): nothing is resized or converted.
+    ``png``: it must also be a PNG (the data sets' image folders).  Anything else is a
+    UserError naming the file, what it is and who ``wants`` that shape."""
     from PIL import Image
     h, w, c = image_shape
-    mode = {1: 'L', 3: 'RGB'}[c]
+    mode, kind = {1: 'L', 3: 'RGB'}[c], 'PNG' if png else 'image'
     try:
         with Image.open(path) as im:
-            if im.format != 'PNG' or im.mode != mode or im.size != (w, h):
-                raise UserError(f"{path}: expected a {w}x{h} {mode} PNG, found a {im.size[0]}x{im.size[1]} "
-                                f"{im.mode} {im.format}")
-            if header_only:
-                return None
-            return np.asarray(im, dtype=np.uint8).reshape(h, w, c)
+            if im.mode != mode or im.size != (w, h) or (png and im.format != 'PNG'):
+                raise UserError(f"{path}: {wants} takes {w}x{h} {mode} {kind}s, this one is a {im.size[0]}x"
+                                f"{im.size[1]} {im.mode} {im.format}; resize or convert it first")
+            return None if header_only else np.asarray(im, dtype=np.uint8).reshape(h, w, c)
     except UserError:
         raise
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file (it does not exist)") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad files
-        raise UserError(f"{path}: cannot decode it as a PNG image ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: cannot decode it: Pillow cannot read it as an image ({type(e).__name__}: {e})") \
+            from None
 
 
 # --- Readers of the on-disk formats. ---
@@ -393,8 +397,8 @@ def load_ffhq256(data_root):
 
 def load_ffhq1024(data_root):
     hint, shape = _hint('ffhq_1024', data_root), (1024, 1024, 3)
-    train = PngFolderSource(os.path.join(data_root, 'ffhq1024', 'train', '0'), shape, hint)
-    valid = PngFolderSource(os.path.join(data_root, 'ffhq1024', 'valid', '0'), shape, hint)
+    train = PngFolderSource(os.path.join(data_root, 'ffhq1024', 'train', '0'), shape, hint, wants='ffhq_1024')
+    valid = PngFolderSource(os.path.join(data_root, 'ffhq1024', 'valid', '0'), shape, hint, wants='ffhq_1024')
     return Splits(train, valid, valid)
 
 
@@ -754,7 +758,7 @@ def pngs_to_npy(folder, out_path, size, expect=None):
         raise UserError(f"{folder}: expected {expect or 'some'} .png images, found {len(files)}")
     with NpyWriter(out_path, (size, size, 3)) as writer:
         for i, name in enumerate(files):
-            writer.write(_read_png(os.path.join(folder, name), (size, size, 3))[None])
+            writer.write(read_image(os.path.join(folder, name), (size, size, 3), png=True)[None])
             if (i + 1) % 10000 == 0:
                 print(f"{i + 1} / {len(files)} images", flush=True)
     print(f"wrote {out_path}: {writer.n} images of {size}x{size}x3 from {folder} (sorted by file name)", flush=True)

@@ -135,9 +135,6 @@ def check_args(H):
                             f"not to --{H.mode}")
         if H.mode == 'interpolate' and n != 2:
             raise UserError(f"--interpolate needs exactly two images, got {n}")
-        for path in H.images or []:
-            if not os.path.isfile(path):
-                raise UserError(f"--images: {path}: no such file")
         for i in H.indices or []:
             if i < 0:
                 raise UserError(f"--indices must be >= 0 (got {i})")
@@ -492,27 +489,11 @@ def _pack_npz(H, path, tmp, world, kinds, res, everything):
 
 # ----------------------------------------------------------------------------- pictures
 
-def read_image(path, H):
-    """An image file as uint8 (H, W, C); it must already have the model's size and channels."""
-    from PIL import Image
-    mode = {1: 'L', 3: 'RGB'}[H.image_channels]
-    try:
-        with Image.open(path) as im:
-            im.load()
-            size, found = im.size, im.mode
-            arr = np.asarray(im, dtype=np.uint8) if (size, found) == ((H.image_size,) * 2, mode) else None
-    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad files
-        raise UserError(f"{path}: cannot read it as an image ({type(e).__name__}: {e})") from None
-    if arr is None:
-        raise UserError(f"{path}: the model takes {H.image_size}x{H.image_size} {mode} images ({H.dataset}), "
-                        f"this one is {size[0]}x{size[1]} {found}; resize or convert it first")
-    return arr.reshape(H.image_size, H.image_size, H.image_channels)
-
-
 def input_images(H):
     """uint8 (n, H, W, C) and a name per image, from --images or --indices."""
     if H.images is not None:
-        return np.stack([read_image(p, H) for p in H.images]), list(H.images)
+        shape, wants = (H.image_size, H.image_size, H.image_channels), f'the model ({H.dataset})'
+        return np.stack([data.read_image(p, shape, wants=wants) for p in H.images]), list(H.images)
     source = getattr(data.load_data(H), H.split)
     bad = [i for i in H.indices if i >= len(source)]
     if bad:

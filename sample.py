@@ -100,23 +100,10 @@ def load_model(H, device):
     return model.to(device).eval()
 
 
-def read_image(path, H):
-    if not os.path.isfile(path):
-        raise UserError(f"--images: {path} does not exist")
-    try:
-        im = np.asarray(Image.open(path).convert('L' if H.image_channels == 1 else 'RGB'))
-    except OSError as e:
-        raise UserError(f"--images: cannot read {path} as an image ({e})") from None
-    im = im.reshape(im.shape[0], im.shape[1], H.image_channels)
-    if im.shape[:2] != (H.image_size, H.image_size):
-        raise UserError(f"--images: {path} is {im.shape[1]}x{im.shape[0]}, the model takes "
-                        f"{H.image_size}x{H.image_size}")
-    return im
-
-
 def input_images(H):
     """uint8 (B,H,W,C) from --images files and/or --indices into --split."""
-    ims = [read_image(p, H) for p in H.images or []]
+    shape, wants = (H.image_size, H.image_size, H.image_channels), f'the model ({H.dataset})'
+    ims = [data.read_image(p, shape, wants=wants) for p in H.images or []]
     if H.indices:
         source = getattr(data.load_data(H), H.split)
         idx = np.array(H.indices)
