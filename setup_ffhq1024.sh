@@ -22,5 +22,5 @@ ROOT=${2:-./ffhq_images1024x1024}
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-$([ -x "$HERE/.venv/bin/python" ] && echo "$HERE/.venv/bin/python" || echo python3)}
 mkdir -p "$ROOT"
-"$PY" "$HERE/data.py" link-ffhq1024 $([ -n "${ALLOW_PARTIAL:-}" ] && echo --partial) "$1" "$ROOT"
+"$PY" "$HERE/files_to_npy.py" link-ffhq1024 $([ -n "${ALLOW_PARTIAL:-}" ] && echo --partial) "$1" "$ROOT"
 echo "FFHQ-1024 ready: python train.py --hps ffhq1024 --data_root $ROOT"

@@ -23,7 +23,7 @@ PY=${PYTHON:-$([ -x "$HERE/.venv/bin/python" ] && echo "$HERE/.venv/bin/python" 
 OUT=$ROOT/ffhq-256.npy
 URL=${FFHQ256_URL:-https://openaipublic.blob.core.windows.net/very-deep-vaes-assets/vdvae-assets/ffhq-256.npy}
 
-check() { "$PY" "$HERE/data.py" check-npy --dataset ffhq_256 "$1"; }
+check() { "$PY" "$HERE/files_to_npy.py" check-npy --dataset ffhq_256 "$1"; }
 
 fetch() {  # fetch URL FILE: resumable download (partial data stays in FILE between runs)
     if command -v curl > /dev/null; then curl -fL --retry 3 -C - -o "$2" "$1"
@@ -47,7 +47,7 @@ elif [ -f "$SOURCE" ]; then
     ln -sfn "$(cd "$(dirname "$SOURCE")" && pwd)/$(basename "$SOURCE")" "$OUT.tmp-$$"
     mv -f "$OUT.tmp-$$" "$OUT"
 elif [ -d "$SOURCE" ]; then
-    "$PY" "$HERE/data.py" pngs-to-npy --size 256 $([ -n "${ALLOW_PARTIAL:-}" ] || echo --expect 70000) "$SOURCE" "$OUT"
+    "$PY" "$HERE/files_to_npy.py" pngs-to-npy --size 256 $([ -n "${ALLOW_PARTIAL:-}" ] || echo --expect 70000) "$SOURCE" "$OUT"
 else
     echo "error: $SOURCE is neither a .npy file nor a folder of PNGs" >&2
     exit 1

@@ -40,7 +40,7 @@ VERSION=$ROOT/$NAME-version.txt
 ORIGINAL="original downsample (van den Oord et al. 2016; image-net.org/small ${S}x${S} tars): the version of the release and of the papers' bits/dim"
 CURRENT="current Downsampled ImageNet (Chrabaszcz et al. 2017; image-net.org Imagenet${S} zips): NOT the release's version, bits/dim not comparable with the papers'"
 
-check() { "$PY" "$HERE/data.py" check-npy --dataset "$NAME" "$1" > /dev/null; }
+check() { "$PY" "$HERE/files_to_npy.py" check-npy --dataset "$NAME" "$1" > /dev/null; }
 
 if [ -f "$TRAIN" ] && [ -f "$VALID" ] && check "$TRAIN" && check "$VALID"; then
     echo "$NAME already set up in $ROOT ($(cat "$VERSION" 2>/dev/null || echo 'version not recorded')); nothing to do."
@@ -57,7 +57,7 @@ if [ -f "$DL/train_${S}x${S}.tar" ] && [ -f "$DL/valid_${S}x${S}.tar" ]; then
         if [ -f "$out" ] && check "$out"; then continue; fi
         echo "Unpacking $DL/${split}_${S}x${S}.tar ..."
         tar -xf "$DL/${split}_${S}x${S}.tar" -C "$TMP"
-        "$PY" "$HERE/data.py" pngs-to-npy --size "$S" "$TMP/${split}_${S}x${S}" "$out"
+        "$PY" "$HERE/files_to_npy.py" pngs-to-npy --size "$S" "$TMP/${split}_${S}x${S}" "$out"
         rm -rf "${TMP:?}/${split}_${S}x${S}"
     done
 else
@@ -76,10 +76,10 @@ else
     done
     version=$CURRENT
     if ! { [ -f "$TRAIN" ] && check "$TRAIN"; }; then
-        "$PY" "$HERE/data.py" convert-imagenet --split train --size "$S" "$TRAIN" "${TRAIN_ZIPS[@]}"
+        "$PY" "$HERE/files_to_npy.py" convert-imagenet --split train --size "$S" "$TRAIN" "${TRAIN_ZIPS[@]}"
     fi
     if ! { [ -f "$VALID" ] && check "$VALID"; }; then
-        "$PY" "$HERE/data.py" convert-imagenet --split val --size "$S" "$VALID" "$VAL_ZIP"
+        "$PY" "$HERE/files_to_npy.py" convert-imagenet --split val --size "$S" "$VALID" "$VAL_ZIP"
     fi
 fi
 

@@ -1,4 +1,4 @@
-"""data.py and the setup scripts: every preset's on-disk format, the release's split
+"""data.py, files_to_npy.py and the setup scripts: every preset's on-disk format, the release's split
 rules, preprocessing parity with the release's reference batch, sharding, bounded
 memory and clear errors on bad input.
 
@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 import data
+import files_to_npy
 from hps import NORMALIZATION, UserError, get_hparams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -299,7 +300,7 @@ def test_convert_imagenet_zips_in_numeric_batch_order(tmp_path):
                 zf.writestr(f'Imagenet64_train_{part}/train_data_batch_{b}', pickle.dumps(batches[b]))
     zips = [str(tmp_path / 'Imagenet64_train_part2.zip'), str(tmp_path / 'Imagenet64_train_part1.zip')]
     out = tmp_path / 'imagenet64-train.npy'
-    assert data.convert_imagenet(zips, str(out), 'train', 64) == 30
+    assert files_to_npy.convert_imagenet(zips, str(out), 'train', 64) == 30
     got = np.load(out)
     assert got.shape == (30, 64, 64, 3) and got.dtype == np.uint8
     assert got[::3, 0, 0, 0].tolist() == list(range(1, 11))  # 1, 2, ..., 10, not 1, 10, 2, ...
@@ -307,9 +308,9 @@ def test_convert_imagenet_zips_in_numeric_batch_order(tmp_path):
     np.testing.assert_array_equal(got, want)
 
     with pytest.raises(UserError, match='train_data_batch_1..10 once each'):  # part2 forgotten
-        data.convert_imagenet(zips[1:], str(tmp_path / 'x.npy'), 'train', 64)
+        files_to_npy.convert_imagenet(zips[1:], str(tmp_path / 'x.npy'), 'train', 64)
     with pytest.raises(UserError, match=r"'data' is uint8 \(N, 3072\)"):  # wrong size
-        data.convert_imagenet(zips, str(tmp_path / 'x.npy'), 'train', 32)
+        files_to_npy.convert_imagenet(zips, str(tmp_path / 'x.npy'), 'train', 32)
     assert not list(tmp_path.glob('x.npy*'))  # no half-written file left
 
 
@@ -545,9 +546,9 @@ def test_bad_pickles_idx_and_pngs(tmp_path):
 def test_check_command_prints_split_sizes(tmp_path):
     np.save(tmp_path / 'imagenet32-train.npy', np.zeros((5010, 32, 32, 3), np.uint8))
     np.save(tmp_path / 'imagenet32-valid.npy', np.zeros((3, 32, 32, 3), np.uint8))
-    out = subprocess.run([sys.executable, 'data.py', 'check', '--hps', 'imagenet32', '--data_root', str(tmp_path)],
-                         cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, 'files_to_npy.py', 'check', '--hps', 'imagenet32', '--data_root',
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0 and '5000 images' in out.stdout and '10 images' in out.stdout
-    out = subprocess.run([sys.executable, 'data.py', 'check', '--hps', 'cifar10', '--data_root', str(tmp_path)],
-                         cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, 'files_to_npy.py', 'check', '--hps', 'cifar10', '--data_root',
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.startswith('error: ') and 'setup_cifar10.sh' in out.stderr
