@@ -12,7 +12,7 @@ autotuner on CUDA), built, warmed up (``--warmup`` steps: compilation, allocator
 optimizer state; with ``--cuda_graphs`` at least until the step is captured and replayed
 once, so no timed step captures), then timed:
 
-- training: the real ``train.training_step`` (forward, backward, clip, AdamW, EMA) on a
+- training: the real ``train_step.training_step`` (forward, backward, clip, AdamW, EMA) on a
   fixed uint8 batch of the preset's shape, preprocessed on the device every step as in
   ``train.train_loop`` (no data loading); every step updates (``skip_threshold`` -1);
 - evaluation: ``forward_per_image`` of the EMA model under ``no_grad`` in fp32, as
@@ -50,7 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-import train
+import train_step
 from hps import HPARAMS_REGISTRY, Hyperparams, UserError, at_least, check_ranges, get_hparams
 from utils import Dist, configure_device, cudnn_conv_precision, first_sentence, ieee_fp32, run_main
 from vae import VAE
@@ -104,7 +104,7 @@ def bench_arguments(parser):
     a('--sample_steps', type=int, default=2, help='timed unconditional-sample batches (after one untimed)')
     a('--n_sample', type=int, default=0, help='images per sampling call (0: the evaluation batch size)')
     a('--adam_impl', choices=['train', 'default', 'fused', 'foreach', 'for-loop'], default='train',
-      help='AdamW implementation: "train" = train.make_optimizer (fused on CUDA and CPU); '
+      help='AdamW implementation: "train" = train_step.make_optimizer (fused on CUDA and CPU); '
            '"default" = torch.optim.AdamW\'s own choice (foreach on CUDA, for-loop on CPU)')
     a('--cpu_heap', choices=['keep', 'default'], default='keep',
       help='CPU runs: "keep" = glibc malloc keeps freed memory for reuse (utils.keep_freed_heap, as train.py); '
@@ -261,7 +261,7 @@ def peak_memory(device):
 
 def make_optimizer(H, model, device):
     if H.adam_impl == 'train':
-        return train.make_optimizer(H, model, device)
+        return train_step.make_optimizer(H, model, device)
     kw = {'default': {}, 'fused': dict(fused=True), 'foreach': dict(foreach=True),
           'for-loop': dict(foreach=False)}[H.adam_impl]
     return torch.optim.AdamW(model.parameters(), weight_decay=H.wd, lr=H.lr, betas=(H.adam_beta1, H.adam_beta2),
@@ -328,12 +328,12 @@ def count_aten_ops(fn):
     return counter.total, counter.compute
 
 
-def step_profile(train_step, device, n, step_s):
+def step_profile(one_step, device, n, step_s):
     """kernels/step and GPU busy % of the training step.  On every device: aten ops per step
     (OpCounter over one step).  On CUDA also, from torch.profiler over n steps: device
     activities per step (kernels, memcpy, memset) and their summed time, as a fraction of
     ``step_s`` (the timed, unprofiled seconds per step): the GPU-busy fraction."""
-    ops, compute_ops = count_aten_ops(train_step)
+    ops, compute_ops = count_aten_ops(one_step)
     sync(device)
     out = dict(aten_ops_per_step=ops, aten_compute_ops_per_step=compute_ops, device_kernels_per_step=None,
                device_kernel_s_per_step=None, device_busy_fraction=None)
@@ -341,7 +341,7 @@ def step_profile(train_step, device, n, step_s):
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts) as prof:
             for _ in range(n):
-                train_step()
+                one_step()
             sync(device)
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / n
@@ -354,11 +354,11 @@ def run_config(H, device, flops):
     """Build, warm up and time one configuration; returns a dict of figures."""
     d = Dist(device=device)
     t_build = time.perf_counter()
-    model, ema = train.build_models(H, d)
+    model, ema = train_step.build_models(H, d)
     optimizer = make_optimizer(H, model, device)
     scaler = torch.amp.GradScaler(device.type) if H.precision == 'fp16' else None
-    ctx = train.precision_context(H, device)
-    net = train.wrap_for_training(H, model, d)  # torch.compile per --compile_scope, as train.py
+    ctx = train_step.precision_context(H, device)
+    net = train_step.wrap_for_training(H, model, d)  # torch.compile per --compile_scope, as train.py
     gen = torch.Generator().manual_seed(H.seed)
     shape = (H.n_batch, H.image_size, H.image_size, H.image_channels)
     batch = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(device)
@@ -368,21 +368,21 @@ def run_config(H, device, flops):
     it = [0]
     last = {}
 
-    step = train.make_step(H, net, model, ema, optimizer, scaler, ctx)  # train.py's (a CUDA graph: --cuda_graphs)
+    step = train_step.make_step(H, net, model, ema, optimizer, scaler, ctx)  # train.py's (a CUDA graph: --cuda_graphs)
 
-    def train_step():
-        stats, _ = step(batch, train.learning_rate(H, it[0]))
+    def one_step():
+        stats, _ = step(batch, train_step.learning_rate(H, it[0]))
         it[0] += 1
         last.update(stats)
 
     model.train()
     warmup = max(H.warmup, step.warmup_calls)  # with --cuda_graphs: the eager steps, the capture and a replay
     for _ in range(warmup):
-        train_step()
+        one_step()
     sync(device)
     warmup_s = time.perf_counter() - t_build
     reset_peak(device)
-    total, per_step = timed(train_step, H.steps, device)
+    total, per_step = timed(one_step, H.steps, device)
     mem_train = peak_memory(device)
     out = dict(config=describe(H), batch=H.n_batch, precision=H.precision, channels_last=H.channels_last,
                compile=H.compile, compile_scope=H.compile_scope if H.compile else None,
@@ -393,7 +393,7 @@ def run_config(H, device, flops):
                train_steps_per_s=H.steps / total, train_images_per_s=H.steps * H.n_batch / total,
                train_step_ms_median=1000 * statistics.median(per_step), train_peak_mem_bytes=mem_train,
                last_elbo=float(last['elbo']), last_grad_norm=float(last['grad_norm']))
-    out.update(step_profile(train_step, device, H.profile_steps, total / H.steps))
+    out.update(step_profile(one_step, device, H.profile_steps, total / H.steps))
 
     # evaluation and sampling: the EMA model in IEEE fp32 (no TF32) under no_grad, as train.evaluate and sample.py
     ema.eval()

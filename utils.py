@@ -9,7 +9,6 @@ import ctypes
 import datetime
 import errno
 import json
-import math
 import os
 import re
 import signal
@@ -531,15 +530,6 @@ def first_sentence(text):
     return line.split('. ')[0].rstrip('.')
 
 
-# ----------------------------------------------------------------------------- optimizer files
-
-
-def clip_grad_norm(params, max_norm):
-    """Clip the total gradient norm to ``max_norm`` (-1: no clipping); returns the norm
-    before clipping, which is measured either way."""
-    return torch.nn.utils.clip_grad_norm_(params, math.inf if max_norm == -1 else max_norm)
-
-
 def is_writable(folder):
     """Whether ``folder`` (or, where it does not exist yet, the nearest folder above it
     that does) lets this process create files."""
@@ -554,6 +544,8 @@ def check_writable(folder, fix):
     if not is_writable(folder):
         raise UserError(f"cannot write to {folder}: it is read-only (or not a folder); {fix}")
 
+
+# ----------------------------------------------------------------------------- errors and exits
 
 def print_once(*args, dist_info=None):
     if dist_info is None or dist_info.is_main:

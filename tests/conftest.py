@@ -34,7 +34,7 @@ def _deterministic_threads():
 
 
 class FakeCUDAGraphs:
-    """torch.cuda's stream and graph API played on the CPU, so that train.GraphedStep runs its
+    """torch.cuda's stream and graph API played on the CPU, so that train_step.GraphedStep runs its
     eager warm-up, its capture and its replays there.  A capture runs its body once, eagerly,
     and notes the capture mode and the function GraphedStep captured (its ``_step``); a replay
     runs that function again and copies the results into the captured outputs, as a CUDA graph
@@ -43,10 +43,10 @@ class FakeCUDAGraphs:
     counts replays, ``eager`` the steps run on a side stream."""
 
     def __init__(self, monkeypatch):
-        import train
+        import train_step
         self.captures, self.captured_batches, self.replays, self.eager, self._capturing = [], [], 0, 0, None
         fakes = self
-        step = train.GraphedStep._step
+        step = train_step.GraphedStep._step
 
         def recorded_step(graphed):
             stats = step(graphed)
@@ -80,7 +80,7 @@ class FakeCUDAGraphs:
             def wait_stream(self, other):
                 pass
 
-        monkeypatch.setattr(train.GraphedStep, '_step', recorded_step)
+        monkeypatch.setattr(train_step.GraphedStep, '_step', recorded_step)
         monkeypatch.setattr(torch.cuda, 'CUDAGraph', Graph)
         monkeypatch.setattr(torch.cuda, 'graph', graph)
         monkeypatch.setattr(torch.cuda, 'Stream', Stream)

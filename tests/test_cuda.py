@@ -320,7 +320,7 @@ def test_ddp_computes_on_the_gpu_the_process_was_given(tmp_path):
     driver = tmp_path / 'ddp.py'
     driver.write_text(f"""import os, sys; sys.path.insert(0, {ROOT!r})
 import torch, torch.distributed as dist
-import train, utils
+import train_step, utils
 from hps import get_hparams
 cuda = {ON_GPU!r}
 device = utils.cuda_device(3) if cuda else torch.device('cpu')
@@ -330,11 +330,11 @@ dist.init_process_group('nccl' if cuda else 'gloo', init_method='tcp://127.0.0.1
                         world_size=1, **({{'device_id': device}} if cuda else {{}}))
 d = utils.Dist(rank=0, world_size=2, local_rank=3, device=device, launcher='torchrun')
 H = get_hparams({TINY!r} + ['--device', {DEVICE!r}])
-model, ema = train.build_models(H, d)
-net = train.wrap_for_training(H, model, d)
+model, ema = train_step.build_models(H, d)
+net = train_step.wrap_for_training(H, model, d)
 assert isinstance(net, torch.nn.parallel.DistributedDataParallel) and net.device_ids == ([0] if cuda else None)
-opt = train.make_optimizer(H, model, device)
-step = train.EagerStep(H, net, model, ema, opt, None, train.precision_context(H, device))
+opt = train_step.make_optimizer(H, model, device)
+step = train_step.EagerStep(H, net, model, ema, opt, None, train_step.precision_context(H, device))
 x = torch.randint(0, 256, (8, 28, 28, 1), dtype=torch.uint8, device=device)
 print('elbo', float(step(x, 1e-3)[0]['elbo']))
 dist.destroy_process_group()
@@ -367,19 +367,19 @@ def test_fused_adamw_on_the_gpu_after_loading_the_other_layout_and_an_apex_file(
     """The fused CUDA kernel refuses state whose layout differs from its parameter's; an apex
     file must leave the optimizer fused with its step tensors on the GPU."""
     import checkpoints
-    import train
+    import train_step
     from conftest import load_tiny
     H, model, _, _, _ = load_tiny()
     dev = torch.device('cuda')
     model.to(dev).train()
-    opt = train.make_optimizer(H, model, dev)
+    opt = train_step.make_optimizer(H, model, dev)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.step()
     torch.save(opt.state_dict(), tmp_path / 'opt.th')
     model.set_channels_last(True)
     for src in (str(tmp_path / 'opt.th'), ref('tiny32', 'apex_opt.th')):
-        opt = train.make_optimizer(H, model, dev)
+        opt = train_step.make_optimizer(H, model, dev)
         checkpoints.load_optimizer_file(opt, src)
         assert all(g['fused'] for g in opt.param_groups)
         for p in model.parameters():

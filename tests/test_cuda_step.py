@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import checkpoints
-import train
+import train_step
 from conftest import ref
 from hps import get_hparams
 from test_train import TINY, TINY32
@@ -23,10 +23,10 @@ def _setup(extra=(), args=TINY, shape=(4, 28, 28, 1)):
     H = get_hparams(args + ['--device', 'cuda', '--skip_threshold', '400', '--lr', '0.003', '--warmup_iters', '3',
                             *extra])
     d = Dist(device=torch.device('cuda', torch.cuda.current_device()))
-    model, ema = train.build_models(H, d)
-    opt = train.make_optimizer(H, model, d.device)
+    model, ema = train_step.build_models(H, d)
+    opt = train_step.make_optimizer(H, model, d.device)
     scaler = torch.amp.GradScaler('cuda') if H.precision == 'fp16' else None
-    step = train.make_step(H, model, model, ema, opt, scaler, train.precision_context(H, d.device))
+    step = train_step.make_step(H, model, model, ema, opt, scaler, train_step.precision_context(H, d.device))
     x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return H, model, ema, opt, step, x.to(d.device)
 
@@ -63,7 +63,7 @@ def test_precision_and_layout_are_on_and_the_step_does_not_synchronise(case):
     torch.cuda.set_sync_debug_mode('error')
     try:
         for i in range(3):
-            st, _ = step(x, train.learning_rate(H, i + 1))
+            st, _ = step(x, train_step.learning_rate(H, i + 1))
     finally:
         torch.cuda.set_sync_debug_mode('default')
     assert torch.isfinite(st['elbo'])  # (fp16: the scaler's first steps may overflow; it lowers its scale)
@@ -82,10 +82,10 @@ def test_cuda_graph_step_equals_eager_step(monkeypatch):
     with ieee_fp32():
         for extra in ((), ('--cuda_graphs',)):
             H, model, ema, opt, step, x = _setup(extra)
-            assert isinstance(step, train.GraphedStep) == bool(extra)
+            assert isinstance(step, train_step.GraphedStep) == bool(extra)
             losses = []
             for i in range(6):
-                st, _ = step(x, float(np.float32(train.learning_rate(H, i))))
+                st, _ = step(x, float(np.float32(train_step.learning_rate(H, i))))
                 losses.append(torch.stack([st['elbo'], st['grad_norm']]))
             assert step.graph is not None and step.replays == 3 if extra else True
             runs.append((torch.stack(losses).cpu(), torch.cat([p.detach().flatten() for p in
@@ -104,7 +104,7 @@ def _replays_at_zero_lr(H, model, step, x, n=2):
     parameters stayed exactly as they were).  AdamW's step and its decoupled weight decay both
     scale with the learning rate, so a graph that reads the schedule's lr changes nothing."""
     for i in range(step.warmup):
-        step(x, train.learning_rate(H, i + 1))
+        step(x, train_step.learning_rate(H, i + 1))
     step(x, 1e-3)  # the capture (and its first replay)
     before = _params(model)
     elbos = [step(x, 0.0)[0]['elbo'] for _ in range(n)]
@@ -138,7 +138,7 @@ def test_cuda_graphs_learning_rate_reaches_the_graph_after_an_optimizer_restore(
         torch.save(opt.state_dict(), path)
         H, model, ema, opt, step, x = _setup(['--cuda_graphs'], TINY32, (4, 32, 32, 3))
     checkpoints.load_optimizer_file(opt, path)
-    step = train.make_step(H, model, model, ema, opt, None, train.precision_context(H, x.device))
+    step = train_step.make_step(H, model, model, ema, opt, None, train_step.precision_context(H, x.device))
     _, unchanged = _replays_at_zero_lr(H, model, step, x)
     assert unchanged
     before = _params(model)
@@ -156,8 +156,8 @@ def test_compile_builds_frames(scope):
     torch._dynamo.reset()
     counters.clear()
     H, model, ema, opt, _, x = _setup(['--precision', 'bf16', '--compile', '--compile_scope', scope])
-    net = train.wrap_for_training(H, model, Dist(device=x.device))
-    step = train.EagerStep(H, net, model, ema, opt, None, train.precision_context(H, x.device))
+    net = train_step.wrap_for_training(H, model, Dist(device=x.device))
+    step = train_step.EagerStep(H, net, model, ema, opt, None, train_step.precision_context(H, x.device))
     for i in range(2):
         st, _ = step(x, 1e-3)
     assert counters['frames']['ok'] > 0 and counters['stats']['unique_graphs'] > 0, dict(counters['frames'])

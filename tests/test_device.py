@@ -16,6 +16,7 @@ import checkpoints
 import data
 import evaluate
 import train
+import train_step
 import utils
 from hps import preset
 from utils import Dist
@@ -61,7 +62,7 @@ def images():
 
 def _models(H, channels_last=False, grad_checkpoint=False):
     H.channels_last, H.grad_checkpoint = channels_last, grad_checkpoint
-    model, ema = train.build_models(H, Dist(device=META))
+    model, ema = train_step.build_models(H, Dist(device=META))
     assert all(p.device == META for p in [*model.parameters(), *ema.parameters()])
     return model, ema
 
@@ -73,12 +74,12 @@ def test_training_step_keeps_tensors_on_the_device(H, images, layout):
     masked update (fused AdamW, EMA) runs there too."""
     with HostReads(fill=0):
         model, ema = _models(H, layout == 'channels_last', layout == 'grad_checkpoint')
-        optimizer = train.make_optimizer(H, model, META)
+        optimizer = train_step.make_optimizer(H, model, META)
         x_in, x_target = data.preprocess(H, torch.from_numpy(images[:4]).to(META))
         assert x_in.device == META and x_target.device == META
         for _ in range(2):
-            stats, stop = train.training_step(H, x_in, x_target, model, model, ema, optimizer, None,
-                                              train.precision_context(H, META), 1e-3, False)
+            stats, stop = train_step.training_step(H, x_in, x_target, model, model, ema, optimizer, None,
+                                              train_step.precision_context(H, META), 1e-3, False)
         assert all(v.device == META for v in stats.values()) and stop.device == META
         assert all(s['exp_avg'].device == META for s in optimizer.state.values())
 
@@ -141,8 +142,8 @@ def test_optimizer_state_from_the_other_layout_takes_its_parameters_strides(H, t
     equal those of the contiguous run (before, the state kept the file's strides and the
     updates went to the wrong elements)."""
     cpu = torch.device('cpu')
-    ref_model, _ = train.build_models(H, Dist())
-    opt = train.make_optimizer(H, ref_model, cpu)
+    ref_model, _ = train_step.build_models(H, Dist())
+    opt = train_step.make_optimizer(H, ref_model, cpu)
     for step in range(2):
         _grads(ref_model, step)
         opt.step()
@@ -152,11 +153,11 @@ def test_optimizer_state_from_the_other_layout_takes_its_parameters_strides(H, t
         _grads(ref_model, step)
         opt.step()
     H.channels_last = True
-    model, _ = train.build_models(H, Dist())
+    model, _ = train_step.build_models(H, Dist())
     model.load_state_dict(weights)
     conv = model.decoder.dec_blocks[-1].resnet.c2.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    opt = train.make_optimizer(H, model, cpu)
+    opt = train_step.make_optimizer(H, model, cpu)
     checkpoints.load_optimizer_file(opt, str(tmp_path / 'latest-opt.th'))
     for p in model.parameters():
         assert all(opt.state[p][k].stride() == p.stride() for k in ('exp_avg', 'exp_avg_sq'))
@@ -173,7 +174,7 @@ def test_loading_an_apex_file_keeps_the_fused_optimizer():
     from conftest import load_tiny, ref
     H, model, _, _, _ = load_tiny()
     model.train()
-    opt = train.make_optimizer(H, model, torch.device('cpu'))
+    opt = train_step.make_optimizer(H, model, torch.device('cpu'))
     assert opt.param_groups[0]['fused'] is True
     checkpoints.load_optimizer_file(opt, ref('tiny32', 'apex_opt.th'))
     for g in opt.param_groups:
@@ -266,8 +267,8 @@ def test_ddp_gets_the_gpu_the_process_uses(H, monkeypatch, visible, local_rank, 
     def ddp(module, device_ids=None):
         got['device_ids'] = device_ids
         return module
-    monkeypatch.setattr(train, 'DistributedDataParallel', ddp)
+    monkeypatch.setattr(train_step, 'DistributedDataParallel', ddp)
     model, _ = _models(H)
-    assert train.wrap_for_training(H, model, d) is model
+    assert train_step.wrap_for_training(H, model, d) is model
     as_devices = [i if isinstance(i, torch.device) else torch.device('cuda', i) for i in got['device_ids']]
     assert as_devices == [d.device] == [torch.device('cuda', want)]

@@ -15,6 +15,7 @@ import torch
 
 import data
 import train
+import train_step
 from conftest import load_tiny, ref
 from utils import Dist
 from vae_helpers import KeyedNormal, _mulhilo32, philox4x32
@@ -261,7 +262,7 @@ def test_evaluation_copies_only_the_images_to_the_device():
     H = preset('fashion_mnist', **ARCH)
     H.no_progress = True
     meta = Dist(device=torch.device('meta'))
-    _, ema = train.build_models(H, meta)
+    _, ema = train_step.build_models(H, meta)
     images = data.ArraySource(np.random.RandomState(0).randint(0, 256, (7, 28, 28, 1)).astype(np.uint8), 'mem')
     with HostReads():
         train.evaluate(H, meta, ema, images)  # once first: constants made once per process

@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 
 import train
+import train_step
 from conftest import load_tiny
 from hps import Hyperparams, preset
 from utils import Dist
@@ -151,7 +152,7 @@ def test_shared_gelu_step_equals_release_formulation(tiny):
 
 
 def test_update_ema_bitwise_equals_release_loop(tiny):
-    """train.update_ema (foreach) against the release's loop, where ema_rate is a float32
+    """train_step.update_ema (foreach) against the release's loop, where ema_rate is a float32
     tensor: p2.mul_(rate); p2.add_(p1 * (1 - rate))."""
     H = tiny[0]
     torch.manual_seed(0)
@@ -166,7 +167,7 @@ def test_update_ema_bitwise_equals_release_loop(tiny):
             for p1, p2 in zip(model.parameters(), release.parameters()):
                 p2.mul_(rate_t)
                 p2.add_(p1 * (1 - rate_t))
-        train.update_ema(model, ema, rate)
+        train_step.update_ema(model, ema, rate)
     for (k, a), b in zip(ema.named_parameters(), release.parameters()):
         assert torch.equal(a, b), k
 
@@ -190,7 +191,7 @@ def test_fused_adamw_matches_for_loop(tiny):
 
 
 def test_training_steps_with_cpu_fast_paths_match_plain(tiny):
-    """The real train.training_step, three updates: channels_last + grad checkpointing +
+    """The real train_step.training_step, three updates: channels_last + grad checkpointing +
     train.py's optimizer (fused AdamW) against the plain configuration with the release's
     per-parameter AdamW loop."""
     H0, _, x, xt, _, _ = tiny
@@ -200,14 +201,14 @@ def test_training_steps_with_cpu_fast_paths_match_plain(tiny):
         H.update(seed=0, channels_last=fast, grad_checkpoint=fast, rank_invariant_noise=False, precision='fp32',
                  compile=False, lr=1e-3, grad_clip=200., skip_threshold=-1., ema_rate=0.99)
         d = Dist()
-        model, ema = train.build_models(H, d)
-        opt = (train.make_optimizer(H, model, d.device) if fast else
+        model, ema = train_step.build_models(H, d)
+        opt = (train_step.make_optimizer(H, model, d.device) if fast else
                torch.optim.AdamW(model.parameters(), lr=H.lr, weight_decay=H.wd, betas=(0.9, 0.9), eps=1e-8,
                                  foreach=False))
         assert bool(opt.defaults.get('fused')) == fast
         losses = []
         for it in range(3):
-            st, _ = train.training_step(H, x, xt, model, model, ema, opt, None, contextlib.nullcontext(), H.lr,
+            st, _ = train_step.training_step(H, x, xt, model, model, ema, opt, None, contextlib.nullcontext(), H.lr,
                                         False)
             losses.append(st['elbo'])
         results.append((losses, torch.cat([p.flatten() for p in ema.parameters()])))
@@ -361,7 +362,7 @@ def test_ieee_fp32_sets_cudnn_flags_consistently_and_restores_them(start, tf32_f
 
 
 def test_compile_scope_flag_wraps_as_documented(tiny):
-    """train.wrap_for_training: --compile_scope model compiles the whole training model;
+    """train_step.wrap_for_training: --compile_scope model compiles the whole training model;
     blocks compiles each residual Block inside it (nothing is built until the first call)
     and leaves parameter names alone; without --compile the model itself is used."""
     from vae import Block
@@ -369,12 +370,12 @@ def test_compile_scope_flag_wraps_as_documented(tiny):
     d = Dist()
     H.update(compile=False, compile_scope='model', compile_mode=None)
     model = VAE(H)
-    assert train.wrap_for_training(H, model, d) is model
+    assert train_step.wrap_for_training(H, model, d) is model
     H.update(compile=True)
-    assert isinstance(train.wrap_for_training(H, model, d), torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(train_step.wrap_for_training(H, model, d), torch._dynamo.eval_frame.OptimizedModule)
     H.update(compile_scope='blocks')
     names = list(model.state_dict())
-    assert train.wrap_for_training(H, model, d) is model
+    assert train_step.wrap_for_training(H, model, d) is model
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     assert blocks and all(b._compiled_call_impl is not None for b in blocks)
     assert list(model.state_dict()) == names

@@ -1,4 +1,4 @@
-"""--cuda_graphs on the CPU: train.GraphedStep's eager warm-up, capture and replays, played
+"""--cuda_graphs on the CPU: train_step.GraphedStep's eager warm-up, capture and replays, played
 through conftest.FakeCUDAGraphs (torch.cuda's stream and graph API acted out eagerly).  What
 only a GPU can show (a real capture next to the DataLoader's pin-memory thread, replays of
 real kernels, fresh posterior noise on each replay) is in tests/test_cuda*.py."""
@@ -10,6 +10,7 @@ import torch
 
 import checkpoints
 import train
+import train_step
 import utils
 from conftest import ref
 from hps import get_hparams
@@ -26,7 +27,7 @@ def _one_thread():
 
 
 def _steps(H, model, ema, opt):
-    return train.make_step(H, model, model, ema, opt, None, train.precision_context(H, next(model.parameters()).device))
+    return train_step.make_step(H, model, model, ema, opt, None, train_step.precision_context(H, next(model.parameters()).device))
 
 
 def test_graphed_step_equals_the_eager_step(fake_cuda_graphs):
@@ -43,17 +44,17 @@ def test_graphed_step_equals_the_eager_step(fake_cuda_graphs):
     for graphs in (False, True):
         H = get_hparams(TINY + ['--skip_threshold', '1.6', '--warmup_iters', '4', '--lr', '0.01']
                         + (['--cuda_graphs'] if graphs else []))
-        model, ema = train.build_models(H, d)
-        opt = train.make_optimizer(H, model, d.device)
+        model, ema = train_step.build_models(H, d)
+        opt = train_step.make_optimizer(H, model, d.device)
         assert bool(opt.defaults.get('capturable')) == graphs
         step = _steps(H, model, ema, opt)
-        assert isinstance(step, train.GraphedStep) == graphs
+        assert isinstance(step, train_step.GraphedStep) == graphs
         out = []
         for i, b in enumerate(batches):
             torch.manual_seed(i)
             assert getattr(step, 'captures_next', False) == (graphs and i == 3)
-            st, _ = step(b, train.learning_rate(H, i))
-            out.append([st[k].item() for k in train.STEP_STATS])
+            st, _ = step(b, train_step.learning_rate(H, i))
+            out.append([st[k].item() for k in train_step.STEP_STATS])
         runs.append((torch.tensor(out), torch.cat([p.detach().flatten() for p in list(model.parameters()) +
                                                    list(ema.parameters())]),
                      torch.cat([s['exp_avg_sq'].flatten() for s in opt.state.values()]),
@@ -62,7 +63,7 @@ def test_graphed_step_equals_the_eager_step(fake_cuda_graphs):
     assert torch.equal(fake_cuda_graphs.captured_batches[0], batches[3])
     assert fake_cuda_graphs.eager == 3 and fake_cuda_graphs.replays == step.replays == 3
     (o1, p1, s1, n1), (o2, p2, s2, n2) = runs
-    assert o1[:, train.STEP_STATS.index('skipped_updates')].tolist() == [0, 0, 0, 0, 1, 0]
+    assert o1[:, train_step.STEP_STATS.index('skipped_updates')].tolist() == [0, 0, 0, 0, 1, 0]
     torch.testing.assert_close(o2, o1, rtol=1e-6, atol=0)
     torch.testing.assert_close(p2, p1, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(s2, s1, rtol=1e-5, atol=1e-12)
@@ -76,8 +77,8 @@ def _tiny32(device, cuda_graphs=True, **kw):
     H = get_hparams(TINY32 + ['--warmup_iters', '4', '--skip_threshold', '-1']
                     + (['--cuda_graphs'] if cuda_graphs else []))
     H.update(kw)
-    model, ema = train.build_models(H, Dist(device=device))
-    return H, model, ema, train.make_optimizer(H, model, device)
+    model, ema = train_step.build_models(H, Dist(device=device))
+    return H, model, ema, train_step.make_optimizer(H, model, device)
 
 
 def _one_update(model, opt):
@@ -154,8 +155,8 @@ def test_cuda_graphs_learning_rate_after_every_optimizer_restore(kind, tmp_path,
     x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     first = int(opt.state[next(model.parameters())]['step'])
     for i in range(step.warmup + 2):  # eager steps, the capture, a replay
-        st, _ = step(x, train.learning_rate(H, i))
-        assert opt.param_groups[0]['lr'] is lr and lr.item() == np.float32(train.learning_rate(H, i))
+        st, _ = step(x, train_step.learning_rate(H, i))
+        assert opt.param_groups[0]['lr'] is lr and lr.item() == np.float32(train_step.learning_rate(H, i))
     assert fake_cuda_graphs.replays == 2 and int(opt.state[next(model.parameters())]['step']) == first + 5
 
 

@@ -24,6 +24,7 @@ import hps
 import checkpoints
 import sample
 import train
+import train_step
 from conftest import ref
 from hps import UserError, get_hparams
 from test_train import TINY, fmnist_root, run as run_train  # noqa: F401 (fixture)
@@ -117,9 +118,9 @@ def test_grad_clip_minus_one_means_no_clipping():
     after = {}
     for clip in ['-1', '1e30', '1e-3']:
         H = get_hparams(TINY + ['--grad_clip', clip, '--skip_threshold', '-1'])
-        model, ema = train.build_models(H, d)
-        opt = train.make_optimizer(H, model, d.device)
-        st, _ = train.training_step(H, x, xt, model, model, ema, opt, None, train.precision_context(H, d.device),
+        model, ema = train_step.build_models(H, d)
+        opt = train_step.make_optimizer(H, model, d.device)
+        st, _ = train_step.training_step(H, x, xt, model, model, ema, opt, None, train_step.precision_context(H, d.device),
                                     1e-2, False)
         after[clip] = (st['grad_norm'], [p.detach().clone() for p in model.parameters()])
     assert after['-1'][0] == after['1e30'][0] > 1e-3

@@ -111,12 +111,13 @@ def test_previous_generation_is_the_last_complete_latest(fmnist_root, tmp_path):
     """Each save of latest first makes the complete latest set `previous` (links, no
     temporaries left, also when repeated); a torn latest never becomes `previous`."""
     import train
+    import train_step
     from utils import logger
     H, d, _ = train.set_up(TINY + ['--data_root', fmnist_root, '--save_dir', str(tmp_path), '--desc', 'p'])
     os.makedirs(H.run_dir)
     log = logger(os.path.join(H.run_dir, 'log'))
-    model, ema = train.build_models(H, d)
-    opt = train.make_optimizer(H, model, d.device)
+    model, ema = train_step.build_models(H, d)
+    opt = train_step.make_optimizer(H, model, d.device)
     for step in (1, 2):
         checkpoints.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=step, epoch=0, batch=step))
     assert checkpoints.checkpoint_state(os.path.join(H.run_dir, 'previous'))['step'] == 1

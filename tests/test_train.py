@@ -210,7 +210,7 @@ def test_apex_optimizer_state_continues_adamw():
     """The release's apex FusedAdam file loads into AdamW and the next step continues
     the bias correction at t = 11 with the stored moments."""
     from hps import Hyperparams
-    from train import make_optimizer
+    from train_step import make_optimizer
     from checkpoints import load_optimizer_file
     from vae import VAE
     H = Hyperparams(json.load(open(ref('tiny32', 'config.json')))['H'])
@@ -245,6 +245,7 @@ def test_crash_during_checkpoint_write_keeps_previous(fmnist_root, tmp_path, mon
     run(TINY + ['--data_root', fmnist_root, '--save_dir', str(tmp_path), '--desc', 'c', '--max_iters', '3',
                 '--n_batch', '4'])
     import train
+    import train_step
     import utils
     rd = str(tmp_path / 'c')
     before = {f: open(os.path.join(rd, f), 'rb').read() for f in os.listdir(rd) if f.startswith('latest-')}
@@ -257,8 +258,8 @@ def test_crash_during_checkpoint_write_keeps_previous(fmnist_root, tmp_path, mon
 
     monkeypatch.setattr(utils.torch, 'save', dying_save)
     H, d, log = train.set_up(TINY + ['--data_root', fmnist_root, '--save_dir', str(tmp_path), '--desc', 'c'])
-    model, ema = train.build_models(H, d)
-    opt = train.make_optimizer(H, model, d.device)
+    model, ema = train_step.build_models(H, d)
+    opt = train_step.make_optimizer(H, model, d.device)
     with pytest.raises(KeyboardInterrupt):
         checkpoints.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=99, epoch=0, batch=0,
                                                                                best_eval=1.0))
@@ -340,27 +341,28 @@ def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(fmnist_root, 
 
 def test_nan_and_huge_gradient_batches_are_skipped():
     import train
+    import train_step
     from hps import get_hparams
     H = get_hparams(TINY + ['--skip_threshold', '400'])
     d = train.setup_distributed(device='cpu')
-    model, ema = train.build_models(H, d)
-    opt = train.make_optimizer(H, model, d.device)
+    model, ema = train_step.build_models(H, d)
+    opt = train_step.make_optimizer(H, model, d.device)
     before = [p.detach().clone() for p in model.parameters()]
     ema_before = [p.detach().clone() for p in ema.parameters()]
     x = torch.randn(4, 28, 28, 1)
     xt = torch.rand(4, 28, 28, 1) * 2 - 1
     x_nan = x.clone()
     x_nan[0, 0, 0, 0] = float('nan')
-    ctx = train.precision_context(H, d.device)
-    st, _ = train.training_step(H, x_nan, xt, model, model, ema, opt, None, ctx, 1e-3, False)
+    ctx = train_step.precision_context(H, d.device)
+    st, _ = train_step.training_step(H, x_nan, xt, model, model, ema, opt, None, ctx, 1e-3, False)
     assert st['skipped_updates'] == 1 and st['distortion_nans'] + st['rate_nans'] >= 1
     H.skip_threshold = 1e-9  # every real gradient is now "huge"
-    st, _ = train.training_step(H, x, xt, model, model, ema, opt, None, ctx, 1e-3, False)
+    st, _ = train_step.training_step(H, x, xt, model, model, ema, opt, None, ctx, 1e-3, False)
     assert st['skipped_updates'] == 1 and st['grad_norm'] > 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(ema_before, ema.parameters()))
     H.skip_threshold = 400
-    st, _ = train.training_step(H, x, xt, model, model, ema, opt, None, ctx, 1e-3, False)
+    st, _ = train_step.training_step(H, x, xt, model, model, ema, opt, None, ctx, 1e-3, False)
     assert st['skipped_updates'] == 0
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -388,18 +390,19 @@ def _release_step(H, x_in, x_target, model, ema, optimizer, lr):
 
 def _tiny_run_state(H):
     import train
+    import train_step
     d = train.setup_distributed(device='cpu')
-    model, ema = train.build_models(H, d)
-    return model, ema, train.make_optimizer(H, model, d.device)
+    model, ema = train_step.build_models(H, d)
+    return model, ema, train_step.make_optimizer(H, model, d.device)
 
 
 def test_device_side_step_equals_host_side_step():
-    """train.training_step (skip decision on the device, masked fused AdamW and EMA) against
+    """train_step.training_step (skip decision on the device, masked fused AdamW and EMA) against
     the host-side step over seven batches: normal, NaN input, an input x300 (grad norm ~6e6:
     over skip_threshold), x1000 (infinite grad norm), x100 (grad norm ~150: clipped at
     grad_clip, applied).  Loss, grad norm, skip decisions, parameters, EMA and the optimizer
     state (moments and step counts) are bitwise equal after every step."""
-    import train
+    import train_step
     from hps import get_hparams
     H = get_hparams(TINY + ['--skip_threshold', '400', '--grad_clip', '100', '--ema_rate', '0.99'])
     gen = torch.Generator().manual_seed(0)
@@ -409,12 +412,12 @@ def test_device_side_step_equals_host_side_step():
     x_nan[1, 3, 4, 0] = float('nan')
     batches = [x, x_nan, x, 300 * x, 1000 * x, x, 100 * x]
     new, ref = _tiny_run_state(H), _tiny_run_state(H)
-    ctx = train.precision_context(H, torch.device('cpu'))
+    ctx = train_step.precision_context(H, torch.device('cpu'))
     skips = []
     for i, xb in enumerate(batches):
-        lr = train.learning_rate(H, i + 10)
+        lr = train_step.learning_rate(H, i + 10)
         torch.manual_seed(i)
-        st, stop = train.training_step(H, xb, xt, new[0], new[0], new[1], new[2], None, ctx, lr, False)
+        st, stop = train_step.training_step(H, xb, xt, new[0], new[0], new[1], new[2], None, ctx, lr, False)
         torch.manual_seed(i)
         elbo, grad_norm, skipped = _release_step(H, xb, xt, ref[0], ref[1], ref[2], lr)
         assert st['elbo'].item() == elbo or (np.isnan(elbo) and st['elbo'].isnan())
@@ -442,23 +445,23 @@ class _NoHostReads(torch.utils._python_dispatch.TorchDispatchMode):
 def test_training_step_never_reads_the_device():
     """With the fused optimizer train.py uses, a training step, skipped or not, queues its
     work without the host waiting for a value (no per-step synchronisation on a GPU)."""
-    import train
+    import train_step
     from hps import get_hparams
     H = get_hparams(TINY + ['--skip_threshold', '400'])
     model, ema, opt = _tiny_run_state(H)
     x = torch.randn(4, 28, 28, 1)
     xt = torch.rand(4, 28, 28, 1) * 2 - 1
-    ctx = train.precision_context(H, torch.device('cpu'))
+    ctx = train_step.precision_context(H, torch.device('cpu'))
     for xb in [x, 1000 * x]:
         with _NoHostReads():
-            st, _ = train.training_step(H, xb, xt, model, model, ema, opt, None, ctx, 1e-3, False)
+            st, _ = train_step.training_step(H, xb, xt, model, model, ema, opt, None, ctx, 1e-3, False)
     assert st['skipped_updates'].item() == 1
 
 
 def test_step_outcome_counts_overflow_apart():
     """The device-side rule: NaN losses and large or non-finite grad norms skip; a loss-scaler
     overflow with finite losses is an overflow step (not a skipped update)."""
-    from train import step_outcome
+    from train_step import step_outcome
     t = torch.tensor
     inf, nan = float('inf'), float('nan')
     cases = [  # nans, grad_norm, found_inf, threshold -> (update, skipped, overflow)
@@ -487,7 +490,7 @@ def test_loss_scaler_overflow_is_not_a_skipped_update():
     """fp16's GradScaler, exercised on the CPU in fp32: a step whose scaled gradients hold an
     inf (put there by a hook on one parameter, as an fp16 overflow would) is an overflow step
     (counted apart, nothing updated, the loss scale halved); the next step updates."""
-    import train
+    import train_step
     from hps import get_hparams
     H = get_hparams(TINY + ['--skip_threshold', '400'])
     model, ema, opt = _tiny_run_state(H)
@@ -495,16 +498,16 @@ def test_loss_scaler_overflow_is_not_a_skipped_update():
     before = [p.detach().clone() for p in list(model.parameters()) + list(ema.parameters())]
     x = torch.randn(4, 28, 28, 1)
     xt = torch.rand(4, 28, 28, 1) * 2 - 1
-    ctx = train.precision_context(H, torch.device('cpu'))
+    ctx = train_step.precision_context(H, torch.device('cpu'))
     weight = model.decoder.out_net.out_conv.weight
     hook = weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float('inf')))
-    st, _ = train.training_step(H, x, xt, model, model, ema, opt, scaler, ctx, 1e-3, False)
+    st, _ = train_step.training_step(H, x, xt, model, model, ema, opt, scaler, ctx, 1e-3, False)
     hook.remove()
     assert (st['overflow_steps'].item(), st['skipped_updates'].item()) == (1, 0)
     assert np.isfinite(st['elbo'].item()) and scaler.get_scale() == 2. ** 9
     assert all(torch.equal(a, b) for a, b in zip(before, list(model.parameters()) + list(ema.parameters())))
     assert all(s['step'].item() == 0 for s in opt.state.values())
-    st, _ = train.training_step(H, x, xt, model, model, ema, opt, scaler, ctx, 1e-3, False)
+    st, _ = train_step.training_step(H, x, xt, model, model, ema, opt, scaler, ctx, 1e-3, False)
     assert (st['overflow_steps'].item(), st['skipped_updates'].item()) == (0, 0)
     assert all(s['step'].item() == 1 for s in opt.state.values())
     assert not torch.equal(before[0], next(model.parameters()))
@@ -526,7 +529,7 @@ def test_skipped_updates_are_counted_and_stalls_warned(fmnist_root, tmp_path):
 
 
 def test_ema_matches_release_update():
-    from train import update_ema
+    from train_step import update_ema
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
     e = [torch.randn(5, 3) for _ in range(3)]
@@ -542,7 +545,7 @@ def test_ema_matches_release_update():
 
 def test_warmup_zero_means_no_warmup():
     from hps import get_hparams
-    from train import learning_rate
+    from train_step import learning_rate
     H = get_hparams(TINY + ['--warmup_iters', '0', '--lr', '0.001'])
     assert learning_rate(H, 0) == 0.001
     H = get_hparams(TINY + ['--warmup_iters', '100', '--lr', '0.001'])
