@@ -34,7 +34,7 @@ def precision_context(H, device):
     dtype = torch.bfloat16 if H.precision == 'bf16' else torch.float16
     if device.type == 'cpu' and H.precision == 'fp16':
         raise UserError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=not H.get('cuda_graphs'))
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=not H.cuda_graphs)
 
 
 def build_models(H, d):
@@ -83,7 +83,7 @@ def make_optimizer(H, model, device):
     device tensor, which the captured step reads (GraphedStep)."""
     kw = dict(fused=True) if device.type in ('cuda', 'cpu') else {}
     lr = H.lr
-    if H.get('cuda_graphs'):
+    if H.cuda_graphs:
         kw['capturable'], lr = True, torch.tensor(H.lr, dtype=torch.float32, device=device)
     return torch.optim.AdamW(model.parameters(), weight_decay=H.wd, lr=lr, betas=(H.adam_beta1, H.adam_beta2),
                              eps=1e-8, **kw)
@@ -303,5 +303,5 @@ class GraphedStep(EagerStep):
 
 def make_step(H, net, model, ema, optimizer, scaler, ctx):
     """The training loop's step: a GraphedStep with --cuda_graphs, else an EagerStep."""
-    cls = GraphedStep if H.get('cuda_graphs') else EagerStep
+    cls = GraphedStep if H.cuda_graphs else EagerStep
     return cls(H, net, model, ema, optimizer, scaler, ctx)

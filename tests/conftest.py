@@ -19,7 +19,7 @@ def load_tiny(name='tiny32'):
     from hps import Hyperparams
     from vae import VAE
     cfg = json.load(open(ref(name, 'config.json')))
-    H = Hyperparams(cfg['H'])
+    H = Hyperparams(cfg['H'], cuda_graphs=False)  # the release's H lacks this repository's speed flags
     model = VAE(H)
     model.load_state_dict(torch.load(ref(name, 'model.th'), weights_only=True))
     model.eval()

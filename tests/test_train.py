@@ -213,7 +213,7 @@ def test_apex_optimizer_state_continues_adamw():
     from train_step import make_optimizer
     from checkpoints import load_optimizer_file
     from vae import VAE
-    H = Hyperparams(json.load(open(ref('tiny32', 'config.json')))['H'])
+    H = Hyperparams(json.load(open(ref('tiny32', 'config.json')))['H'], cuda_graphs=False)
     model = VAE(H)
     opt = make_optimizer(H, model, torch.device('cpu'))
     load_optimizer_file(opt, ref('tiny32', 'apex_opt.th'))
