@@ -18,7 +18,6 @@ and the newest complete checkpoint; a process whose peer died ends at its next c
 the latest after --dist_timeout seconds).
 """
 import collections
-import math
 import os
 import signal
 import time
@@ -30,16 +29,13 @@ from PIL import Image
 import data
 from checkpoints import (check_restore_paths, data_fingerprint, find_checkpoint, load_for_evaluation,
                          open_run_folder, restore, save_checkpoint)
+from evaluation import LN2, evaluate
 from hps import UserError, get_hparams
-from utils import (allreduce, check_writable, cleanup_distributed, configure_device, ieee_fp32,
-                   is_writable, logger, naming_file, param_spread_across_ranks, print_once, progress_bar, read_log,
-                   run_main, setup_distributed)
 from train_step import (COUNTS, STEP_STATS, GraphedStep, build_models, check_cuda_graphs, learning_rate,
                         make_optimizer, make_step, precision_context, wrap_for_training)
+from utils import (check_writable, cleanup_distributed, configure_device, is_writable, logger, naming_file,
+                   param_spread_across_ranks, print_once, progress_bar, read_log, run_main, setup_distributed)
 from vae import check_hparams
-from vae_helpers import KeyedNormal
-
-LN2 = math.log(2)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -96,66 +92,6 @@ def accumulate_stats(stats, frequency):
     z['elbo_bpd'] = z['elbo'] / LN2
     z['window_steps'] = len(window)
     return z
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def evaluate(H, d, ema, source, desc='eval'):
-    """Exact per-image averages over every image of ``source`` (each visited once across
-    ranks), in IEEE fp32 (no TF32, see utils.ieee_fp32).  The posterior noise of image i
-    is keyed by (--seed, i, layer, element) (vae_helpers.KeyedNormal), so a checkpoint gets
-    the same number for any --n_batch_eval, process count and device, and the training
-    RNG stream is not touched."""
-    ema.eval()
-    # n, elbo, distortion, rate, n_finite, finite elbo, elbo^2 (for the standard error)
-    sums = torch.zeros(7, dtype=torch.float64, device=d.device)
-    batches = eval_batches(H, d, source)
-    with ieee_fp32():
-        for positions, x in progress_bar(batches, is_main=d.is_main, off=H.no_progress, desc=desc, leave=False):
-            x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
-            with ema.keyed_noise(KeyedNormal(H.seed, positions)):
-                out = ema.forward_per_image(x_in, x_target)
-            elbo = out['elbo'].double()
-            finite = torch.isfinite(elbo)
-            sums += torch.stack([torch.full_like(elbo[0], len(elbo)), elbo.sum(), out['distortion'].double().sum(),
-                                 out['rate'].double().sum(), finite.double().sum(),
-                                 torch.where(finite, elbo, 0.).sum(), elbo.square().sum()])
-    n, elbo, distortion, rate, n_finite, finite_elbo, elbo_sq = allreduce(sums).tolist()
-    if n == 0:
-        raise UserError(f"the evaluation split ({getattr(source, 'path', source)}) is empty")
-    se = standard_error(n, elbo, elbo_sq)
-    return dict(n_images=int(n), elbo=elbo / n, elbo_se=se, distortion=distortion / n, rate=rate / n,
-                elbo_bpd=elbo / n / LN2, elbo_bpd_se=se / LN2, filtered_elbo=finite_elbo / max(n_finite, 1),
-                n_nonfinite=int(n - n_finite))
-
-
-def eval_batches(H, d, source):
-    """(positions in the split as an int64 tensor on d.device, uint8 batch) over this rank's
-    contiguous shard of ``source``, --n_batch_eval images at a time (default 4 x --n_batch),
-    prefetched by one worker (spawned under mpiexec, see worker_start_method)."""
-    b = H.n_batch_eval or 4 * H.n_batch
-    shard = data.eval_shard(len(source), d.rank, d.world_size)
-    loader = data.eval_loader(source, b, rank=d.rank, world_size=d.world_size, num_workers=min(H.num_workers, 1),
-                              pin_memory=d.device.type == 'cuda', mp_context=worker_start_method(d))
-    for i, x in enumerate(loader):
-        yield positions_on(shard[i * b:(i + 1) * b], d.device), x
-
-
-def positions_on(idx, device):
-    """Positions in the split (a contiguous numpy block) as an int64 tensor made on ``device``
-    (no copy from the host, which from pageable memory would wait for the device)."""
-    first = int(idx[0]) if len(idx) else 0
-    return first + torch.arange(len(idx), device=device)
-
-
-def standard_error(n, total, total_sq):
-    """Standard error of the mean of n values from their sum and sum of squares:
-    sqrt(sample variance / n), with the unbiased (n - 1) variance; nan for n < 2."""
-    if n < 2:
-        return float('nan')
-    var = max(total_sq - total * total / n, 0.0) / (n - 1)
-    return math.sqrt(var / n)
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -311,12 +247,6 @@ class StopSignal:
             print(f'\nreceived {signal.Signals(signum).name}: finishing this step, then writing latest', flush=True)
 
 
-def worker_start_method(d):
-    """How data-loading workers start: forking a process that has initialised MPI is
-    unsafe, so under mpiexec they are spawned (once per run: the workers persist)."""
-    return 'spawn' if d.launcher == 'mpiexec' else None
-
-
 def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at):
     """Train from ``progress`` (step, epoch, batch) to --max_iters / --num_epochs or a stop
     signal.  ``at['step']``: the step counter, kept up to date for main's report of an error."""
@@ -375,7 +305,7 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at):
     done, stop = H.max_iters and it >= H.max_iters, False
     loader = data.train_loader(splits.train, H.n_batch, seed=H.seed, epoch=epoch, rank=d.rank,
                                world_size=d.world_size, start_batch=start_batch, num_workers=H.num_workers,
-                               pin_memory=d.device.type == 'cuda', mp_context=worker_start_method(d))
+                               pin_memory=d.device.type == 'cuda', mp_context=data.worker_start_method(d.launcher))
     while not done and epoch < H.num_epochs:
         model.train()
         loader.sampler.set_epoch(epoch, start_batch)  # one loader, persistent workers
