@@ -34,15 +34,12 @@ from checkpoints import resolve_weights, restore_params
 from hps import (UserError, add_vae_arguments, at_least, check_in_range, check_ranges, explicit_flags,
                  Hyperparams, int_list, parse_args_and_update_hparams)
 from evaluation import block_resolutions, run_encode, run_iwae, run_kl_stats
-from train import tile, write_png
-from utils import (Dist, barrier, check_writable, cleanup_distributed, configure_cpu, gather_objects,
+from pictures import REST_TEMPERATURE, run_interpolate, run_reconstruct, tile, write_image, write_kl_plot
+from utils import (Dist, barrier, check_writable, cleanup_distributed, configure_cpu,
                    ieee_fp32, logger, progress_bar, run_main, setup_distributed)
 from vae import VAE, check_hparams, parse_layer_string
-from vae_helpers import KeyedNormal
 
 MODES = ('n_importance', 'kl_stats', 'encode', 'reconstruct', 'interpolate')
-# Tags that keep the prior noise of the picture modes apart (see _seed).
-TAG_RECON, TAG_INTERP = 4, 5
 RANGES = {'n_importance': (at_least(1), '>= 1'), 'n_images': (at_least(0), '>= 0 (0: all)'),
           'iw_batch': (at_least(0), '>= 0'), 'inactive_threshold': (at_least(0), '>= 0'),
           'rest_temperature': (at_least(0), '>= 0'), 'interp_steps': (at_least(2), '>= 2 (end points included)')}
@@ -79,7 +76,7 @@ def add_eval_arguments(parser):
     a('--keep', '--k', nargs='+', default=None, dest='keep',
       help='--reconstruct: k values, each a row keeping the first k posterior latents, e.g. 0 4 10 '
            '(default: num_variables_visualize values spread over the blocks, then all of them)')
-    a('--rest_temperature', type=float, default=0.1,
+    a('--rest_temperature', type=float, default=REST_TEMPERATURE,
       help='prior temperature of the latents not kept (--reconstruct) or not interpolated (--interpolate)')
     a('--interp_layers', nargs='+', default=None,
       help='--interpolate: L values, each a row interpolating the top L blocks '
@@ -165,7 +162,6 @@ def check_model_args(H, n_blocks):
 
 # ----------------------------------------------------------------------------- model
 
-
 def build_model(H, d, path):
     model = VAE(H)
     restore_params(model, path, H)
@@ -175,56 +171,6 @@ def build_model(H, d, path):
     if H.channels_last:
         model.set_channels_last(True)
     return model
-
-
-def _seed(H, tag, *key):
-    """A torch seed for the prior draws of one picture, from --seed, the mode and a key
-    (the image's position, the number of latents kept)."""
-    return int(np.random.SeedSequence([H.seed % 2 ** 32, tag, *map(int, key)]).generate_state(1, np.uint64)[0])
-
-
-# ----------------------------------------------------------------------------- per-layer KL
-
-
-def plot_kl(stats, path):
-    """Bar charts: KL per block (log scale, coloured by resolution, inactive ones hatched)
-    and the share of the rate per resolution."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    blocks, resolutions = stats['blocks'], stats['resolutions']
-    colours = {r['resolution']: plt.cm.viridis(i / max(1, len(resolutions) - 1)) for i, r in enumerate(resolutions)}
-    floor = max(min([b['kl_nats'] for b in blocks if b['kl_nats'] > 0] + [stats['inactive_threshold_nats']]) / 10,
-                1e-6)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(6.0, 0.14 * len(blocks)) + 3.5, 3.6), dpi=100,
-                                  gridspec_kw=dict(width_ratios=[max(6.0, 0.14 * len(blocks)), 3.5]))
-    for b in blocks:
-        ax.bar(b['index'], max(b['kl_nats'], floor), color=colours[b['resolution']], edgecolor='k',
-               linewidth=0.3, hatch='///' if b['inactive'] else None, alpha=0.45 if b['inactive'] else 1.0)
-    if stats['inactive_threshold_nats'] > 0:
-        ax.axhline(stats['inactive_threshold_nats'], ls='--', color='r', lw=1,
-                   label=f'inactive below {stats["inactive_threshold_nats"]:g} nats')
-        ax.legend(fontsize=8, loc='upper left')
-    ax.set_yscale('log')
-    ax.set_xticks([b['index'] for b in blocks][::max(1, len(blocks) // 20)])
-    ax.set_xlabel('decoder block (top-down)')
-    ax.set_ylabel('KL (nats per image)')
-    ax.set_title(f'{stats["dataset"]} {stats["split"]}, {stats["n_images"]} images: rate '
-                 f'{stats["rate_nats_per_dim"]:.4g} nats/dim, {len(stats["inactive_blocks"])} inactive blocks',
-                 fontsize=9)
-    ax.grid(alpha=0.3, axis='y')
-    xs = np.arange(len(resolutions))
-    ax2.bar(xs, [100 * r['share_of_rate'] for r in resolutions], color=[colours[r['resolution']] for r in resolutions],
-            edgecolor='k', linewidth=0.3)
-    ax2.set_xticks(xs, [f'{r["resolution"]}\n({r["n_blocks"]})' for r in resolutions], fontsize=8)
-    ax2.set_xlabel('resolution (blocks)')
-    ax2.set_ylabel('share of the rate (%)')
-    ax2.grid(alpha=0.3, axis='y')
-    fig.tight_layout()
-    tmp = path + '.tmp.png'
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -239,59 +185,6 @@ def input_images(H):
     if bad:
         raise UserError(f"--indices {bad[0]} is out of range: --split {H.split} has {len(source)} images")
     return source[np.array(H.indices)], [f'{H.split}[{i}]' for i in H.indices]
-
-
-@torch.no_grad()
-def posterior_latents(H, model, x_uint8, device, position):
-    """z of every decoder block for one image (batch of 1), its noise keyed by its position
-    among the input images (so --images files and --indices of the same images agree)."""
-    x_in, _ = data.preprocess(H, torch.from_numpy(x_uint8[None]).to(device))
-    with model.keyed_noise(KeyedNormal(H.seed, torch.full((1,), int(position), device=device))):
-        return [s['z'] for s in model.forward_get_latents(x_in)]
-
-
-@torch.no_grad()
-def run_reconstruct(H, d, model, images, bar):
-    """Rows: originals, then per k: the first k posterior latents kept, the rest drawn
-    from the prior at --rest_temperature.  Each cell is seeded by (image, k)."""
-    cells = {}
-    for j in data.eval_shard(len(images), d.rank, d.world_size):
-        zs = posterior_latents(H, model, images[j], d.device, j)
-        row = []
-        for k in H.keep_list:
-            torch.manual_seed(_seed(H, TAG_RECON, j, k))
-            row.append(model.forward_samples_set_latents(1, zs[:k], t=H.rest_temperature)[0])
-        cells[int(j)] = np.stack(row)
-        bar.update(1)
-    gathered = {k: v for part in gather_objects(cells) for k, v in part.items()}
-    if not d.is_main:
-        return None
-    recon = np.stack([gathered[j] for j in range(len(images))], 1)  # (n_k, n_images, H, W, C)
-    return np.concatenate([images[None], recon])
-
-
-@torch.no_grad()
-def run_interpolate(H, d, model, images, bar):
-    """Rows: one per L; columns: image a, --interp_steps points z = (1-a) z_a + a z_b on the
-    top L blocks' posterior latents (the rest from the prior at --rest_temperature, with
-    the same noise along a row), image b."""
-    za, zb = (posterior_latents(H, model, images[j], d.device, j) for j in (0, 1))
-    alphas = np.linspace(0, 1, H.interp_steps)
-    jobs = [(r, c) for r in range(len(H.interp_list)) for c in range(len(alphas))]
-    cells = {}
-    for j in data.eval_shard(len(jobs), d.rank, d.world_size):
-        r, c = jobs[j]
-        n_top, a = H.interp_list[r], float(alphas[c])
-        zs = [(1 - a) * za[i] + a * zb[i] for i in range(n_top)]
-        torch.manual_seed(_seed(H, TAG_INTERP, n_top))
-        cells[r, c] = model.forward_samples_set_latents(1, zs, t=H.rest_temperature)[0]
-        bar.update(1)
-    gathered = {k: v for part in gather_objects(cells) for k, v in part.items()}
-    if not d.is_main:
-        return None, alphas
-    rows = [np.stack([images[0]] + [gathered[r, c] for c in range(len(alphas))] + [images[1]])
-            for r in range(len(H.interp_list))]
-    return np.stack(rows), alphas
 
 
 # ----------------------------------------------------------------------------- driver
@@ -395,7 +288,7 @@ def _dispatch(H, d, model, source, images, names, weights, bar, log):
         stem = os.path.join(out, f'kl-{H.split}')
         stats.update(weights=weights, json=stem + '.json', png=stem + '.png')
         _write_json(stats, stem + '.json')
-        plot_kl(stats, stem + '.png')
+        write_kl_plot(stats, stem + '.png')
         log(type='kl_stats', split=H.split, n_images=stats['n_images'], rate=stats['rate_nats_per_dim'],
             inactive_blocks=stats['inactive_blocks'], json=stats['json'])
         log(f'{H.split}: rate {stats["rate_nats_per_dim"]:.5f} nats/dim over {stats["n_images"]} images; '
@@ -413,7 +306,7 @@ def _dispatch(H, d, model, source, images, names, weights, bar, log):
         if grid is None:
             return None
         stem = os.path.join(out, 'reconstructions')
-        write_png(tile(grid), stem + '.png')
+        write_image(tile(grid), stem + '.png')
         summary = dict(mode='reconstruct', rows=['original'] + [f'k={k}' for k in H.keep_list], keep=H.keep_list,
                        n_blocks=len(block_resolutions(H)), columns=names, rest_temperature=H.rest_temperature,
                        seed=H.seed, weights=weights, png=stem + '.png')
@@ -424,7 +317,7 @@ def _dispatch(H, d, model, source, images, names, weights, bar, log):
     if grid is None:
         return None
     stem = os.path.join(out, 'interpolation')
-    write_png(tile(grid), stem + '.png')
+    write_image(tile(grid), stem + '.png')
     summary = dict(mode='interpolate', rows=[f'top {n} blocks' for n in H.interp_list], interp_layers=H.interp_list,
                    columns=[names[0]] + [f'alpha={a:.3f}' for a in alphas] + [names[1]],
                    n_blocks=len(block_resolutions(H)), rest_temperature=H.rest_temperature, seed=H.seed,

@@ -24,17 +24,17 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 import data
 from checkpoints import (check_restore_paths, data_fingerprint, find_checkpoint, load_for_evaluation,
                          open_run_folder, restore, save_checkpoint)
 from evaluation import LN2, evaluate
 from hps import UserError, get_hparams
+from pictures import visualization_batch, write_loss_plot, write_sample_grid
 from train_step import (COUNTS, STEP_STATS, GraphedStep, build_models, check_cuda_graphs, learning_rate,
                         make_optimizer, make_step, precision_context, wrap_for_training)
-from utils import (check_writable, cleanup_distributed, configure_device, is_writable, logger, naming_file,
-                   param_spread_across_ranks, print_once, progress_bar, read_log, run_main, setup_distributed)
+from utils import (check_writable, cleanup_distributed, configure_device, is_writable, logger, param_spread_across_ranks,
+                   print_once, progress_bar, run_main, setup_distributed)
 from vae import check_hparams
 
 
@@ -96,114 +96,10 @@ def accumulate_stats(stats, frequency):
 
 # ----------------------------------------------------------------------------- pictures
 
-def visualization_batch(H, source):
-    n = min(H.num_images_visualize, len(source))
-    return torch.from_numpy(source[np.arange(n)])
-
-
-@torch.no_grad()
-def sample_grid(H, ema, x_uint8, device):
-    """The release's sample grid as a uint8 array (rows*H, cols*W, C): originals;
-    reconstructions keeping the first k posterior latents (rest from the prior at t=0.1)
-    for num_variables_visualize values of k; unconditional samples at t = 1.0, 0.9, ..."""
-    ema.eval()
-    x_in, _ = data.preprocess(H, x_uint8.to(device))
-    zs = [s['z'] for s in ema.forward_get_latents(x_in)]
-    mb = x_uint8.shape[0]
-    rows = [x_uint8.numpy()]
-    lv_points = np.floor(np.linspace(0, 1, H.num_variables_visualize + 2) * len(zs)).astype(int)[1:-1]
-    for i in lv_points:
-        rows.append(ema.forward_samples_set_latents(mb, zs[:i], t=0.1))
-    for t in [1.0, 0.9, 0.8, 0.7][:H.num_temperatures_visualize]:
-        rows.append(ema.forward_uncond_samples(mb, t=t))
-    return tile(np.stack(rows))
-
-
-def tile(batches):
-    """(rows, cols, H, W, C) uint8 -> one (rows*H, cols*W, C) image."""
-    r, c, h, w, ch = batches.shape
-    return batches.transpose(0, 2, 1, 3, 4).reshape(r * h, c * w, ch)
-
-
-def write_png(im, path):
-    """Write a uint8 (H, W, C) array as PNG, atomically."""
-    im = im[..., 0] if im.shape[-1] == 1 else im
-    tmp = f'{path}.tmp.png'
-    with naming_file(path):
-        Image.fromarray(im).save(tmp)
-    os.replace(tmp, path)
-
-
 def write_images(H, d, ema, viz_batch, fname, log):
     """Rank 0 only; uses its own RNG stream so training noise is unaffected."""
-    devices = [d.device] if d.device.type == 'cuda' else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(H.seed)
-        write_png(sample_grid(H, ema, viz_batch, d.device), fname)
+    write_sample_grid(H, ema, viz_batch, d.device, fname)
     log(f'printing samples to {fname}')
-
-
-def log_series(records, kind, field, unit=1.0):
-    """[(step, value / unit)] of ``field`` in the run-log records of type ``kind``, sorted
-    by step.  A step logged more than once (a print and a save at the same step, or steps
-    trained again after a resume) keeps its last record."""
-    points = {}
-    for z in records:
-        if z.get('type') == kind and 'step' in z and field in z:
-            points[z['step']] = z[field] / unit
-    return sorted(points.items())
-
-
-def loss_curves(records):
-    """(train, valid) lists of (step, bits/dim) from run-log records, sorted by step.
-    train: every train_loss record, the per-print ones and those written with each
-    checkpoint (the run's last point); valid: eval_loss records (see log_series)."""
-    return [log_series(records, kind, 'elbo', LN2) for kind in ('train_loss', 'eval_loss')]
-
-
-def write_loss_plot(log_path, png_path):
-    """Four panels against step, from the run log: train and valid bits/dim; the train
-    distortion and rate (bits/dim); the largest pre-clip gradient norm of each print window,
-    with --skip_threshold; the skipped updates since the start."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    records = read_log(log_path)
-    tr, va = loss_curves(records)
-    grad_norms = log_series(records, 'train_loss', 'grad_norm')
-    skipped = log_series(records, 'train_loss', 'total_skipped')
-    fig, ((loss, parts), (grad, skips)) = plt.subplots(2, 2, figsize=(9, 6), dpi=100, sharex=True)
-    for ax, points, style, label in [
-            (loss, tr, '-', 'train (batch average)'), (loss, va, 'o-', 'valid (EMA model)'),
-            (parts, log_series(records, 'train_loss', 'distortion', LN2), '-', 'distortion'),
-            (parts, log_series(records, 'train_loss', 'rate', LN2), '-', 'rate (KL)'),
-            (grad, grad_norms, '-', 'largest of the print window'),
-            (skips, skipped, '-', 'since the start')]:
-        if points:
-            ax.plot(*zip(*points), style, label=label, lw=1)
-    threshold = [z['value'] for z in records if z.get('type') == 'hparam' and z.get('key') == 'skip_threshold']
-    if threshold and threshold[-1] != -1:
-        grad.axhline(threshold[-1], color='gray', ls='--', lw=1, label='--skip_threshold')
-    if grad_norms and min(v for _, v in grad_norms) > 0:
-        grad.set_yscale('log')  # norms span orders of magnitude early in training
-    for ax, ylabel in [(loss, 'negative ELBO (bits/dim)'), (parts, 'bits/dim'), (grad, 'gradient norm (pre-clip)'),
-                       (skips, 'skipped updates')]:
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    top = max([1] + [1.1 * v for _, v in skipped])
-    skips.set_ylim(-0.03 * top, top)  # a count: from 0 (the line at 0 visible), whole numbers
-    skips.yaxis.set_major_locator(MaxNLocator(integer=True))
-    grad.set_xlabel('step')
-    skips.set_xlabel('step')
-    fig.tight_layout()
-    tmp = png_path + '.tmp.png'
-    with naming_file(png_path):
-        fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
 
 
 # ----------------------------------------------------------------------------- loops
