@@ -14,7 +14,7 @@ once, so no timed step captures), then timed:
 
 - training: the real ``train_step.training_step`` (forward, backward, clip, AdamW, EMA) on a
   fixed uint8 batch of the preset's shape, preprocessed on the device every step as in
-  ``train.train_loop`` (no data loading); every step updates (``skip_threshold`` -1);
+  ``train_loop.train_loop`` (no data loading); every step updates (``skip_threshold`` -1);
 - evaluation: ``forward_per_image`` of the EMA model under ``no_grad`` in fp32, as
   ``evaluation.evaluate`` (batch ``--n_batch_eval``, default 4 x n_batch);
 - sampling: ``forward_uncond_samples`` of the EMA model at ``--temperature``, uint8 on the host.

@@ -19,6 +19,7 @@ import shutil
 import time
 import zipfile
 import zlib
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -399,6 +400,22 @@ def set_rng_state(st, device):
         torch.cuda.set_rng_state(st['cuda'], device)
 
 
+@dataclass
+class Progress:
+    """Where a run stands: what every -state.th records beside the weights, what restore
+    returns and what train_loop advances step by step."""
+    step: int = 0  # updates done (the number of the next step)
+    epoch: int = 0
+    batch: int = 0  # the next batch within the epoch
+    best_eval: float = float('inf')  # the lowest validation ELBO so far (nats/dim)
+    skipped: int = 0  # updates skipped since the run began
+    data: tuple = None  # data_fingerprint of the training split
+
+
+# the fields a resume carries over from the checkpoint ('data' is checked, then the current split's)
+RESUMED = ('step', 'epoch', 'batch', 'best_eval', 'skipped')
+
+
 def save_checkpoint(H, d, name, model, ema, optimizer, scaler, log, progress):
     """Write {run_dir}/{name}-*.  Collective (every rank calls it); rank 0 writes.
 
@@ -409,7 +426,7 @@ def save_checkpoint(H, d, name, model, ema, optimizer, scaler, log, progress):
     rngs = gather_objects(rng_state(d.device))
     if d.is_main:
         prefix = os.path.join(H.run_dir, name)
-        log(f'Saving model@ {progress["step"]} to {prefix}')
+        log(f'Saving model@ {progress.step} to {prefix}')
         if name == 'latest':
             keep_previous(H.run_dir)
         atomic_save(model.state_dict(), prefix + '-model.th')
@@ -417,7 +434,7 @@ def save_checkpoint(H, d, name, model, ema, optimizer, scaler, log, progress):
         atomic_save(optimizer.state_dict(), prefix + '-opt.th')
         atomic_copy(log.jsonl_path, prefix + '-log.jsonl')
         files = {suffix: file_crc(prefix + suffix) for suffix in CHECKPOINT_FILES}
-        atomic_save(dict(progress, rng=rngs, scaler=scaler.state_dict() if scaler else None, H=dict(H),
+        atomic_save(dict(asdict(progress), rng=rngs, scaler=scaler.state_dict() if scaler else None, H=dict(H),
                          files=files, world_size=d.world_size), prefix + '-state.th')
     barrier()
 
@@ -659,12 +676,12 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
     """Apply --resume / the run folder's newest complete checkpoint, or the release's four
     restore flags (checked to exist by set_up).  ``found``: find_checkpoint's answer when the
     caller already has it; ``data_id``: data_fingerprint of the training split.  Returns
-    progress: step, epoch, batch (next batch within the epoch), best_eval, skipped.
+    the run's Progress (its ``data`` is left to the caller).
 
     Refuses (UserError) to start from zero in a folder whose checkpoints are all torn, and
     to resume with changed EXACT_RESUME_KEYS, global batch or data, unless --restart /
     --allow_changes (check_changes)."""
-    progress = dict(step=0, epoch=0, batch=0, best_eval=float('inf'), skipped=0)
+    progress = Progress()
     if H.resume and H.restart:
         raise UserError("--resume continues the run and --restart begins it afresh: pass one of them")
     prefix, st = (None, None) if H.restart else (found or find_checkpoint(H.run_dir))
@@ -695,8 +712,8 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
         else:
             log(f'note: checkpoint written by {len(rngs)} process(es), now {d.world_size}: data order is kept, '
                 'posterior noise is reseeded (with --rank_invariant_noise on both sides it would continue)')
-        progress = {k: st.get(k, progress[k]) for k in progress}
-        progress['batch'] = position_in_epoch(H, d, st, progress, data_id, log)
+        progress = Progress(**{k: st[k] for k in RESUMED if k in st})
+        progress.batch = position_in_epoch(H, d, st, progress, data_id, log)
         return progress
     # load everything before logging anything, so a bad file leaves no trace in the run folder
     if H.restore_path:
@@ -710,13 +727,13 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
     if H.restore_log_path:
         best, step, epoch = restore_log(H.restore_log_path)
         # the release restarts at the beginning of the epoch its log reached
-        progress.update(step=step, epoch=epoch, batch=0, best_eval=best)
+        progress = Progress(step=step, epoch=epoch, batch=0, best_eval=best)
     for flag in ['restore_path', 'restore_ema_path', 'restore_optimizer_path', 'restore_log_path']:
         if H[flag]:
             log(f'restored --{flag} {H[flag]}')
     if H.restore_log_path:
-        log(f'starting at epoch {progress["epoch"]}, step {progress["step"]} (from the log); '
-            f'best eval elbo so far {progress["best_eval"]}')
+        log(f'starting at epoch {progress.epoch}, step {progress.step} (from the log); '
+            f'best eval elbo so far {progress.best_eval}')
     return progress
 
 
@@ -731,13 +748,13 @@ def position_in_epoch(H, d, st, progress, data_id, log):
     this epoch are carried over, rounded down to whole new global batches (the images of
     the partial one are trained on again)."""
     old_global, new_global = st['H']['n_batch'] * st.get('world_size', 1), H.n_batch * d.world_size
-    batch = progress['batch']
+    batch = progress.batch
     if old_global == new_global or not batch:
         return batch
     images = batch * old_global
     batch, again = divmod(images, new_global)
     per_epoch = f' of {data.train_batches_per_epoch(data_id[0], H.n_batch, d.world_size)}' if data_id else ''
-    log(f'note: {images} images of epoch {progress["epoch"]} were trained on in global batches of '
+    log(f'note: {images} images of epoch {progress.epoch} were trained on in global batches of '
         f'{global_batch(st["H"]["n_batch"], st.get("world_size", 1))}; continuing at global batch {batch}{per_epoch} '
         f'of this epoch, in global batches of {global_batch(H.n_batch, d.world_size)}'
         + (f' ({again} images of the last one are trained on again)' if again else ''))
@@ -777,7 +794,7 @@ def open_run_folder(H, d, progress, found, log):
         log(f'removed {len(stale)} temporary file(s) of killed processes: {", ".join(stale)}')
     log.commit()
     st = None if H.restart else found[1]
-    record = dict(step=progress['step'], time=time.ctime(),
+    record = dict(step=progress.step, time=time.ctime(),
                   changed={k: list(v) for k, v in changed_hparams(st['H'], H).items()} if st else {}, H=dict(H))
     with open(os.path.join(H.run_dir, 'hparams.jsonl'), 'a') as f:
         print(json.dumps(record), file=f, flush=True)

@@ -282,7 +282,7 @@ def test_run_folder_checkpoint_brings_its_architecture(trained, fm_root, tmp_pat
     os.makedirs(H.run_dir)
     checkpoints.save_checkpoint(H, Dist(), 'latest', model, model, torch.optim.AdamW(model.parameters()), None,
                           logger(os.path.join(H.run_dir, 'log')),
-                          dict(step=100, epoch=0, batch=0, best_eval=float('inf')))
+                          checkpoints.Progress(step=100, epoch=0, batch=0, best_eval=float('inf')))
     st = evaluate.main(['--save_dir', str(tmp_path), '--desc', 'run', '--data_root', fm_root, '--kl_stats',
                         '--n_images', '4', '--threads', '1', '--num_workers', '0', '--no_progress'])
     assert os.path.dirname(st['json']) == H.run_dir and st['weights'].endswith('latest-model-ema.th')

@@ -119,7 +119,8 @@ def test_previous_generation_is_the_last_complete_latest(fmnist_root, tmp_path):
     model, ema = train_step.build_models(H, d)
     opt = train_step.make_optimizer(H, model, d.device)
     for step in (1, 2):
-        checkpoints.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=step, epoch=0, batch=step))
+        checkpoints.save_checkpoint(H, d, 'latest', model, ema, opt, None, log,
+                                    checkpoints.Progress(step=step, epoch=0, batch=step))
     assert checkpoints.checkpoint_state(os.path.join(H.run_dir, 'previous'))['step'] == 1
     checkpoints.keep_previous(H.run_dir)
     checkpoints.keep_previous(H.run_dir)  # again, before latest changed
@@ -129,7 +130,8 @@ def test_previous_generation_is_the_last_complete_latest(fmnist_root, tmp_path):
     with open(torn + '.new', 'wb') as f:
         f.write(b'not the model the state file describes')
     os.replace(torn + '.new', torn)  # a torn latest (replaced, as a save does; previous keeps its own file)
-    checkpoints.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=3, epoch=0, batch=3))
+    checkpoints.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, checkpoints.Progress(step=3, epoch=0,
+                                                                                             batch=3))
     assert checkpoints.checkpoint_state(os.path.join(H.run_dir, 'previous'))['step'] == 2
     assert checkpoints.find_checkpoint(H.run_dir)[1]['step'] == 3
 
@@ -291,7 +293,7 @@ def test_signal_to_torchrun_group_with_workers_stops_cleanly(fmnist_root, tmp_pa
 def test_a_repeated_signal_within_the_grace_time_is_the_same_request():
     """Ctrl-C under torchrun reaches each process twice (from the terminal and forwarded):
     that must not abort; a second Ctrl-C after the grace time does."""
-    from train import StopSignal
+    from train_loop import StopSignal
     saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         stop = StopSignal(is_main=False, grace=0.5)
