@@ -39,29 +39,29 @@ def set_up(argv=None):
     """Resolve H, join the process group, make the run folder and the logger."""
     H = get_hparams(argv)
     check_hparams(H)  # the architecture, before any process group, file or data
-    d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout)
-    configure_device(d.device, H.threads, is_main=d.is_main)
+    dist_info = setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout)
+    configure_device(dist_info.device, H.threads, is_main=dist_info.is_main)
     H.run_dir = os.path.join(H.save_dir, H.desc)
-    check_cuda_graphs(H, d)
+    check_cuda_graphs(H, dist_info)
     check_restore_paths(H)
     if H.test_eval:  # evaluation only reads the run: a read-only run folder gets no log lines
         write = is_writable(H.run_dir)
         if not write:
-            print_once(f'note: {H.run_dir} is read-only: the result is printed, not logged there', dist_info=d)
+            print_once(f'note: {H.run_dir} is read-only: the result is printed, not logged there', dist_info=dist_info)
     else:
         check_writable(H.run_dir, 'pass a --save_dir this process can write to')
         write = True
     # lines reach the run folder only once the start succeeded (log.commit in main)
-    log = logger(os.path.join(H.run_dir, 'log'), is_main=d.is_main, write=write, hold=True)
-    return H, d, log
+    log = logger(os.path.join(H.run_dir, 'log'), is_main=dist_info.is_main, write=write, hold=True)
+    return H, dist_info, log
 
 
 # ----------------------------------------------------------------------------- the jobs
 
-def run_test_eval(H, d, splits, ema, log):
-    stats = evaluate(H, d, ema, splits.test, desc='test')
+def run_test_eval(H, dist_info, splits, ema, log):
+    stats = evaluate(H, dist_info, ema, splits.test, desc='test')
     log(type='test_loss', **stats)
-    if d.is_main:
+    if dist_info.is_main:
         print(f'test elbo over {stats["n_images"]} images: {stats["elbo"]:.5f} ± {stats["elbo_se"]:.5f} nats/dim = '
               f'{stats["elbo_bpd"]:.5f} ± {stats["elbo_bpd_se"]:.5f} bits/dim (± one standard error of the mean '
               'over images)', flush=True)
@@ -69,30 +69,31 @@ def run_test_eval(H, d, splits, ema, log):
 
 
 def main(argv=None):
-    H, d, log = set_up(argv)
+    H, dist_info, log = set_up(argv)
     try:
         splits = data.load_data(H)
-        model, ema = build_models(H, d)
-        optimizer = make_optimizer(H, model, d.device)
-        scaler = torch.amp.GradScaler(d.device.type) if H.precision == 'fp16' else None
+        model, ema = build_models(H, dist_info)
+        optimizer = make_optimizer(H, model, dist_info.device)
+        scaler = torch.amp.GradScaler(dist_info.device.type) if H.precision == 'fp16' else None
         if H.test_eval:
             load_for_evaluation(H, ema, log)
             log.commit()
-            return run_test_eval(H, d, splits, ema, log)
+            return run_test_eval(H, dist_info, splits, ema, log)
         data_id = data_fingerprint(splits.train)
         found = (None, None) if H.restart else find_checkpoint(H.run_dir)
-        progress = restore(H, d, model, ema, optimizer, scaler, log, found=found, data_id=data_id)
+        progress = restore(H, dist_info, model, ema, optimizer, scaler, log, found=found, data_id=data_id)
         progress.data = data_id
-        open_run_folder(H, d, progress, found, log)
+        open_run_folder(H, dist_info, progress, found, log)
         for k in sorted(H):
             log(type='hparam', key=k, value=H[k])
         n = model.num_params()
         log(total_params=n, readable=f'{n:,}')
-        log(f'{n:,} parameters | {d.world_size} process(es) via {d.launcher} | device {d.device} | '
-            f'precision {H.precision} | batch {H.n_batch}/process | logs and checkpoints in {H.run_dir}')
+        log(f'{n:,} parameters | {dist_info.world_size} process(es) via {dist_info.launcher} | '
+            f'device {dist_info.device} | precision {H.precision} | batch {H.n_batch}/process | '
+            f'logs and checkpoints in {H.run_dir}')
         log('starting at epoch', progress.epoch, 'iterate', progress.step, 'eval loss', progress.best_eval)
         try:
-            train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log)
+            train_loop(H, dist_info, splits, model, ema, optimizer, scaler, progress, log)
         except Exception as e:
             e.add_note(stopped_note(H.run_dir, progress.step))  # utils.run_main prints it after the error
             raise
@@ -104,12 +105,12 @@ def stopped_note(run_dir, step):
     """Where a run that an error stopped stands: the step, and the newest complete
     checkpoint (whose files are safe: the same command continues from it)."""
     try:
-        prefix, st = find_checkpoint(run_dir)
+        prefix, state = find_checkpoint(run_dir)
     except Exception:  # only a report: the error that stopped the run is what matters
         prefix = None
     if prefix is None:
         return f'stopped at step {step}; {run_dir} holds no complete checkpoint yet'
-    return (f'stopped at step {step}; {prefix}-* (step {st["step"]}) is the newest complete checkpoint: '
+    return (f'stopped at step {step}; {prefix}-* (step {state["step"]}) is the newest complete checkpoint: '
             'the same command continues from it')
 
 

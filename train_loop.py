@@ -223,26 +223,26 @@ def write_grid(H, dist_info, ema, images, log, step):
 def train_loop(H, dist_info, splits, model, ema, optimizer, scaler, progress, log):
     """Train from ``progress`` (a checkpoints.Progress, advanced as the run goes) to
     --max_iters / --num_epochs or a stop signal."""
-    d = dist_info
-    n_batches = data.train_batches_per_epoch(len(splits.train), H.n_batch, d.world_size)
+    n_batches = data.train_batches_per_epoch(len(splits.train), H.n_batch, dist_info.world_size)
     if n_batches == 0:
         raise UserError(f"the training split has {len(splits.train)} images, fewer than one batch of "
-                        f"{H.n_batch} per process x {d.world_size} processes")
+                        f"{H.n_batch} per process x {dist_info.world_size} processes")
     if progress.batch >= n_batches:  # saved after the last batch of its epoch
         progress.epoch, progress.batch = progress.epoch + 1, 0
     trained = (model, ema, optimizer, scaler)  # what a checkpoint saves
-    step = make_step(H, wrap_for_training(H, model, d), *trained, precision_context(H, d.device))
-    stopper = StopSignal(d.is_main)
-    vote = StopVote(d.world_size, stopper)
+    step = make_step(H, wrap_for_training(H, model, dist_info), *trained, precision_context(H, dist_info.device))
+    stopper = StopSignal(dist_info.is_main)
+    vote = StopVote(dist_info.world_size, stopper)
     viz_batch = visualization_batch(H, splits.valid)
     valid = splits.valid if not H.valid_images else splits.valid.view(np.arange(min(H.valid_images, len(splits.valid))))
     total = H.max_iters if H.max_iters else H.num_epochs * n_batches
-    bar = progress_bar(is_main=d.is_main, off=H.no_progress, total=total, initial=min(progress.step, total),
+    bar = progress_bar(is_main=dist_info.is_main, off=H.no_progress, total=total, initial=min(progress.step, total),
                        desc='train', unit='it', dynamic_ncols=True)
     stats = StepStats(H, progress, log, bar)
-    loader = data.train_loader(splits.train, H.n_batch, seed=H.seed, epoch=progress.epoch, rank=d.rank,
-                               world_size=d.world_size, start_batch=progress.batch, num_workers=H.num_workers,
-                               pin_memory=d.device.type == 'cuda', mp_context=data.worker_start_method(d.launcher))
+    loader = data.train_loader(splits.train, H.n_batch, seed=H.seed, epoch=progress.epoch, rank=dist_info.rank,
+                               world_size=dist_info.world_size, start_batch=progress.batch, num_workers=H.num_workers,
+                               pin_memory=dist_info.device.type == 'cuda',
+                               mp_context=data.worker_start_method(dist_info.launcher))
     done = bool(H.max_iters) and progress.step >= H.max_iters
     stop, steps_this_start, grid_step = False, 0, None
     model.train()
@@ -252,7 +252,7 @@ def train_loop(H, dist_info, splits, model, ema, optimizer, scaler, progress, lo
         if capturing:
             bar.set_description('train (capturing the step in a CUDA graph)')
         t0 = time.time()
-        step_stats, stop_vote = step(x.to(d.device, non_blocking=True), learning_rate(H, it),
+        step_stats, stop_vote = step(x.to(dist_info.device, non_blocking=True), learning_rate(H, it),
                                      stopper.requested is not None)
         if capturing:
             bar.set_description('train')
@@ -268,47 +268,47 @@ def train_loop(H, dist_info, splits, model, ema, optimizer, scaler, progress, lo
         progress.step, progress.epoch, progress.batch = it + 1, epoch, b + 1
         steps_this_start += 1
         bar.update(1)
-        if d.is_main and images_due(H, progress.step):
-            grid_step = write_grid(H, d, ema, viz_batch, log, progress.step)
+        if dist_info.is_main and images_due(H, progress.step):
+            grid_step = write_grid(H, dist_info, ema, viz_batch, log, progress.step)
         done = bool(H.max_iters) and progress.step >= H.max_iters
         if (save_due(H, progress.step) or stop or done) and (stats.last_elbo_finite() or stop or done):
             log(model=H.desc, type='train_loss', epoch=epoch, step=progress.step, **stats.summary())
-            save_checkpoint(H, d, 'latest', *trained, log, progress)
+            save_checkpoint(H, dist_info, 'latest', *trained, log, progress)
         if checkpoint_due(H, progress.step):
             stats.read()  # progress.skipped up to date
-            save_checkpoint(H, d, f'iter-{progress.step}', *trained, log, progress)
+            save_checkpoint(H, dist_info, f'iter-{progress.step}', *trained, log, progress)
         if stop or done:
             break
         if last_of_epoch:
             progress.epoch, progress.batch = epoch + 1, 0
             if evaluate_due(H, epoch):
-                ev = evaluate(H, d, ema, valid, desc='valid')
+                ev = evaluate(H, dist_info, ema, valid, desc='valid')
                 progress.best_eval = min(progress.best_eval, ev['elbo'])
                 log(model=H.desc, type='eval_loss', epoch=epoch, step=progress.step, **ev)
-                if d.is_main:
+                if dist_info.is_main:
                     write_loss_plot(log.jsonl_path, os.path.join(H.run_dir, 'loss.png'))
                 if epoch % H.epochs_per_eval_save == 0:
                     stats.read()
-                    save_checkpoint(H, d, 'latest', *trained, log, progress)
+                    save_checkpoint(H, dist_info, 'latest', *trained, log, progress)
     bar.close()
     # Close the loader's workers now, not whenever this frame is freed: a reference cycle that
     # holds a frame of this call (matplotlib makes such cycles while plotting) would keep them
     # alive until a garbage collection or the exit (data.stop_workers ends them there).
     del loader
     if stop:  # checkpoint written; the picture of the run so far, for a job that ends here
-        if d.is_main:
+        if dist_info.is_main:
             write_loss_plot(log.jsonl_path, os.path.join(H.run_dir, 'loss.png'))
         log(f'stopped by signal at step {progress.step}; continue with the same command')
         return
-    if d.world_size > 1:
+    if dist_info.world_size > 1:
         spread = param_spread_across_ranks(model)
         log(f'parameters differ across ranks by at most {spread}', type='rank_check', step=progress.step,
             param_spread=spread)
-    ev = evaluate(H, d, ema, valid, desc='valid')
+    ev = evaluate(H, dist_info, ema, valid, desc='valid')
     log(model=H.desc, type='eval_loss', epoch=progress.epoch, step=progress.step, **ev)
-    if d.is_main:
+    if dist_info.is_main:
         if grid_step != progress.step:  # not drawn by the loop after this very update
-            write_grid(H, d, ema, viz_batch, log, progress.step)
+            write_grid(H, dist_info, ema, viz_batch, log, progress.step)
         write_loss_plot(log.jsonl_path, os.path.join(H.run_dir, 'loss.png'))
     log(f'finished at step {progress.step}: valid elbo {ev["elbo"]:.4f} ± {ev["elbo_se"]:.4f} nats/dim = '
         f'{ev["elbo_bpd"]:.4f} ± {ev["elbo_bpd_se"]:.4f} bits/dim')
