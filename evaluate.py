@@ -26,8 +26,6 @@ import json
 import os
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 import data
 from checkpoints import resolve_weights, restore_params
@@ -35,8 +33,8 @@ from hps import (UserError, add_vae_arguments, at_least, check_in_range, check_r
                  Hyperparams, int_list, parse_args_and_update_hparams)
 from evaluation import block_resolutions, run_encode, run_iwae, run_kl_stats
 from pictures import REST_TEMPERATURE, run_interpolate, run_reconstruct, tile, write_image, write_kl_plot
-from utils import (Dist, barrier, check_writable, cleanup_distributed, configure_cpu,
-                   ieee_fp32, logger, progress_bar, run_main, setup_distributed)
+from utils import (barrier, check_writable, cleanup_distributed, configure_device, ieee_fp32, logger, progress_bar,
+                   run_main, setup_distributed)
 from vae import VAE, check_hparams, parse_layer_string
 
 MODES = ('n_importance', 'kl_stats', 'encode', 'reconstruct', 'interpolate')
@@ -206,31 +204,13 @@ def main(argv=None):
     check_model_args(H, len(parse_layer_string(H.dec_blocks)))
     H.out_dir = H.out_dir or H.run_dir
     check_writable(H.out_dir, 'pass --out_dir DIR somewhere writable (evaluation only reads the run)')
-    joined = not dist.is_initialized()
-    dist_info = (setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout)
-                 if joined else _existing_group())
-    threads = torch.get_num_threads()
-    if dist_info.device.type == 'cpu':
-        configure_cpu(H.threads, keep_heap=joined, is_main=dist_info.is_main)  # a caller's process keeps its malloc
-    elif joined:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
+    dist_info = setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout)
+    configure_device(dist_info.device, H.threads, is_main=dist_info.is_main)  # as train.py: CPU threads, cuDNN autotuner
     try:
-        with torch.random.fork_rng(devices=[dist_info.device] if dist_info.device.type == 'cuda' else []), ieee_fp32():
+        with ieee_fp32():
             return _run(H, dist_info, weights, notes)
     finally:
-        torch.set_num_threads(threads)
-        if joined:
-            cleanup_distributed()
-
-
-def _existing_group():
-    """The caller's process group (main() called from a program that joined one itself):
-    use it and leave it open, so several evaluations can share one launch."""
-    if dist.get_backend() == 'nccl':
-        local_rank = torch.cuda.current_device()
-        return Dist(dist.get_rank(), dist.get_world_size(), local_rank, torch.device('cuda', local_rank), 'caller')
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0)), torch.device('cpu'),
-                'caller')
+        cleanup_distributed()
 
 
 def _run(H, dist_info, weights, notes):
