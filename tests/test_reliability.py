@@ -17,6 +17,8 @@ import checkpoints
 
 from test_train import ROOT, TINY, fmnist_root, log_lines, run, state_dict, train_losses  # noqa: F401 (fixture)
 
+KILL_AFTER_RENAME = os.path.join(ROOT, 'tests', 'kill_after_rename')
+
 COMMON = TINY + ['--iters_per_print', '1', '--n_batch', '4', '--warmup_iters', '3', '--lr', '0.003',
                  '--iters_per_save', '2']
 
@@ -59,7 +61,10 @@ def test_kill_between_renames_of_a_save_resumes_from_the_previous_set(fmnist_roo
     """SIGKILL right after latest-opt.th of the step-6 save was renamed into place: latest
     is a mix of steps 6 and 4.  The same command continues from `previous` (step 4)."""
     a = args(fmnist_root, tmp_path, 'crash', 8)
-    p = run(a, check=False, env={'VDVAE_KILL_AFTER_RENAME': 'latest-opt.th:3'})  # saves at 2, 4, 6
+    # the kill after the rename, patched into os.replace at start-up (tests/kill_after_rename/sitecustomize.py)
+    path = os.pathsep.join(filter(None, [KILL_AFTER_RENAME, os.environ.get('PYTHONPATH')]))
+    kill = {'PYTHONPATH': path, 'KILL_AFTER_RENAME': 'latest-opt.th:3'}
+    p = run(a, check=False, env=kill)  # saves at 2, 4, 6
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     rd = tmp_path / 'crash'
     assert torch.load(rd / 'latest-state.th', weights_only=True)['step'] == 4  # torn: state still of step 4
