@@ -26,7 +26,8 @@ import torch
 
 import data
 from hps import HPARAMS_REGISTRY, NOT_RUN_KEYS, UserError, apply_run_config, preset
-from utils import atomic_write, barrier, first_sentence, gather_objects, read_log, remove_stale_temporaries
+from utils import (atomic_write, barrier, first_sentence, gather_objects, read_log, remove_stale_temporaries,
+                   write_text)
 from vae import VAE, parse_layer_string
 from vae_helpers import dmol_params_per_mixture
 
@@ -801,5 +802,4 @@ def open_run_folder(H, dist_info, progress, found, log):
         print(json.dumps(record), file=f, flush=True)
     path = os.path.join(H.run_dir, 'hparams.json')
     if not os.path.exists(path):
-        with atomic_write(path) as f:
-            f.write(json.dumps(dict(H), indent=1, sort_keys=True).encode())
+        write_text(path, json.dumps(dict(H), indent=1, sort_keys=True))
