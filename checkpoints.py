@@ -3,14 +3,15 @@ set, finding the newest complete set, resuming from it (or from the release's fo
 flags), and the run folder's bookkeeping.
 
 A checkpoint set {run_dir}/{name}-* holds the release's four files (-model.th,
--model-ema.th, -opt.th, -log.jsonl) plus -state.th, written last, with the step, epoch,
-position in the epoch, every rank's RNG state, the configuration, a fingerprint of the
-training data and the size and CRC of the other four.  Before a new `latest` set is
-written the complete current one becomes `previous`, so a crash at any point of a save
-leaves one complete set behind.  Every file is read with torch.load(weights_only=True)
-(safe_torch_load), and a file that does not fit the model is one line saying why
-(describe_mismatch).  train.py calls these; sample.py and evaluate.py use resolve_weights
-to read a run, released.py the loaders and describe_mismatch.
+-model-ema.th, -opt.th, -log.jsonl) plus -state.th, written last, with where the run stands
+(Progress: the step, epoch, position in the epoch, best validation ELBO, skipped updates,
+a fingerprint of the training data), every rank's RNG state, the configuration and the
+size and CRC of the other four.  Before a new `latest` set is written the complete current
+one becomes `previous`, so a crash at any point of a save leaves one complete set behind.
+Every file is read with torch.load(weights_only=True) (safe_torch_load), and a file that does
+not fit the model is one line saying why (describe_mismatch).  train.py and train_loop.py
+call these; sample.py and evaluate.py use resolve_weights to read a run, released.py the
+loaders and describe_mismatch.
 """
 import json
 import os
