@@ -229,6 +229,7 @@ def prepare(args):
         m = read_manifest(data_root)
         print(f"{out} already holds these {m['counts']['kept']} images of {src} with these options; nothing to do")
         return None
+    created = not os.path.exists(data_root)
     os.makedirs(data_root, exist_ok=True)
     remove_stale(data_root)
     tmp = f"{out}.tmp-{os.getpid()}"
@@ -238,6 +239,8 @@ def prepare(args):
         _swap(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not os.listdir(data_root):
+            os.rmdir(data_root)  # a refused or interrupted first preparation leaves nothing behind
         raise
     print(summary(manifest, out), flush=True)
     return manifest
