@@ -16,7 +16,7 @@ once, so no timed step captures), then timed:
   fixed uint8 batch of the preset's shape, preprocessed on the device every step as in
   ``train.train_loop`` (no data loading); every step updates (``skip_threshold`` -1);
 - evaluation: ``forward_per_image`` of the EMA model under ``no_grad`` in fp32, as
-  ``train.evaluate`` (batch ``--n_batch_eval``, default 4 x n_batch);
+  ``evaluation.evaluate`` (batch ``--n_batch_eval``, default 4 x n_batch);
 - sampling: ``forward_uncond_samples`` of the EMA model at ``--temperature``, uint8 on the host.
 
 After the timed steps, kernels/step: on CUDA the device kernels (with memcpy/memset) of
@@ -395,7 +395,7 @@ def run_config(H, device, flops):
                last_elbo=float(last['elbo']), last_grad_norm=float(last['grad_norm']))
     out.update(step_profile(one_step, device, H.profile_steps, total / H.steps))
 
-    # evaluation and sampling: the EMA model in IEEE fp32 (no TF32) under no_grad, as train.evaluate and sample.py
+    # evaluation and sampling: the EMA model in IEEE fp32 (no TF32) under no_grad, as evaluation.evaluate and sample.py
     ema.eval()
     with torch.no_grad(), ieee_fp32():
         def eval_step():

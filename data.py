@@ -710,6 +710,13 @@ def train_loader(source, batch_size, *, seed, epoch, rank=0, world_size=1, start
     return _loader(source, sampler, num_workers, pin_memory, persistent=True, mp_context=mp_context)
 
 
+def worker_start_method(launcher):
+    """How data-loading workers start: forking a process that has initialised MPI is unsafe,
+    so under mpiexec (``launcher``, see utils.detect_launcher) they are spawned (once per run:
+    the workers persist); None: the platform's default."""
+    return 'spawn' if launcher == 'mpiexec' else None
+
+
 def eval_shard(n, rank, world_size):
     """Positions rank r evaluates: a contiguous block of range(n).  Over all ranks
     every position appears exactly once; block sizes differ by at most one."""

@@ -22,12 +22,8 @@ figure is the same for any --n_batch_eval, --iw_batch, process count and device.
 prior draws of the picture modes come from the RNG, seeded per picture from --seed.
 """
 import argparse
-import contextlib
 import json
-import math
 import os
-import shutil
-import zipfile
 
 import numpy as np
 import torch
@@ -37,16 +33,13 @@ import data
 from checkpoints import resolve_weights, restore_params
 from hps import (UserError, add_vae_arguments, at_least, check_in_range, check_ranges, explicit_flags,
                  Hyperparams, int_list, parse_args_and_update_hparams)
-from train import eval_batches, positions_on, standard_error, tile, write_png
-from utils import (Dist, allreduce, barrier, check_writable, cleanup_distributed, configure_cpu, gather_objects,
+from evaluation import block_resolutions, run_encode, run_iwae, run_kl_stats
+from pictures import REST_TEMPERATURE, run_interpolate, run_reconstruct, tile, write_image, write_kl_plot
+from utils import (Dist, barrier, check_writable, cleanup_distributed, configure_cpu,
                    ieee_fp32, logger, progress_bar, run_main, setup_distributed)
 from vae import VAE, check_hparams, parse_layer_string
-from vae_helpers import KeyedNormal, gaussian_log_density
 
-LN2 = math.log(2)
 MODES = ('n_importance', 'kl_stats', 'encode', 'reconstruct', 'interpolate')
-# Tags that keep the prior noise of the picture modes apart (see _seed).
-TAG_RECON, TAG_INTERP = 4, 5
 RANGES = {'n_importance': (at_least(1), '>= 1'), 'n_images': (at_least(0), '>= 0 (0: all)'),
           'iw_batch': (at_least(0), '>= 0'), 'inactive_threshold': (at_least(0), '>= 0'),
           'rest_temperature': (at_least(0), '>= 0'), 'interp_steps': (at_least(2), '>= 2 (end points included)')}
@@ -83,7 +76,7 @@ def add_eval_arguments(parser):
     a('--keep', '--k', nargs='+', default=None, dest='keep',
       help='--reconstruct: k values, each a row keeping the first k posterior latents, e.g. 0 4 10 '
            '(default: num_variables_visualize values spread over the blocks, then all of them)')
-    a('--rest_temperature', type=float, default=0.1,
+    a('--rest_temperature', type=float, default=REST_TEMPERATURE,
       help='prior temperature of the latents not kept (--reconstruct) or not interpolated (--interpolate)')
     a('--interp_layers', nargs='+', default=None,
       help='--interpolate: L values, each a row interpolating the top L blocks '
@@ -169,8 +162,6 @@ def check_model_args(H, n_blocks):
 
 # ----------------------------------------------------------------------------- model
 
-
-
 def build_model(H, d, path):
     model = VAE(H)
     restore_params(model, path, H)
@@ -180,311 +171,6 @@ def build_model(H, d, path):
     if H.channels_last:
         model.set_channels_last(True)
     return model
-
-
-def _seed(H, tag, *key):
-    """A torch seed for the prior draws of one picture, from --seed, the mode and a key
-    (the image's position, the number of latents kept)."""
-    return int(np.random.SeedSequence([H.seed % 2 ** 32, tag, *map(int, key)]).generate_state(1, np.uint64)[0])
-
-
-# ----------------------------------------------------------------------------- importance weights
-
-def _log_ratio_hook(module, inputs, output):
-    """Forward hook on a DecBlock: replace the block's stats (z, q and p parameters, all
-    (N, zdim, R, R)) by their per-sample log-densities, so K samples never hold every
-    layer's parameters at once.  Densities in float64 (cheap next to the convolutions)."""
-    xs, st = output
-    z = st['z'].double()
-    log_q = gaussian_log_density(z, st['qm'].double(), st['qv'].double()).sum(dim=(1, 2, 3))
-    log_p = gaussian_log_density(z, st['pm'].double(), st['pv'].double()).sum(dim=(1, 2, 3))
-    return xs, dict(log_q=log_q, log_p=log_p)
-
-
-def _repeat(t, n):
-    """t repeated n times along the batch, in t's memory layout (the encoder's activations
-    are channels-last views; a layout change would change the convolutions' rounding)."""
-    fmt = torch.channels_last if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last) \
-        else torch.contiguous_format
-    return t.repeat(n, 1, 1, 1).contiguous(memory_format=fmt)
-
-
-@torch.no_grad()
-def log_weights(model, activations, x_target, n_samples, noise=None):
-    """log w = log p(x|z) + log p(z) - log q(z|x) in nats, float64 (n_samples, B).
-
-    activations: the encoder's output for B images; z ~ q(z|x) is drawn top-down from the
-    hierarchical posterior (one decoder pass with every image repeated n_samples times,
-    row k*B + i = sample k of image i), p(z) = prod_i p(z_i | z_<i) and q(z|x) = prod_i
-    q(z_i | z_<i, x) are the Gaussian densities of every element of every block, and
-    log p(x|z) = -DMoL NLL.  With n_samples = 1 this is the single-sample ELBO of the
-    same noise that ``model.forward_with_dists`` would draw.  ``noise``: a KeyedNormal with
-    one row per image (rows sample-major, see KeyedNormal.repeat), else the RNG's noise.
-    """
-    b = x_target.shape[0]
-    if n_samples > 1:
-        activations = {res: _repeat(a, n_samples) for res, a in activations.items()}
-        x_target = x_target.repeat(n_samples, 1, 1, 1)
-    hooks = [blk.register_forward_hook(_log_ratio_hook) for blk in model.decoder.dec_blocks]
-    try:
-        with model.keyed_noise(noise) if noise is not None else contextlib.nullcontext():
-            px_z, stats = model.decoder(activations, get_dists=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    ndims = x_target[0].numel()
-    lw = -model.decoder.out_net.nll(px_z, x_target).double() * ndims
-    for s in stats:
-        lw = lw + (s['log_p'] - s['log_q'])
-    return lw.view(n_samples, b)
-
-
-@torch.no_grad()
-def importance_weighted_bound(model, x_in, x_target, K, chunk, noise=None):
-    """Per image: the IWAE bound log (1/K) sum_k w_k in nats (float64, (B,)), the mean of
-    log w_k (a K-sample estimate of the ELBO) and the effective sample size
-    (sum w)^2 / sum w^2.  The K samples are drawn ``chunk`` at a time with a running
-    logsumexp, so memory does not grow with K.  ``noise``: a KeyedNormal for the B images
-    (sample k of every image keyed by k, whatever the chunking), else the RNG's noise."""
-    acts = model.encoder(x_in)
-    b = x_in.shape[0]
-    lse = torch.full((b,), -math.inf, dtype=torch.float64, device=x_in.device)
-    lse2, total = lse.clone(), torch.zeros_like(lse)
-    for c0 in range(0, K, chunk):
-        n = min(chunk, K - c0)
-        lw = log_weights(model, acts, x_target, n, noise=None if noise is None else noise.repeat(c0, n))
-        lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
-        lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
-        total += lw.sum(0)
-    return lse - math.log(K), total / K, torch.exp(2 * lse - lse2)
-
-
-def run_iwae(H, d, model, source, bar):
-    K = H.n_importance
-    budget = H.iw_batch or H.n_batch_eval or 4 * H.n_batch
-    chunk = min(K, budget)
-    per_pass = max(1, budget // chunk)  # images sharing a pass when K is small
-    ndims = H.image_size ** 2 * H.image_channels
-    shard = data.eval_shard(len(source), d.rank, d.world_size)
-    rows = []  # (B, 3) per pass on the device: bound, elbo, ess fraction; copied to the host once
-    for s in range(0, len(shard), per_pass):
-        idx = shard[s:s + per_pass]
-        x_in, x_target = data.preprocess(H, torch.from_numpy(source[idx]).to(d.device))
-        bound, elbo, ess = importance_weighted_bound(model, x_in, x_target, K, chunk,
-                                                     noise=KeyedNormal(H.seed, positions_on(idx, d.device)))
-        rows.append(torch.stack([-bound / ndims, -elbo / ndims, ess / K], 1))
-        bar.update(len(idx))
-    values = torch.cat(rows).cpu().numpy() if rows else np.zeros((0, 3))
-    mine = np.concatenate([shard[:, None].astype(np.float64), values], 1)
-    every = np.concatenate(gather_objects(mine))  # contiguous shards: rank order = split order
-    if not d.is_main:
-        return None
-    index, nll, elbo, ess = every.T
-    ok = np.isfinite(nll) & np.isfinite(elbo)
-    n = int(ok.sum())
-    if n == 0:
-        raise UserError('every image gave a non-finite bound; is the checkpoint broken?')
-
-    def mean_se(v):
-        v = v[ok]
-        return float(v.mean()), float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else float('nan')
-
-    (m, se), (me, see), (mg, seg) = mean_se(nll), mean_se(elbo), mean_se(elbo - nll)
-    summary = dict(mode='iwae', split=H.split, dataset=H.dataset, n_images=n, n_nonfinite=int(len(nll) - n),
-                   n_importance=K, ndims=ndims, seed=H.seed,
-                   iw_nll_nats_per_dim=m, iw_nll_nats_per_dim_stderr=se,
-                   iw_nll_bits_per_dim=m / LN2, iw_nll_bits_per_dim_stderr=se / LN2,
-                   elbo_nats_per_dim=me, elbo_nats_per_dim_stderr=see,
-                   elbo_bits_per_dim=me / LN2, elbo_bits_per_dim_stderr=see / LN2,
-                   iw_gain_nats_per_dim=mg, iw_gain_nats_per_dim_stderr=seg,
-                   mean_ess_fraction=float(ess[ok].mean()))
-    per_image = dict(image_index=index.astype(np.int64), iw_nll_nats_per_dim=nll, elbo_nats_per_dim=elbo,
-                     ess_fraction=ess)
-    return summary, per_image
-
-
-# ----------------------------------------------------------------------------- per-layer KL
-
-def block_resolutions(H):
-    return [res for res, _ in parse_layer_string(H.dec_blocks)]
-
-
-@torch.no_grad()
-def run_kl_stats(H, d, model, source, bar):
-    res = block_resolutions(H)
-    nb = len(res)
-    ndims = H.image_size ** 2 * H.image_channels
-    # n, distortion, rate, elbo, elbo^2, then kl and kl^2 per block: per-image sums
-    sums = torch.zeros(5 + 2 * nb, dtype=torch.float64, device=d.device)
-    for pos, x in eval_batches(H, d, source):
-        x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
-        with model.keyed_noise(KeyedNormal(H.seed, pos)):
-            out = model.forward_per_image(x_in, x_target)
-        kl = out['kl_per_block'].double()
-        elbo = out['elbo'].double()
-        sums += torch.cat([torch.stack([torch.full_like(elbo[0], len(x)), out['distortion'].double().sum(),
-                                        out['rate'].double().sum(), elbo.sum(), elbo.square().sum()]),
-                           kl.sum(0), (kl ** 2).sum(0)])
-        bar.update(len(x))
-    sums = allreduce(sums).cpu().numpy()
-    if not d.is_main:
-        return None
-    n = sums[0]
-    kl_mean = sums[5:5 + nb] / n
-    kl_std = np.sqrt(np.maximum(sums[5 + nb:] / n - kl_mean ** 2, 0))
-    elbo_se = standard_error(n, sums[3], sums[4])
-    rate = sums[2] / n
-    blocks = []
-    for i, r in enumerate(res):
-        latent_dims = H.zdim * r * r
-        blocks.append(dict(index=i, resolution=r, latent_dims=latent_dims, kl_nats=float(kl_mean[i]),
-                           kl_nats_std=float(kl_std[i]), kl_nats_per_dim=float(kl_mean[i] / ndims),
-                           kl_nats_per_latent_dim=float(kl_mean[i] / latent_dims),
-                           share_of_rate=float(kl_mean[i] / ndims / rate) if rate > 0 else float('nan'),
-                           inactive=bool(kl_mean[i] < H.inactive_threshold)))
-    resolutions = []
-    for r in sorted(set(res)):
-        sel = [b for b in blocks if b['resolution'] == r]
-        kl_r = sum(b['kl_nats'] for b in sel)
-        resolutions.append(dict(resolution=r, n_blocks=len(sel), kl_nats=kl_r, kl_nats_per_dim=kl_r / ndims,
-                                share_of_rate=kl_r / ndims / rate if rate > 0 else float('nan'),
-                                inactive_blocks=sum(b['inactive'] for b in sel)))
-    return dict(mode='kl_stats', split=H.split, dataset=H.dataset, n_images=int(n), ndims=ndims, seed=H.seed,
-                elbo_nats_per_dim=sums[3] / n, elbo_nats_per_dim_stderr=elbo_se,
-                distortion_nats_per_dim=sums[1] / n, rate_nats_per_dim=rate, elbo_bits_per_dim=sums[3] / n / LN2,
-                elbo_bits_per_dim_stderr=elbo_se / LN2, inactive_threshold_nats=H.inactive_threshold,
-                inactive_blocks=[b['index'] for b in blocks if b['inactive']], blocks=blocks,
-                resolutions=resolutions)
-
-
-def plot_kl(stats, path):
-    """Bar charts: KL per block (log scale, coloured by resolution, inactive ones hatched)
-    and the share of the rate per resolution."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    blocks, resolutions = stats['blocks'], stats['resolutions']
-    colours = {r['resolution']: plt.cm.viridis(i / max(1, len(resolutions) - 1)) for i, r in enumerate(resolutions)}
-    floor = max(min([b['kl_nats'] for b in blocks if b['kl_nats'] > 0] + [stats['inactive_threshold_nats']]) / 10,
-                1e-6)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(6.0, 0.14 * len(blocks)) + 3.5, 3.6), dpi=100,
-                                  gridspec_kw=dict(width_ratios=[max(6.0, 0.14 * len(blocks)), 3.5]))
-    for b in blocks:
-        ax.bar(b['index'], max(b['kl_nats'], floor), color=colours[b['resolution']], edgecolor='k',
-               linewidth=0.3, hatch='///' if b['inactive'] else None, alpha=0.45 if b['inactive'] else 1.0)
-    if stats['inactive_threshold_nats'] > 0:
-        ax.axhline(stats['inactive_threshold_nats'], ls='--', color='r', lw=1,
-                   label=f'inactive below {stats["inactive_threshold_nats"]:g} nats')
-        ax.legend(fontsize=8, loc='upper left')
-    ax.set_yscale('log')
-    ax.set_xticks([b['index'] for b in blocks][::max(1, len(blocks) // 20)])
-    ax.set_xlabel('decoder block (top-down)')
-    ax.set_ylabel('KL (nats per image)')
-    ax.set_title(f'{stats["dataset"]} {stats["split"]}, {stats["n_images"]} images: rate '
-                 f'{stats["rate_nats_per_dim"]:.4g} nats/dim, {len(stats["inactive_blocks"])} inactive blocks',
-                 fontsize=9)
-    ax.grid(alpha=0.3, axis='y')
-    xs = np.arange(len(resolutions))
-    ax2.bar(xs, [100 * r['share_of_rate'] for r in resolutions], color=[colours[r['resolution']] for r in resolutions],
-            edgecolor='k', linewidth=0.3)
-    ax2.set_xticks(xs, [f'{r["resolution"]}\n({r["n_blocks"]})' for r in resolutions], fontsize=8)
-    ax2.set_xlabel('resolution (blocks)')
-    ax2.set_ylabel('share of the rate (%)')
-    ax2.grid(alpha=0.3, axis='y')
-    fig.tight_layout()
-    tmp = path + '.tmp.png'
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- latent export
-
-NPZ_NAMES = {'dist': ('qm', 'qlogstd'), 'sample': ('z',), 'both': ('z', 'qm', 'qlogstd')}
-_STAT_KEY = {'z': 'z', 'qm': 'qm', 'qlogstd': 'qv'}
-
-
-@torch.no_grad()
-def run_encode(H, d, model, source, path, bar):
-    """Stream per-block latents of ``source`` into ``path`` (.npz).
-
-    Each rank appends its rows, batch by batch, to one raw float32 file per exported array
-    in a temporary folder next to ``path`` (which must be on a filesystem all ranks share);
-    rank 0 then copies them, 16 MiB at a time, into the entries of one ZIP_DEFLATED .npz
-    (npz entries cannot be appended to, hence the two steps).  Memory holds one batch and
-    one copy buffer, never the split."""
-    res = block_resolutions(H)
-    kinds = NPZ_NAMES[H.encode_what]
-    shard = data.eval_shard(len(source), d.rank, d.world_size)
-    tmp = f'{path}.parts'
-    rank_dir = os.path.join(tmp, f'rank{d.rank}')
-    if d.is_main and os.path.isdir(tmp):
-        shutil.rmtree(tmp)
-    barrier()
-    os.makedirs(rank_dir, exist_ok=True)
-    files = {(kind, i): open(os.path.join(rank_dir, f'{kind}_{i}.f32'), 'wb') for i in H.encode_list for kind in kinds}
-    per_image = []  # (B, 2 + blocks) on the device per batch: distortion, rate, kl per block
-    ndims = H.image_size ** 2 * H.image_channels
-    try:
-        for pos, x in eval_batches(H, d, source):
-            x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
-            with model.keyed_noise(KeyedNormal(H.seed, pos)):
-                distortion, stats = model.forward_with_dists(x_in, x_target)
-            for (kind, i), f in files.items():  # rows of (zdim, R, R), C order; streamed to disk
-                f.write(stats[i][_STAT_KEY[kind]].float().contiguous().cpu().numpy().tobytes())
-            kl = torch.stack([s['kl'].float().sum(dim=(1, 2, 3)) for s in stats], 1)
-            per_image.append(torch.cat([distortion.float()[:, None], (kl.sum(1) / ndims)[:, None], kl], 1))
-            bar.update(len(x))
-    finally:
-        for f in files.values():
-            f.close()
-    with open(os.path.join(rank_dir, 'done.json'), 'w') as f:
-        json.dump(dict(rows=len(shard)), f)
-    per_image = torch.cat(per_image).cpu().numpy() if per_image else np.zeros((0, 2 + len(res)), np.float32)
-    small = dict(image_index=shard, distortion=per_image[:, 0], rate=per_image[:, 1], kl_per_block=per_image[:, 2:])
-    everything = gather_objects(small)  # small per-image arrays only; also a barrier
-    if d.is_main:
-        try:
-            _pack_npz(H, path, tmp, d.world_size, kinds, res, everything)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
-    return dict(mode='encode', split=H.split, dataset=H.dataset, n_images=len(source), path=path,
-                encode_what=H.encode_what, blocks=H.encode_list, seed=H.seed) if d.is_main else None
-
-
-def _pack_npz(H, path, tmp, world, kinds, res, everything):
-    """The ranks' raw parts -> one .npz (written under a temporary name, then renamed)."""
-    rank_dirs = [os.path.join(tmp, f'rank{r}') for r in range(world)]
-    for r, rd in enumerate(rank_dirs):
-        if not os.path.exists(os.path.join(rd, 'done.json')):
-            raise UserError(f"--encode: rank {r}'s part ({rd}) is not visible on rank 0; --out_dir must be on a "
-                            "filesystem that every process shares")
-    n = sum(json.load(open(os.path.join(rd, 'done.json')))['rows'] for rd in rank_dirs)
-    part = f'{path}.tmp-{os.getpid()}'
-    descr = np.lib.format.dtype_to_descr(np.dtype(np.float32))
-    try:
-        with zipfile.ZipFile(part, 'w', compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
-            for i in H.encode_list:
-                for kind in kinds:
-                    with zf.open(f'{kind}_{i}.npy', 'w', force_zip64=True) as f:
-                        np.lib.format.write_array_header_1_0(
-                            f, dict(descr=descr, fortran_order=False, shape=(n, H.zdim, res[i], res[i])))
-                        for rd in rank_dirs:
-                            with open(os.path.join(rd, f'{kind}_{i}.f32'), 'rb') as src:
-                                shutil.copyfileobj(src, f, 16 << 20)
-            meta = {k: np.concatenate([e[k] for e in everything]) for k in everything[0]}
-            meta['image_index'] = meta['image_index'].astype(np.int64)
-            meta.update(block_index=np.array(H.encode_list, dtype=np.int64),
-                        block_resolution=np.array([res[i] for i in H.encode_list], dtype=np.int64),
-                        split=np.array(H.split), dataset=np.array(H.dataset), encode_what=np.array(H.encode_what))
-            for k, v in meta.items():
-                with zf.open(f'{k}.npy', 'w', force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asarray(v), allow_pickle=False)
-        os.replace(part, path)
-    finally:
-        if os.path.exists(part):
-            os.remove(part)
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -499,59 +185,6 @@ def input_images(H):
     if bad:
         raise UserError(f"--indices {bad[0]} is out of range: --split {H.split} has {len(source)} images")
     return source[np.array(H.indices)], [f'{H.split}[{i}]' for i in H.indices]
-
-
-@torch.no_grad()
-def posterior_latents(H, model, x_uint8, device, position):
-    """z of every decoder block for one image (batch of 1), its noise keyed by its position
-    among the input images (so --images files and --indices of the same images agree)."""
-    x_in, _ = data.preprocess(H, torch.from_numpy(x_uint8[None]).to(device))
-    with model.keyed_noise(KeyedNormal(H.seed, torch.full((1,), int(position), device=device))):
-        return [s['z'] for s in model.forward_get_latents(x_in)]
-
-
-@torch.no_grad()
-def run_reconstruct(H, d, model, images, bar):
-    """Rows: originals, then per k: the first k posterior latents kept, the rest drawn
-    from the prior at --rest_temperature.  Each cell is seeded by (image, k)."""
-    cells = {}
-    for j in data.eval_shard(len(images), d.rank, d.world_size):
-        zs = posterior_latents(H, model, images[j], d.device, j)
-        row = []
-        for k in H.keep_list:
-            torch.manual_seed(_seed(H, TAG_RECON, j, k))
-            row.append(model.forward_samples_set_latents(1, zs[:k], t=H.rest_temperature)[0])
-        cells[int(j)] = np.stack(row)
-        bar.update(1)
-    gathered = {k: v for part in gather_objects(cells) for k, v in part.items()}
-    if not d.is_main:
-        return None
-    recon = np.stack([gathered[j] for j in range(len(images))], 1)  # (n_k, n_images, H, W, C)
-    return np.concatenate([images[None], recon])
-
-
-@torch.no_grad()
-def run_interpolate(H, d, model, images, bar):
-    """Rows: one per L; columns: image a, --interp_steps points z = (1-a) z_a + a z_b on the
-    top L blocks' posterior latents (the rest from the prior at --rest_temperature, with
-    the same noise along a row), image b."""
-    za, zb = (posterior_latents(H, model, images[j], d.device, j) for j in (0, 1))
-    alphas = np.linspace(0, 1, H.interp_steps)
-    jobs = [(r, c) for r in range(len(H.interp_list)) for c in range(len(alphas))]
-    cells = {}
-    for j in data.eval_shard(len(jobs), d.rank, d.world_size):
-        r, c = jobs[j]
-        n_top, a = H.interp_list[r], float(alphas[c])
-        zs = [(1 - a) * za[i] + a * zb[i] for i in range(n_top)]
-        torch.manual_seed(_seed(H, TAG_INTERP, n_top))
-        cells[r, c] = model.forward_samples_set_latents(1, zs, t=H.rest_temperature)[0]
-        bar.update(1)
-    gathered = {k: v for part in gather_objects(cells) for k, v in part.items()}
-    if not d.is_main:
-        return None, alphas
-    rows = [np.stack([images[0]] + [gathered[r, c] for c in range(len(alphas))] + [images[1]])
-            for r in range(len(H.interp_list))]
-    return np.stack(rows), alphas
 
 
 # ----------------------------------------------------------------------------- driver
@@ -655,7 +288,7 @@ def _dispatch(H, d, model, source, images, names, weights, bar, log):
         stem = os.path.join(out, f'kl-{H.split}')
         stats.update(weights=weights, json=stem + '.json', png=stem + '.png')
         _write_json(stats, stem + '.json')
-        plot_kl(stats, stem + '.png')
+        write_kl_plot(stats, stem + '.png')
         log(type='kl_stats', split=H.split, n_images=stats['n_images'], rate=stats['rate_nats_per_dim'],
             inactive_blocks=stats['inactive_blocks'], json=stats['json'])
         log(f'{H.split}: rate {stats["rate_nats_per_dim"]:.5f} nats/dim over {stats["n_images"]} images; '
@@ -673,7 +306,7 @@ def _dispatch(H, d, model, source, images, names, weights, bar, log):
         if grid is None:
             return None
         stem = os.path.join(out, 'reconstructions')
-        write_png(tile(grid), stem + '.png')
+        write_image(tile(grid), stem + '.png')
         summary = dict(mode='reconstruct', rows=['original'] + [f'k={k}' for k in H.keep_list], keep=H.keep_list,
                        n_blocks=len(block_resolutions(H)), columns=names, rest_temperature=H.rest_temperature,
                        seed=H.seed, weights=weights, png=stem + '.png')
@@ -684,7 +317,7 @@ def _dispatch(H, d, model, source, images, names, weights, bar, log):
     if grid is None:
         return None
     stem = os.path.join(out, 'interpolation')
-    write_png(tile(grid), stem + '.png')
+    write_image(tile(grid), stem + '.png')
     summary = dict(mode='interpolate', rows=[f'top {n} blocks' for n in H.interp_list], interp_layers=H.interp_list,
                    columns=[names[0]] + [f'alpha={a:.3f}' for a in alphas] + [names[1]],
                    n_blocks=len(block_resolutions(H)), rest_temperature=H.rest_temperature, seed=H.seed,

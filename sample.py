@@ -29,7 +29,7 @@ import data
 from checkpoints import resolve_weights, restore_params
 from hps import (UserError, add_vae_arguments, at_least, check_in_range, check_ranges, explicit_flags,
                  float_list, Hyperparams, int_list, parse_args_and_update_hparams)
-from train import sample_grid, tile
+from pictures import grid_keeps, reconstructions, sample_grid, tile, visualization_batch, write_image
 from utils import check_writable, ieee_fp32, run_main, setup_distributed
 from vae import VAE
 
@@ -113,30 +113,7 @@ def input_images(H):
         ims += list(source[idx])
     if not ims:
         raise UserError("--mode recon needs --images FILE ... or --indices I ...")
-    return torch.from_numpy(np.stack(ims))
-
-
-def write_image(im, path, fmt):
-    """Write a uint8 (H, W, C) array in Pillow format ``fmt``, atomically."""
-    im = im[..., 0] if im.shape[-1] == 1 else im
-    tmp = f'{path}.tmp.{os.getpid()}'
-    try:
-        Image.fromarray(im).save(tmp, format=fmt)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@torch.no_grad()
-def reconstructions(H, model, x, ks, device):
-    """Rows: originals, then reconstructions keeping the first k posterior latents
-    (the rest from the prior at t=0.1) for each k."""
-    x_in, _ = data.preprocess(H, x.to(device))
-    zs = [s['z'] for s in model.forward_get_latents(x_in)]
-    check_in_range(ks, '--keep', 0, len(zs), f'the decoder has {len(zs)} latent layers, so k must be in 0..{len(zs)}')
-    rows = [x.numpy()] + [model.forward_samples_set_latents(len(x), zs[:k], t=0.1) for k in ks]
-    return tile(np.stack(rows))
+    return np.stack(ims)
 
 
 def grid_columns(n):
@@ -177,14 +154,15 @@ def draw(H, d):
         im = unconditional(H, model, H.n, H.temperatures or [H.temperature])
     elif H.mode == 'recon':
         n_blocks = len(model.decoder.dec_blocks)
-        ks = H.keep or list(np.floor(np.linspace(0, 1, 8) * n_blocks).astype(int)[1:-1])
-        im = reconstructions(H, model, input_images(H), ks, d.device)
+        ks = H.keep or grid_keeps(n_blocks, 6)
+        check_in_range(ks, '--keep', 0, n_blocks,
+                       f'the decoder has {n_blocks} latent layers, so k must be in 0..{n_blocks}')
+        im = tile(reconstructions(H, model, input_images(H), ks, d.device))  # the rule of pictures.py
     else:
         source = getattr(data.load_data(H), H.split)
-        x = torch.from_numpy(source[np.arange(min(H.num_images_visualize, len(source)))])
-        im = sample_grid(H, model, x, d.device)
+        im = sample_grid(H, model, visualization_batch(H, source), d.device)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_image(im, out, H.out_format)
+    write_image(im, out, format=H.out_format)
     print(f'wrote {out} ({im.shape[1]}x{im.shape[0]})', flush=True)
     return out
 

@@ -19,28 +19,24 @@ the latest after --dist_timeout seconds).
 """
 import argparse
 import collections
-import math
 import os
 import signal
 import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 import data
 from checkpoints import (check_restore_paths, data_fingerprint, find_checkpoint, load_for_evaluation,
                          open_run_folder, resolve_weights, restore, save_checkpoint)
+from evaluation import LN2, evaluate
 from hps import UserError, explicit_flags, get_hparams
-from utils import (allreduce, check_writable, cleanup_distributed, configure_device, ieee_fp32,
-                   is_writable, logger, naming_file, param_spread_across_ranks, print_once, progress_bar, read_log,
-                   run_main, setup_distributed)
+from pictures import visualization_batch, write_loss_plot, write_sample_grid
 from train_step import (COUNTS, STEP_STATS, GraphedStep, build_models, check_cuda_graphs, learning_rate,
                         make_optimizer, make_step, precision_context, wrap_for_training)
+from utils import (check_writable, cleanup_distributed, configure_device, is_writable, logger, param_spread_across_ranks,
+                   print_once, progress_bar, run_main, setup_distributed)
 from vae import check_hparams
-from vae_helpers import KeyedNormal
-
-LN2 = math.log(2)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -117,176 +113,12 @@ def accumulate_stats(stats, frequency):
     return z
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def evaluate(H, d, ema, source, desc='eval'):
-    """Exact per-image averages over every image of ``source`` (each visited once across
-    ranks), in IEEE fp32 (no TF32, see utils.ieee_fp32).  The posterior noise of image i
-    is keyed by (--seed, i, layer, element) (vae_helpers.KeyedNormal), so a checkpoint gets
-    the same number for any --n_batch_eval, process count and device, and the training
-    RNG stream is not touched."""
-    ema.eval()
-    # n, elbo, distortion, rate, n_finite, finite elbo, elbo^2 (for the standard error)
-    sums = torch.zeros(7, dtype=torch.float64, device=d.device)
-    batches = eval_batches(H, d, source)
-    with ieee_fp32():
-        for positions, x in progress_bar(batches, is_main=d.is_main, off=H.no_progress, desc=desc, leave=False):
-            x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
-            with ema.keyed_noise(KeyedNormal(H.seed, positions)):
-                out = ema.forward_per_image(x_in, x_target)
-            elbo = out['elbo'].double()
-            finite = torch.isfinite(elbo)
-            sums += torch.stack([torch.full_like(elbo[0], len(elbo)), elbo.sum(), out['distortion'].double().sum(),
-                                 out['rate'].double().sum(), finite.double().sum(),
-                                 torch.where(finite, elbo, 0.).sum(), elbo.square().sum()])
-    n, elbo, distortion, rate, n_finite, finite_elbo, elbo_sq = allreduce(sums).tolist()
-    if n == 0:
-        raise UserError(f"the evaluation split ({getattr(source, 'path', source)}) is empty")
-    se = standard_error(n, elbo, elbo_sq)
-    return dict(n_images=int(n), elbo=elbo / n, elbo_se=se, distortion=distortion / n, rate=rate / n,
-                elbo_bpd=elbo / n / LN2, elbo_bpd_se=se / LN2, filtered_elbo=finite_elbo / max(n_finite, 1),
-                n_nonfinite=int(n - n_finite))
-
-
-def eval_batches(H, d, source):
-    """(positions in the split as an int64 tensor on d.device, uint8 batch) over this rank's
-    contiguous shard of ``source``, --n_batch_eval images at a time (default 4 x --n_batch),
-    prefetched by one worker (spawned under mpiexec, see worker_start_method)."""
-    b = H.n_batch_eval or 4 * H.n_batch
-    shard = data.eval_shard(len(source), d.rank, d.world_size)
-    loader = data.eval_loader(source, b, rank=d.rank, world_size=d.world_size, num_workers=min(H.num_workers, 1),
-                              pin_memory=d.device.type == 'cuda', mp_context=worker_start_method(d))
-    for i, x in enumerate(loader):
-        yield positions_on(shard[i * b:(i + 1) * b], d.device), x
-
-
-def positions_on(idx, device):
-    """Positions in the split (a contiguous numpy block) as an int64 tensor made on ``device``
-    (no copy from the host, which from pageable memory would wait for the device)."""
-    first = int(idx[0]) if len(idx) else 0
-    return first + torch.arange(len(idx), device=device)
-
-
-def standard_error(n, total, total_sq):
-    """Standard error of the mean of n values from their sum and sum of squares:
-    sqrt(sample variance / n), with the unbiased (n - 1) variance; nan for n < 2."""
-    if n < 2:
-        return float('nan')
-    var = max(total_sq - total * total / n, 0.0) / (n - 1)
-    return math.sqrt(var / n)
-
-
 # ----------------------------------------------------------------------------- pictures
-
-def visualization_batch(H, source):
-    n = min(H.num_images_visualize, len(source))
-    return torch.from_numpy(source[np.arange(n)])
-
-
-@torch.no_grad()
-def sample_grid(H, ema, x_uint8, device):
-    """The release's sample grid as a uint8 array (rows*H, cols*W, C): originals;
-    reconstructions keeping the first k posterior latents (rest from the prior at t=0.1)
-    for num_variables_visualize values of k; unconditional samples at t = 1.0, 0.9, ..."""
-    ema.eval()
-    x_in, _ = data.preprocess(H, x_uint8.to(device))
-    zs = [s['z'] for s in ema.forward_get_latents(x_in)]
-    mb = x_uint8.shape[0]
-    rows = [x_uint8.numpy()]
-    lv_points = np.floor(np.linspace(0, 1, H.num_variables_visualize + 2) * len(zs)).astype(int)[1:-1]
-    for i in lv_points:
-        rows.append(ema.forward_samples_set_latents(mb, zs[:i], t=0.1))
-    for t in [1.0, 0.9, 0.8, 0.7][:H.num_temperatures_visualize]:
-        rows.append(ema.forward_uncond_samples(mb, t=t))
-    return tile(np.stack(rows))
-
-
-def tile(batches):
-    """(rows, cols, H, W, C) uint8 -> one (rows*H, cols*W, C) image."""
-    r, c, h, w, ch = batches.shape
-    return batches.transpose(0, 2, 1, 3, 4).reshape(r * h, c * w, ch)
-
-
-def write_png(im, path):
-    """Write a uint8 (H, W, C) array as PNG, atomically."""
-    im = im[..., 0] if im.shape[-1] == 1 else im
-    tmp = f'{path}.tmp.png'
-    with naming_file(path):
-        Image.fromarray(im).save(tmp)
-    os.replace(tmp, path)
-
 
 def write_images(H, d, ema, viz_batch, fname, log):
     """Rank 0 only; uses its own RNG stream so training noise is unaffected."""
-    devices = [d.device] if d.device.type == 'cuda' else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(H.seed)
-        write_png(sample_grid(H, ema, viz_batch, d.device), fname)
+    write_sample_grid(H, ema, viz_batch, d.device, fname)
     log(f'printing samples to {fname}')
-
-
-def log_series(records, kind, field, unit=1.0):
-    """[(step, value / unit)] of ``field`` in the run-log records of type ``kind``, sorted
-    by step.  A step logged more than once (a print and a save at the same step, or steps
-    trained again after a resume) keeps its last record."""
-    points = {}
-    for z in records:
-        if z.get('type') == kind and 'step' in z and field in z:
-            points[z['step']] = z[field] / unit
-    return sorted(points.items())
-
-
-def loss_curves(records):
-    """(train, valid) lists of (step, bits/dim) from run-log records, sorted by step.
-    train: every train_loss record, the per-print ones and those written with each
-    checkpoint (the run's last point); valid: eval_loss records (see log_series)."""
-    return [log_series(records, kind, 'elbo', LN2) for kind in ('train_loss', 'eval_loss')]
-
-
-def write_loss_plot(log_path, png_path):
-    """Four panels against step, from the run log: train and valid bits/dim; the train
-    distortion and rate (bits/dim); the largest pre-clip gradient norm of each print window,
-    with --skip_threshold; the skipped updates since the start."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    records = read_log(log_path)
-    tr, va = loss_curves(records)
-    grad_norms = log_series(records, 'train_loss', 'grad_norm')
-    skipped = log_series(records, 'train_loss', 'total_skipped')
-    fig, ((loss, parts), (grad, skips)) = plt.subplots(2, 2, figsize=(9, 6), dpi=100, sharex=True)
-    for ax, points, style, label in [
-            (loss, tr, '-', 'train (batch average)'), (loss, va, 'o-', 'valid (EMA model)'),
-            (parts, log_series(records, 'train_loss', 'distortion', LN2), '-', 'distortion'),
-            (parts, log_series(records, 'train_loss', 'rate', LN2), '-', 'rate (KL)'),
-            (grad, grad_norms, '-', 'largest of the print window'),
-            (skips, skipped, '-', 'since the start')]:
-        if points:
-            ax.plot(*zip(*points), style, label=label, lw=1)
-    threshold = [z['value'] for z in records if z.get('type') == 'hparam' and z.get('key') == 'skip_threshold']
-    if threshold and threshold[-1] != -1:
-        grad.axhline(threshold[-1], color='gray', ls='--', lw=1, label='--skip_threshold')
-    if grad_norms and min(v for _, v in grad_norms) > 0:
-        grad.set_yscale('log')  # norms span orders of magnitude early in training
-    for ax, ylabel in [(loss, 'negative ELBO (bits/dim)'), (parts, 'bits/dim'), (grad, 'gradient norm (pre-clip)'),
-                       (skips, 'skipped updates')]:
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    top = max([1] + [1.1 * v for _, v in skipped])
-    skips.set_ylim(-0.03 * top, top)  # a count: from 0 (the line at 0 visible), whole numbers
-    skips.yaxis.set_major_locator(MaxNLocator(integer=True))
-    grad.set_xlabel('step')
-    skips.set_xlabel('step')
-    fig.tight_layout()
-    tmp = png_path + '.tmp.png'
-    with naming_file(png_path):
-        fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
 
 
 # ----------------------------------------------------------------------------- loops
@@ -328,12 +160,6 @@ class StopSignal:
         self.requested = time.time()
         if self.is_main:
             print(f'\nreceived {signal.Signals(signum).name}: finishing this step, then writing latest', flush=True)
-
-
-def worker_start_method(d):
-    """How data-loading workers start: forking a process that has initialised MPI is
-    unsafe, so under mpiexec they are spawned (once per run: the workers persist)."""
-    return 'spawn' if d.launcher == 'mpiexec' else None
 
 
 def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at):
@@ -394,7 +220,7 @@ def train_loop(H, d, splits, model, ema, optimizer, scaler, progress, log, at):
     done, stop = H.max_iters and it >= H.max_iters, False
     loader = data.train_loader(splits.train, H.n_batch, seed=H.seed, epoch=epoch, rank=d.rank,
                                world_size=d.world_size, start_batch=start_batch, num_workers=H.num_workers,
-                               pin_memory=d.device.type == 'cuda', mp_context=worker_start_method(d))
+                               pin_memory=d.device.type == 'cuda', mp_context=data.worker_start_method(d.launcher))
     while not done and epoch < H.num_epochs:
         model.train()
         loader.sampler.set_epoch(epoch, start_batch)  # one loader, persistent workers

@@ -217,7 +217,7 @@ class KeyedNormal:
 
     def repeat(self, first, n):
         """Samples first .. first+n-1 of every image, rows ordered sample-major (row k*N + i is
-        sample first+k of image i, as ``evaluate.log_weights`` repeats a batch)."""
+        sample first+k of image i, as ``evaluation.log_weights`` repeats a batch)."""
         k = torch.arange(first, first + n, dtype=torch.int64, device=self.images.device)
         return KeyedNormal(self.key[0], self.images.repeat(n),
                            (self.samples.repeat(n) + k.repeat_interleave(len(self))))

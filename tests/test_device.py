@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoints
 import data
-import evaluate
-import train
+import evaluation
+import pictures
 import train_step
 import utils
 from hps import preset
@@ -87,7 +87,7 @@ def test_training_step_keeps_tensors_on_the_device(H, images, layout):
 def test_validation_and_test_eval_keep_tensors_on_the_device(H, images):
     with HostReads():
         _, ema = _models(H)
-        stats = train.evaluate(H, Dist(device=META), ema, data.ArraySource(images, 'in memory'))
+        stats = evaluation.evaluate(H, Dist(device=META), ema, data.ArraySource(images, 'in memory'))
     assert stats['n_images'] == 1  # the placeholder count: ones from HostReads
     assert {'elbo', 'elbo_se', 'distortion', 'rate'} <= set(stats)
 
@@ -95,7 +95,7 @@ def test_validation_and_test_eval_keep_tensors_on_the_device(H, images):
 def test_sample_grid_and_samples_keep_tensors_on_the_device(H, images):
     with HostReads():
         _, ema = _models(H)
-        grid = train.sample_grid(H, ema, torch.from_numpy(images[:3]), META)
+        grid = pictures.sample_grid(H, ema, torch.from_numpy(images[:3]), META)
         samples = ema.forward_uncond_samples(2, t=[1.0, 0.9, 0.8, 0.7])
     rows = 1 + H.num_variables_visualize + H.num_temperatures_visualize
     assert grid.shape == (rows * 28, 3 * 28, 1) and grid.dtype == np.uint8
@@ -113,18 +113,18 @@ def test_evaluate_modes_keep_tensors_on_the_device(H, images, mode, tmp_path):
         _, ema = _models(H)
         ema.requires_grad_(False)
         if mode == 'n_importance':
-            summary, per_image = evaluate.run_iwae(H, d, ema, source, bar)
+            summary, per_image = evaluation.run_iwae(H, d, ema, source, bar)
             assert per_image['image_index'].tolist() == list(range(7))
         elif mode == 'kl_stats':
-            assert len(evaluate.run_kl_stats(H, d, ema, source, bar)['blocks']) == 4
+            assert len(evaluation.run_kl_stats(H, d, ema, source, bar)['blocks']) == 4
         elif mode == 'encode':
-            out = evaluate.run_encode(H, d, ema, source, str(tmp_path / 'latents.npz'), bar)
+            out = evaluation.run_encode(H, d, ema, source, str(tmp_path / 'latents.npz'), bar)
             with np.load(out['path']) as z:
                 assert z['z_3'].shape == (7, 2, 28, 28) and z['image_index'].tolist() == list(range(7))
         elif mode == 'reconstruct':
-            assert evaluate.run_reconstruct(H, d, ema, images[:2], bar).shape == (4, 2, 28, 28, 1)
+            assert pictures.run_reconstruct(H, d, ema, images[:2], bar).shape == (4, 2, 28, 28, 1)
         else:
-            grid, _ = evaluate.run_interpolate(H, d, ema, images[:2], bar)
+            grid, _ = pictures.run_interpolate(H, d, ema, images[:2], bar)
             assert grid.shape == (2, 5, 28, 28, 1)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import data
-import train
+import evaluation
 import train_step
 from conftest import load_tiny, ref
 from utils import Dist
@@ -105,7 +105,7 @@ def test_a_slice_of_the_batch_draws_the_same_noise():
     part = KeyedNormal(5, torch.arange(3, 7))
     for layer, shape in [(0, (4, 1, 1)), (2, (4, 7, 7)), (9, (3, 5, 5))]:  # odd sizes: a partial last block
         assert torch.equal(whole.normal(layer, shape)[3:7], part.normal(layer, shape))
-    # samples 2..4 of every image, sample-major, as evaluate.log_weights repeats a batch
+    # samples 2..4 of every image, sample-major, as evaluation.log_weights repeats a batch
     rep = whole.repeat(2, 3).normal(1, (4, 8, 8)).view(3, 10, 4, 8, 8)
     for k in range(3):
         one = KeyedNormal(5, torch.arange(10), samples=torch.full((10,), 2 + k)).normal(1, (4, 8, 8))
@@ -130,7 +130,7 @@ def test_keyed_noise_is_only_used_inside_its_context():
 
 def _elbo(H, model, source, n_batch_eval, rank=0, world=1):
     H.n_batch_eval = n_batch_eval
-    return train.evaluate(H, Dist(rank=rank, world_size=world), model, source)
+    return evaluation.evaluate(H, Dist(rank=rank, world_size=world), model, source)
 
 
 def test_elbo_does_not_depend_on_batch_size_or_shards():
@@ -239,7 +239,7 @@ def test_layers_drawn_together_draw_what_each_draws_alone(monkeypatch):
 
 
 def test_evaluation_copies_only_the_images_to_the_device():
-    """train.evaluate's per-batch copies from the host to the device: the uint8 images only.
+    """evaluation.evaluate's per-batch copies from the host to the device: the uint8 images only.
     The image positions that key the noise are made on the device (a copy from pageable
     host memory waits for the device at every batch).  On the meta device, which stands in
     for a GPU (tests/test_device.py)."""
@@ -265,8 +265,8 @@ def test_evaluation_copies_only_the_images_to_the_device():
     _, ema = train_step.build_models(H, meta)
     images = data.ArraySource(np.random.RandomState(0).randint(0, 256, (7, 28, 28, 1)).astype(np.uint8), 'mem')
     with HostReads():
-        train.evaluate(H, meta, ema, images)  # once first: constants made once per process
+        evaluation.evaluate(H, meta, ema, images)  # once first: constants made once per process
         copies = HostToDevice()
         with copies:
-            train.evaluate(H, meta, ema, images)
+            evaluation.evaluate(H, meta, ema, images)
     assert copies.dtypes == [torch.uint8] * 3  # 7 images in batches of 3

@@ -17,6 +17,7 @@ from PIL import Image
 
 import data
 import evaluate
+import evaluation
 import checkpoints
 from hps import UserError, preset
 from vae import VAE
@@ -110,7 +111,7 @@ def test_k1_bound_is_the_elbo_of_the_same_samples(trained):
     H, model, _ = trained
     x_in, x_target = _test_batch(H, 8)
     torch.manual_seed(3)
-    lw = evaluate.log_weights(model, model.encoder(x_in), x_target, 1)[0]
+    lw = evaluation.log_weights(model, model.encoder(x_in), x_target, 1)[0]
     # independently: the same noise through the model's own posterior pass
     torch.manual_seed(3)
     distortion, stats = model.forward_with_dists(x_in, x_target)
@@ -121,7 +122,7 @@ def test_k1_bound_is_the_elbo_of_the_same_samples(trained):
                  - gaussian_log_density(z, s['pm'].double(), s['pv'].double())).sum(dim=(1, 2, 3))
     np.testing.assert_allclose(lw.numpy(), want.numpy(), rtol=1e-12)
     torch.manual_seed(3)
-    bound, elbo, ess = evaluate.importance_weighted_bound(model, x_in, x_target, K=1, chunk=1)
+    bound, elbo, ess = evaluation.importance_weighted_bound(model, x_in, x_target, K=1, chunk=1)
     assert torch.equal(bound, elbo) and torch.equal(bound, lw) and torch.all(ess == 1)
 
 
@@ -131,7 +132,7 @@ def test_single_sample_elbo_averages_to_the_analytic_kl_elbo(trained):
     x_in, x_target = _test_batch(H, 4)
     n = 200
     torch.manual_seed(0)
-    mc = -evaluate.log_weights(model, model.encoder(x_in), x_target, n).numpy() / NDIMS  # (n, 4)
+    mc = -evaluation.log_weights(model, model.encoder(x_in), x_target, n).numpy() / NDIMS  # (n, 4)
     torch.manual_seed(1)
     analytic = model.forward_per_image(x_in.repeat(n, 1, 1, 1), x_target.repeat(n, 1, 1, 1))['elbo']
     analytic = analytic.double().view(n, 4).numpy()
@@ -148,8 +149,8 @@ def test_streamed_chunks_equal_one_logsumexp(trained):
     x_in, x_target = _test_batch(H, 3)
     K, chunk = 7, 3
     noise = KeyedNormal(H.seed, torch.arange(3))
-    bound, elbo, ess = evaluate.importance_weighted_bound(model, x_in, x_target, K, chunk, noise=noise)
-    lw = evaluate.log_weights(model, model.encoder(x_in), x_target, K, noise=noise.repeat(0, K))  # (K, 3)
+    bound, elbo, ess = evaluation.importance_weighted_bound(model, x_in, x_target, K, chunk, noise=noise)
+    lw = evaluation.log_weights(model, model.encoder(x_in), x_target, K, noise=noise.repeat(0, K))  # (K, 3)
     np.testing.assert_allclose(bound, torch.logsumexp(lw, 0) - math.log(K), rtol=1e-6)
     np.testing.assert_allclose(elbo, lw.mean(0), rtol=1e-6)
     w = torch.exp(lw - lw.max(0).values)

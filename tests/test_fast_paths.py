@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import train
+import evaluation
 import train_step
 from conftest import load_tiny
 from hps import Hyperparams, preset
@@ -286,7 +286,7 @@ def test_threads_beyond_the_cores_are_capped_with_one_line(monkeypatch, capsys):
 
 
 def test_evaluation_runs_in_ieee_fp32(tiny, monkeypatch):
-    """train.evaluate turns TF32 convolutions and matmuls off while it runs (PyTorch allows
+    """evaluation.evaluate turns TF32 convolutions and matmuls off while it runs (PyTorch allows
     TF32 convolutions on GPUs by default) and restores the caller's settings after."""
     import numpy as np
     from utils import ieee_fp32
@@ -302,7 +302,7 @@ def test_evaluation_runs_in_ieee_fp32(tiny, monkeypatch):
         return original(self, x, xt)
     monkeypatch.setattr(VAE, 'forward_per_image', recording)
     images = np.random.default_rng(0).integers(0, 256, (6, H.image_size, H.image_size, 3), dtype=np.uint8)
-    stats = train.evaluate(H, Dist(), VAE(H), images)
+    stats = evaluation.evaluate(H, Dist(), VAE(H), images)
     assert stats['n_images'] == 6 and seen == [('ieee', 'ieee')] * 2
     assert (conv.fp32_precision, matmul.fp32_precision) == before
     with ieee_fp32():

@@ -79,9 +79,9 @@ def test_truncated_optimizer_file_falls_back_to_the_previous_set(fmnist_root, tm
     assert 'resuming from' in p.stdout and '(step 4' in p.stdout
     assert_continues_exactly(rd, uninterrupted)
     # the loss plot's points: one per step, the resumed values, up to the final save at step 8
-    import train
+    import pictures
     from utils import read_log
-    tr, va = train.loss_curves(read_log(rd / 'log.jsonl'))
+    tr, va = pictures.loss_curves(read_log(rd / 'log.jsonl'))
     assert [s for s, _ in tr] == list(range(9))
     full, _ = uninterrupted
     assert [v for s, v in tr[:8]] == [full[s] / np.log(2) for s in range(8)]
@@ -378,7 +378,7 @@ def test_no_progress_bar_updates_in_a_log_file(fmnist_root, tmp_path):
 # ----------------------------------------------------------------------------- the loss plot
 
 def test_loss_curve_points_keep_the_last_record_per_step_and_the_final_save():
-    from train import LN2, loss_curves
+    from pictures import LN2, loss_curves
     records = [
         {'type': 'hparam', 'key': 'lr', 'value': 0.1},
         {'type': 'train_loss', 'step': 0, 'lr': 0.1, 'elbo': 5.0},
@@ -402,7 +402,7 @@ def test_loss_plot_has_the_rate_distortion_grad_norm_and_skip_panels(tmp_path):
     """write_loss_plot reads the four series of its panels from the log (log_series: the last
     record of a step wins, as for the bits/dim curve) and writes one 2 x 2 figure."""
     from PIL import Image
-    from train import LN2, log_series, write_loss_plot
+    from pictures import LN2, log_series, write_loss_plot
     records = [{'type': 'hparam', 'key': 'skip_threshold', 'value': 400.0},
                {'type': 'train_loss', 'step': 0, 'elbo': 5.0, 'distortion': 4.0, 'rate': 1.0, 'grad_norm': 900.0,
                 'total_skipped': 1},

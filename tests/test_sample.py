@@ -45,6 +45,29 @@ def test_uncond_grid_and_recon(tiny_run, tmp_path):
     np.testing.assert_array_equal(r[:28, :28], img)  # first row: the originals
 
 
+def test_one_reconstruction_rule_for_the_grid_sample_and_evaluate(tiny_run, tmp_path):
+    """The training grid's reconstruction rows, sample.py --mode recon and evaluate.py
+    --reconstruct draw the same pictures of the same images and k (pictures.reconstruct:
+    keyed posterior noise, the rest from the prior at 0.1, seeded per picture)."""
+    root, save = tiny_run
+    run = ['--data_root', root, '--save_dir', save, '--desc', 'r']
+    sample(*run, '--mode', 'recon', '--split', 'valid', '--indices', '0,1', '--k', '1,3', '--out', str(tmp_path / 's.png'))
+    p = subprocess.run([sys.executable, 'evaluate.py', *run, '--reconstruct', '--split', 'valid', '--indices', '0', '1',
+                        '--keep', '1', '3', '--out_dir', str(tmp_path / 'e'), '--no_progress'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    s = np.asarray(Image.open(tmp_path / 's.png'))
+    e = np.asarray(Image.open(tmp_path / 'e' / 'reconstructions.png'))
+    assert s.shape == e.shape == (3 * 28, 2 * 28)
+    np.testing.assert_array_equal(s, e)
+    # the grid after the last step (4 blocks, 6 rows: k = 0, 1, 1, 2, 2, 3), its first two columns
+    grid = np.asarray(Image.open(os.path.join(save, 'r', 'samples-2.png')))
+    np.testing.assert_array_equal(grid[2 * 28:3 * 28, :2 * 28], s[28:2 * 28])  # k = 1
+    np.testing.assert_array_equal(grid[6 * 28:7 * 28, :2 * 28], s[2 * 28:])  # k = 3
+    sample(*run, '--mode', 'grid', '--split', 'valid', '--out', str(tmp_path / 'g.png'))  # the same grid again
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'g.png')), grid)
+
+
 def test_same_seed_same_samples(tiny_run, tmp_path):
     root, save = tiny_run
     base = ['--hps', 'fashion_mnist', '--save_dir', save, '--desc', 'r', '--mode', 'uncond', '--n', '4']

@@ -199,7 +199,7 @@ def test_restore_official_bundle_and_continue(cifar_root, tmp_path):
 
 
 def test_standard_error_is_the_sample_std_over_sqrt_n():
-    from train import standard_error
+    from evaluation import standard_error
     v = np.random.RandomState(0).gamma(2.0, 1.5, size=37) + 1e3  # a large mean: cancellation-prone
     want = np.std(v, ddof=1) / np.sqrt(len(v))
     assert standard_error(len(v), v.sum(), (v ** 2).sum()) == pytest.approx(want, rel=1e-6)
