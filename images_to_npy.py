@@ -42,7 +42,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from data import IMAGES_FOLDER, MANIFEST, MANIFEST_FORMAT, SPLIT_NAMES, read_manifest, split_indices, _read_idx_images
 from files_to_npy import NpyWriter
 from hps import UserError
-from utils import atomic_write, check_writable, progress_bar
+from utils import _pid_alive, atomic_write, check_writable, cpu_cores, progress_bar  # (the one liveness check of temporaries)
 
 # Content split: u = first 8 bytes of the sha256 / 2**64; train below 0.9, valid below 0.95, test above.
 SPLIT_BOUNDS = (('train', 0.90), ('valid', 0.95), ('test', 1.0))
@@ -183,18 +183,8 @@ def remove_stale(data_root):
     """Remove images.tmp-PID / images.old-PID folders of preparations that were killed."""
     for name in os.listdir(data_root):
         m = re.fullmatch(re.escape(IMAGES_FOLDER) + r'\.(tmp|old)-(\d+)', name)
-        if m and not _alive(int(m.group(2))):
+        if m and not _pid_alive(int(m.group(2))):
             shutil.rmtree(os.path.join(data_root, name), ignore_errors=True)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def assign_splits(kept, by_folder):
@@ -252,7 +242,7 @@ def _build(args, src, listing, by_folder, options, tmp):
     pool_dir = os.path.join(tmp, 'pool')
     os.makedirs(pool_dir)
     tasks = [(os.path.join(src, p), size, channels, args.upscale, png) for p, _, _ in listing]
-    workers = args.workers or len(os.sched_getaffinity(0))
+    workers = args.workers or cpu_cores()
     ctx = multiprocessing.get_context('fork')  # workers need only Pillow and numpy, inherited
     rows = contextlib.nullcontext() if png else NpyWriter(os.path.join(tmp, 'pool.npy'), (size, size, channels))
     with ctx.Pool(workers) as pool, rows as writer:
