@@ -164,7 +164,8 @@ def images_blocks(size):
                         f"{min(max(16, 1 << (size - 1).bit_length()), 1024)} (./setup_images.sh SRC DATA_ROOT "
                         "--size N into a new DATA_ROOT), or train --hps images_quick (any size divisible by 4)")
     name, enc, dec = RELEASE_BLOCKS[fits[0]]
-    return (name,) + block_strings({r: n for r, n in enc.items() if r <= size}, {r: n for r, n in dec.items() if r <= size})
+    cut = lambda counts: {r: n for r, n in counts.items() if r <= size}  # noqa: E731
+    return (name,) + block_strings(cut(enc), cut(dec))
 
 
 def images_preset(size):
@@ -194,7 +195,8 @@ def images_quick_preset(size):
                         f"more), but these images are {size}x{size}: prepare them again at --size "
                         f"{max(8, size // 4 * 4)} (./setup_images.sh SRC DATA_ROOT --size N into a new DATA_ROOT)")
     a, b = size // 2, size // 4
-    return dict(enc_blocks=f'{size}d2,{a}x2,{a}d2,{b}x3,{b}d{b},1x1', dec_blocks=f'1x1,{b}m1,{b}x3,{a}m{b},{a}x3,{size}m{a}')
+    return dict(enc_blocks=f'{size}d2,{a}x2,{a}d2,{b}x3,{b}d{b},1x1',
+                dec_blocks=f'1x1,{b}m1,{b}x3,{a}m{b},{a}x3,{size}m{a}')
 
 
 SIZED_PRESETS = {'images': images_preset, 'images_quick': images_quick_preset}
@@ -456,7 +458,8 @@ def parse_args_and_update_hparams(H, parser, s=None):
         values = HPARAMS_REGISTRY[name]
         if name in SIZED_PRESETS:  # its architecture fits the size of the images under --data_root
             from data import read_manifest
-            values = dict(values, **SIZED_PRESETS[name](read_manifest(parser.parse_args(s).data_root)['image_shape'][0]))
+            size = read_manifest(parser.parse_args(s).data_root)['image_shape'][0]
+            values = dict(values, **SIZED_PRESETS[name](size))
         parser.set_defaults(**values)
     H.update(vars(parser.parse_args(s)))
     H.hparam_sets = ','.join(names)

@@ -42,7 +42,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from data import IMAGES_FOLDER, MANIFEST, MANIFEST_FORMAT, SPLIT_NAMES, read_manifest, split_indices, _read_idx_images
 from files_to_npy import NpyWriter
 from hps import UserError
-from utils import _pid_alive, atomic_write, check_writable, cpu_cores, progress_bar  # (the one liveness check of temporaries)
+from utils import _pid_alive, atomic_write, check_writable, cpu_cores, progress_bar
 
 # Content split: u = first 8 bytes of the sha256 / 2**64; train below 0.9, valid below 0.95, test above.
 SPLIT_BOUNDS = (('train', 0.90), ('valid', 0.95), ('test', 1.0))
@@ -134,7 +134,8 @@ def presplit(src):
     have = [s for s in SPLIT_NAMES if os.path.isdir(os.path.join(src, s))]
     if have and len(have) < 3:
         missing = [s for s in SPLIT_NAMES if s not in have]
-        raise UserError(f"{src} has {' and '.join(h + '/' for h in have)} but no {' or '.join(m + '/' for m in missing)}: "
+        raise UserError(f"{src} has {' and '.join(h + '/' for h in have)} but no "
+                        f"{' or '.join(m + '/' for m in missing)}: "
                         "give all three folders (they are kept as the split), or none (the split is made from each "
                         "file's content)")
     return bool(have)
@@ -294,7 +295,8 @@ def _write_splits(tmp, kept, skipped, options, png):
             folder = os.path.join(tmp, name)
             os.makedirs(folder)
             for r in rows:
-                os.rename(os.path.join(tmp, 'pool', f"{r['pool']:08d}.png"), os.path.join(folder, f"{r['row']:07d}.png"))
+                os.rename(os.path.join(tmp, 'pool', f"{r['pool']:08d}.png"),
+                          os.path.join(folder, f"{r['row']:07d}.png"))
             splits[name] = dict(n=len(rows), file=name)
         else:
             with NpyWriter(os.path.join(tmp, f'{name}.npy'), (size, size, channels)) as writer:
@@ -345,8 +347,8 @@ def describe_skips(skipped, names=3):
     for s in skipped:
         kind = s['reason'].split(' (')[0].split(' of ')[0]
         groups.setdefault(kind, []).append(s['path'])
-    return ', '.join(f"{kind}: {len(p)} ({', '.join(p[:names])}{f', and {len(p) - names} more' if len(p) > names else ''})"
-                     for kind, p in groups.items())
+    more = lambda p: f', and {len(p) - names} more' if len(p) > names else ''  # noqa: E731
+    return ', '.join(f"{kind}: {len(p)} ({', '.join(p[:names])}{more(p)})" for kind, p in groups.items())
 
 
 def summary(m, out):
@@ -404,7 +406,8 @@ def main(argv=None):
                    help='targets of the likelihood: 8 bits, or 5 as the release\'s ffhq256 (the input keeps 8)')
     p.add_argument('--storage', choices=['auto', 'npy', 'png'], default='auto',
                    help=f'auto: PNG folders from --size {PNG_FROM_SIZE} up, one .npy per split below')
-    p.add_argument('--upscale', action='store_true', help='resize images smaller than --size up instead of skipping them')
+    p.add_argument('--upscale', action='store_true',
+                   help='resize images smaller than --size up instead of skipping them')
     p.add_argument('--overwrite', action='store_true', help='replace a dataset prepared with other options or source')
     p.add_argument('--workers', type=int, default=0, help='decoding processes (0: one per core)')
     p.add_argument('--no_progress', action='store_true', help='no progress bar')
