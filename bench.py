@@ -14,7 +14,7 @@ once, so no timed step captures), then timed:
 
 - training: the real ``train_step.training_step`` (forward, backward, clip, AdamW, EMA) on a
   fixed uint8 batch of the preset's shape, preprocessed on the device every step as in
-  ``train.train_loop`` (no data loading); every step updates (``skip_threshold`` -1);
+  ``train_loop.train_loop`` (no data loading); every step updates (``skip_threshold`` -1);
 - evaluation: ``forward_per_image`` of the EMA model under ``no_grad`` in fp32, as
   ``evaluation.evaluate`` (batch ``--n_batch_eval``, default 4 x n_batch);
 - sampling: ``forward_uncond_samples`` of the EMA model at ``--temperature``, uint8 on the host.
@@ -352,13 +352,13 @@ def step_profile(one_step, device, n, step_s):
 
 def run_config(H, device, flops):
     """Build, warm up and time one configuration; returns a dict of figures."""
-    d = Dist(device=device)
+    dist_info = Dist(device=device)
     t_build = time.perf_counter()
-    model, ema = train_step.build_models(H, d)
+    model, ema = train_step.build_models(H, dist_info)
     optimizer = make_optimizer(H, model, device)
     scaler = torch.amp.GradScaler(device.type) if H.precision == 'fp16' else None
     ctx = train_step.precision_context(H, device)
-    net = train_step.wrap_for_training(H, model, d)  # torch.compile per --compile_scope, as train.py
+    net = train_step.wrap_for_training(H, model, dist_info)  # torch.compile per --compile_scope, as train.py
     gen = torch.Generator().manual_seed(H.seed)
     shape = (H.n_batch, H.image_size, H.image_size, H.image_channels)
     batch = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(device)

@@ -19,6 +19,7 @@ import shutil
 import time
 import zipfile
 import zlib
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -204,8 +205,8 @@ def model_shapes(H):
 
 def _likely_cause(sd, want, H):
     """(what differs, the fix) for the first architecture setting that explains a mismatch."""
-    def shape(d, k):
-        return tuple(d[k].shape) if k in d else None
+    def shape(state_dict, k):
+        return tuple(state_dict[k].shape) if k in state_dict else None
     conv_in, conv_out = CONV_IN, CONV_OUT
     f_in, m_in, f_out = shape(sd, conv_in), shape(want, conv_in), shape(sd, conv_out)
     if f_in and m_in and f_in[1] != m_in[1]:
@@ -389,29 +390,45 @@ def atomic_copy(src, dst):
 
 
 def rng_state(device):
-    st = {'cpu': torch.get_rng_state()}
+    rng = {'cpu': torch.get_rng_state()}
     if device.type == 'cuda':
-        st['cuda'] = torch.cuda.get_rng_state(device)
-    return st
+        rng['cuda'] = torch.cuda.get_rng_state(device)
+    return rng
 
 
-def set_rng_state(st, device):
-    torch.set_rng_state(st['cpu'])
-    if device.type == 'cuda' and 'cuda' in st:
-        torch.cuda.set_rng_state(st['cuda'], device)
+def set_rng_state(rng, device):
+    torch.set_rng_state(rng['cpu'])
+    if device.type == 'cuda' and 'cuda' in rng:
+        torch.cuda.set_rng_state(rng['cuda'], device)
 
 
-def save_checkpoint(H, d, name, model, ema, optimizer, scaler, log, progress):
+@dataclass
+class Progress:
+    """Where a run stands: what every -state.th records beside the weights, what restore
+    returns and what train_loop advances step by step."""
+    step: int = 0  # updates done (the number of the next step)
+    epoch: int = 0
+    batch: int = 0  # the next batch within the epoch
+    best_eval: float = float('inf')  # the lowest validation ELBO so far (nats/dim)
+    skipped: int = 0  # updates skipped since the run began
+    data: tuple = None  # data_fingerprint of the training split
+
+
+# the fields a resume carries over from the checkpoint ('data' is checked, then the current split's)
+RESUMED = ('step', 'epoch', 'batch', 'best_eval', 'skipped')
+
+
+def save_checkpoint(H, dist_info, name, model, ema, optimizer, scaler, log, progress):
     """Write {run_dir}/{name}-*.  Collective (every rank calls it); rank 0 writes.
 
     Each file is written atomically; -state.th, written last, records the size and CRC of
     the other four, so a set torn by a crash between renames is recognised and skipped.
     Before a new ``latest`` is written, the complete one becomes ``previous`` (keep_previous),
     so a crash while writing leaves at least one complete set."""
-    rngs = gather_objects(rng_state(d.device))
-    if d.is_main:
+    rngs = gather_objects(rng_state(dist_info.device))
+    if dist_info.is_main:
         prefix = os.path.join(H.run_dir, name)
-        log(f'Saving model@ {progress["step"]} to {prefix}')
+        log(f'Saving model@ {progress.step} to {prefix}')
         if name == 'latest':
             keep_previous(H.run_dir)
         atomic_save(model.state_dict(), prefix + '-model.th')
@@ -419,8 +436,8 @@ def save_checkpoint(H, d, name, model, ema, optimizer, scaler, log, progress):
         atomic_save(optimizer.state_dict(), prefix + '-opt.th')
         atomic_copy(log.jsonl_path, prefix + '-log.jsonl')
         files = {suffix: file_crc(prefix + suffix) for suffix in CHECKPOINT_FILES}
-        atomic_save(dict(progress, rng=rngs, scaler=scaler.state_dict() if scaler else None, H=dict(H),
-                         files=files, world_size=d.world_size), prefix + '-state.th')
+        atomic_save(dict(asdict(progress), rng=rngs, scaler=scaler.state_dict() if scaler else None, H=dict(H),
+                         files=files, world_size=dist_info.world_size), prefix + '-state.th')
     barrier()
 
 
@@ -451,21 +468,21 @@ def keep_previous(run_dir):
 def _state(prefix):
     """(training state recorded in {prefix}-state.th, None), or (None, why it is unreadable)."""
     try:
-        st = safe_torch_load(prefix + '-state.th', 'training state')
+        state = safe_torch_load(prefix + '-state.th', 'training state')
     except UserError as e:
         return None, str(e)
-    if isinstance(st, dict) and 'step' in st and 'files' in st:
-        return st, None
+    if isinstance(state, dict) and 'step' in state and 'files' in state:
+        return state, None
     return None, f'{prefix}-state.th is not a training state (no step and file record)'
 
 
-def damaged_files(prefix, st):
+def damaged_files(prefix, state):
     """{suffix: what is wrong} for the files of the set {prefix}-* whose size or CRC differ
-    from those its state ``st`` recorded (file_damage); empty when the set is complete."""
+    from those its state ``state`` recorded (file_damage); empty when the set is complete."""
     damage = {}
     for s in CHECKPOINT_FILES:
         try:
-            recorded = tuple(st['files'][s])
+            recorded = tuple(state['files'][s])
         except (KeyError, TypeError):
             damage[s] = 'not recorded in its -state.th'
             continue
@@ -477,8 +494,8 @@ def damaged_files(prefix, st):
 def checkpoint_state(prefix):
     """The training state of the set {prefix}-* if all its files are present and match the
     sizes and CRCs recorded in {prefix}-state.th; None if it is incomplete or torn."""
-    st, _ = _state(prefix)
-    return st if st is not None and not damaged_files(prefix, st) else None
+    state, _ = _state(prefix)
+    return state if state is not None and not damaged_files(prefix, state) else None
 
 
 def _sets(run_dir):
@@ -488,11 +505,11 @@ def _sets(run_dir):
     for f in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
         if f.endswith('-state.th'):
             prefix = os.path.join(run_dir, f[:-len('-state.th')])
-            st, why = _state(prefix)
-            if st is None:
+            state, why = _state(prefix)
+            if state is None:
                 print(f'warning: ignoring checkpoint {prefix}-*: its files cannot be checked, {why}', flush=True)
             else:
-                readable.append((st, prefix))
+                readable.append((state, prefix))
     return sorted(readable, key=lambda c: (c[0]['step'], c[1].endswith('latest')), reverse=True)
 
 
@@ -502,27 +519,27 @@ def find_checkpoint(run_dir, need=CHECKPOINT_FILES):
     first, and only until one fits, so older sets' files are not read; each set passed over
     gets a warning line naming its damaged files and what is wrong with them (truncated, a
     checksum failure, ...) and the files that are still good."""
-    prefix, st, _, _ = _find(run_dir, need)
-    return prefix, st
+    prefix, state, _, _ = _find(run_dir, need)
+    return prefix, state
 
 
 def _find(run_dir, need):
     """find_checkpoint's (prefix, state), that set's damaged_files (files it does not need)
     and [(state, prefix, damaged_files)] of the sets passed over."""
     passed = []
-    for st, prefix in _sets(run_dir):
-        damage = damaged_files(prefix, st)
+    for state, prefix in _sets(run_dir):
+        damage = damaged_files(prefix, state)
         if not any(s in damage for s in need):
-            return prefix, st, damage, passed
-        _warn_damaged(prefix, st, damage, 'ignoring incomplete checkpoint' if need == CHECKPOINT_FILES
+            return prefix, state, damage, passed
+        _warn_damaged(prefix, state, damage, 'ignoring incomplete checkpoint' if need == CHECKPOINT_FILES
                       else 'passing over checkpoint')
-        passed.append((st, prefix, damage))
+        passed.append((state, prefix, damage))
     return None, None, {}, passed
 
 
-def _warn_damaged(prefix, st, damage, what):
+def _warn_damaged(prefix, state, damage, what):
     good = [os.path.basename(prefix) + s for s in CHECKPOINT_FILES if s not in damage]
-    print(f'warning: {what} {prefix}-* (step {st["step"]}): '
+    print(f'warning: {what} {prefix}-* (step {state["step"]}): '
           + '; '.join(f'{os.path.basename(prefix)}{s}: {why}' for s, why in damage.items())
           + f'; still good: {", ".join(good) if good else "none"}', flush=True)
 
@@ -579,7 +596,7 @@ def global_batch(n_batch, world_size):
     return f'--n_batch {n_batch} x {world_size} process{"es" if world_size > 1 else ""} = {n_batch * world_size}'
 
 
-def check_changes(H, st, prefix, data_id, log, world_size=1):
+def check_changes(H, state, prefix, data_id, log, world_size=1):
     """Log the hyperparameters that differ from the checkpoint's (old -> new); refuse those
     that break an exact continuation unless --allow_changes (--test_eval only reads): the
     seed, the architecture, the training data and the global batch (n_batch x processes,
@@ -587,18 +604,18 @@ def check_changes(H, st, prefix, data_id, log, world_size=1):
     over another number of processes continues the same run)."""
     if H.test_eval:
         return
-    changes = changed_hparams(st['H'], H)
+    changes = changed_hparams(state['H'], H)
     if changes:
         log('hyperparameters changed since ' + os.path.basename(prefix) + ': '
             + ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changes.items()))
     breaking = [k for k in changes if k in EXACT_RESUME_KEYS]
-    old_batch, old_world = st['H']['n_batch'], st.get('world_size', 1)
+    old_batch, old_world = state['H']['n_batch'], state.get('world_size', 1)
     batch_changed = old_batch * old_world != H.n_batch * world_size
     if batch_changed:
         breaking.append(f'global batch ({global_batch(old_batch, old_world)} -> '
                         f'{global_batch(H.n_batch, world_size)} images per update)')
-    if data_id is not None and st.get('data') is not None and list(st['data']) != list(data_id):
-        breaking.append(f'training data ({st["data"][0]} -> {data_id[0]} images or their content)')
+    if data_id is not None and state.get('data') is not None and list(state['data']) != list(data_id):
+        breaking.append(f'training data ({state["data"][0]} -> {data_id[0]} images or their content)')
     if breaking and not H.allow_changes:
         why = ' (a changed global batch changes the optimisation and the order of the images)' if batch_changed else ''
         raise UserError(f"resuming {prefix} with changed {', '.join(breaking)} would not continue the same run{why}; "
@@ -621,11 +638,11 @@ def resolve_weights(H):
     else:
         # reading needs only the EMA file (and the set's -state.th, for the config): a set whose
         # other files are damaged still serves, and a damaged newest one falls back to an older set
-        prefix, st, damage, passed = _find(H.run_dir, need=['-model-ema.th'])
+        prefix, state, damage, passed = _find(H.run_dir, need=['-model-ema.th'])
         if prefix is None:
             raise UserError(no_weights(H.run_dir, passed))
-        path, saved = prefix + '-model-ema.th', st.get('H')
-        notes = [f'EMA weights {path} (step {st.get("step")})']
+        path, saved = prefix + '-model-ema.th', state.get('H')
+        notes = [f'EMA weights {path} (step {state.get("step")})']
         if damage:
             notes.append('note: in the same set, ' + '; '.join(f'{os.path.basename(prefix)}{s}: {why}'
                                                                for s, why in damage.items())
@@ -658,19 +675,19 @@ def check_restore_paths(H):
             raise UserError(f"--{flag} {H[flag]}: no such file")
 
 
-def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
+def restore(H, dist_info, model, ema, optimizer, scaler, log, found=None, data_id=None):
     """Apply --resume / the run folder's newest complete checkpoint, or the release's four
     restore flags (checked to exist by set_up).  ``found``: find_checkpoint's answer when the
     caller already has it; ``data_id``: data_fingerprint of the training split.  Returns
-    progress: step, epoch, batch (next batch within the epoch), best_eval, skipped.
+    the run's Progress (its ``data`` is left to the caller).
 
     Refuses (UserError) to start from zero in a folder whose checkpoints are all torn, and
     to resume with changed EXACT_RESUME_KEYS, global batch or data, unless --restart /
     --allow_changes (check_changes)."""
-    progress = dict(step=0, epoch=0, batch=0, best_eval=float('inf'), skipped=0)
+    progress = Progress()
     if H.resume and H.restart:
         raise UserError("--resume continues the run and --restart begins it afresh: pass one of them")
-    prefix, st = (None, None) if H.restart else (found or find_checkpoint(H.run_dir))
+    prefix, state = (None, None) if H.restart else (found or find_checkpoint(H.run_dir))
     if H.resume and prefix is None:
         raise UserError(f"--resume: no complete checkpoint in {H.run_dir}; start without --resume "
                         "(or check --save_dir/--desc)")
@@ -679,27 +696,27 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
                         "but no complete set, so the run cannot continue; to begin afresh add --restart (the old "
                         "files are moved to a before-restart-* folder beside them), or pick another --desc")
     if prefix is not None:
-        check_changes(H, st, prefix, data_id, log, d.world_size)
-        log(f'resuming from {prefix} (step {st["step"]}, epoch {st["epoch"]})')
+        check_changes(H, state, prefix, data_id, log, dist_info.world_size)
+        log(f'resuming from {prefix} (step {state["step"]}, epoch {state["epoch"]})')
         # find_checkpoint has checked every file's size and CRC against the set's record
         restore_params(model, prefix + '-model.th', H, verified=True)
         restore_params(ema, prefix + '-model-ema.th', H, verified=True)
         load_optimizer_file(optimizer, prefix + '-opt.th', verified=True)
-        if scaler is not None and st.get('scaler'):
-            scaler.load_state_dict(st['scaler'])
-        rngs = st['rng']
-        if len(rngs) == d.world_size:
-            set_rng_state(rngs[d.rank], d.device)
-        elif (H.rank_invariant_noise or d.world_size == 1) and same_states(rngs):
+        if scaler is not None and state.get('scaler'):
+            scaler.load_state_dict(state['scaler'])
+        rngs = state['rng']
+        if len(rngs) == dist_info.world_size:
+            set_rng_state(rngs[dist_info.rank], dist_info.device)
+        elif (H.rank_invariant_noise or dist_info.world_size == 1) and same_states(rngs):
             # every rank drew the global batch's noise from one stream: it goes on, on every rank
-            set_rng_state(rngs[0], d.device)
-            log(f'note: checkpoint written by {len(rngs)} process(es), now {d.world_size}: data order and '
+            set_rng_state(rngs[0], dist_info.device)
+            log(f'note: checkpoint written by {len(rngs)} process(es), now {dist_info.world_size}: data order and '
                 'posterior noise continue (every process drew the same noise stream)')
         else:
-            log(f'note: checkpoint written by {len(rngs)} process(es), now {d.world_size}: data order is kept, '
+            log(f'note: checkpoint written by {len(rngs)} process(es), now {dist_info.world_size}: data order is kept, '
                 'posterior noise is reseeded (with --rank_invariant_noise on both sides it would continue)')
-        progress = {k: st.get(k, progress[k]) for k in progress}
-        progress['batch'] = position_in_epoch(H, d, st, progress, data_id, log)
+        progress = Progress(**{k: state[k] for k in RESUMED if k in state})
+        progress.batch = position_in_epoch(H, dist_info, state, progress, data_id, log)
         return progress
     # load everything before logging anything, so a bad file leaves no trace in the run folder
     if H.restore_path:
@@ -713,13 +730,13 @@ def restore(H, d, model, ema, optimizer, scaler, log, found=None, data_id=None):
     if H.restore_log_path:
         best, step, epoch = restore_log(H.restore_log_path)
         # the release restarts at the beginning of the epoch its log reached
-        progress.update(step=step, epoch=epoch, batch=0, best_eval=best)
+        progress = Progress(step=step, epoch=epoch, batch=0, best_eval=best)
     for flag in ['restore_path', 'restore_ema_path', 'restore_optimizer_path', 'restore_log_path']:
         if H[flag]:
             log(f'restored --{flag} {H[flag]}')
     if H.restore_log_path:
-        log(f'starting at epoch {progress["epoch"]}, step {progress["step"]} (from the log); '
-            f'best eval elbo so far {progress["best_eval"]}')
+        log(f'starting at epoch {progress.epoch}, step {progress.step} (from the log); '
+            f'best eval elbo so far {progress.best_eval}')
     return progress
 
 
@@ -728,21 +745,22 @@ def same_states(rngs):
     return all(set(r) == set(rngs[0]) and all(torch.equal(r[k], rngs[0][k]) for k in r) for r in rngs)
 
 
-def position_in_epoch(H, d, st, progress, data_id, log):
+def position_in_epoch(H, dist_info, state, progress, data_id, log):
     """The next global batch of the epoch for this run.  It counts global batches (n_batch x
     processes); when their size changed (--allow_changes), the images already trained on
     this epoch are carried over, rounded down to whole new global batches (the images of
     the partial one are trained on again)."""
-    old_global, new_global = st['H']['n_batch'] * st.get('world_size', 1), H.n_batch * d.world_size
-    batch = progress['batch']
+    old_global, new_global = state['H']['n_batch'] * state.get('world_size', 1), H.n_batch * dist_info.world_size
+    batch = progress.batch
     if old_global == new_global or not batch:
         return batch
     images = batch * old_global
     batch, again = divmod(images, new_global)
-    per_epoch = f' of {data.train_batches_per_epoch(data_id[0], H.n_batch, d.world_size)}' if data_id else ''
-    log(f'note: {images} images of epoch {progress["epoch"]} were trained on in global batches of '
-        f'{global_batch(st["H"]["n_batch"], st.get("world_size", 1))}; continuing at global batch {batch}{per_epoch} '
-        f'of this epoch, in global batches of {global_batch(H.n_batch, d.world_size)}'
+    per_epoch = f' of {data.train_batches_per_epoch(data_id[0], H.n_batch, dist_info.world_size)}' if data_id else ''
+    log(f'note: {images} images of epoch {progress.epoch} were trained on in global batches of '
+        f'{global_batch(state["H"]["n_batch"], state.get("world_size", 1))}; '
+        f'continuing at global batch {batch}{per_epoch} of this epoch, '
+        f'in global batches of {global_batch(H.n_batch, dist_info.world_size)}'
         + (f' ({again} images of the last one are trained on again)' if again else ''))
     return batch
 
@@ -757,21 +775,21 @@ def load_for_evaluation(H, ema, log):
         restore_params(ema, H.restore_path, H)
         log(f'evaluating {H.restore_path} (not an EMA file: pass --restore_ema_path for the paper\'s numbers)')
     else:  # as sample.py and evaluate.py: the newest intact EMA file (resolve_weights)
-        prefix, st, _, passed = _find(H.run_dir, need=['-model-ema.th'])
+        prefix, state, _, passed = _find(H.run_dir, need=['-model-ema.th'])
         if prefix is None:
             raise UserError(no_weights(H.run_dir, passed) if checkpoint_files(H.run_dir) else
                             f"--test_eval needs trained weights: pass --restore_ema_path FILE, or the --desc of a "
                             f"run whose folder ({H.run_dir}) holds checkpoints")
         restore_params(ema, prefix + '-model-ema.th', H, verified=True)  # _find checked its size and CRC
-        log(f'evaluating EMA weights {prefix}-model-ema.th (step {st["step"]})')
+        log(f'evaluating EMA weights {prefix}-model-ema.th (step {state["step"]})')
 
 
-def open_run_folder(H, d, progress, found, log):
+def open_run_folder(H, dist_info, progress, found, log):
     """After a successful start, and only then, write to the run folder (rank 0): move
     old files aside for --restart, remove temporaries of killed processes, write the held
     log lines, hparams.json (the run's first configuration) and one hparams.jsonl line per
     start (step, changes against the checkpoint resumed, full configuration)."""
-    if not d.is_main:
+    if not dist_info.is_main:
         return
     if H.restart and (folder := set_aside(H.run_dir)):
         log(f'--restart: moved the earlier files of {H.run_dir} to {folder}')
@@ -779,9 +797,9 @@ def open_run_folder(H, d, progress, found, log):
     if stale := remove_stale_temporaries(H.run_dir):
         log(f'removed {len(stale)} temporary file(s) of killed processes: {", ".join(stale)}')
     log.commit()
-    st = None if H.restart else found[1]
-    record = dict(step=progress['step'], time=time.ctime(),
-                  changed={k: list(v) for k, v in changed_hparams(st['H'], H).items()} if st else {}, H=dict(H))
+    state = None if H.restart else found[1]
+    record = dict(step=progress.step, time=time.ctime(),
+                  changed={k: list(v) for k, v in changed_hparams(state['H'], H).items()} if state else {}, H=dict(H))
     with open(os.path.join(H.run_dir, 'hparams.jsonl'), 'a') as f:
         print(json.dumps(record), file=f, flush=True)
     path = os.path.join(H.run_dir, 'hparams.json')

@@ -26,8 +26,6 @@ import json
 import os
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 import data
 from checkpoints import resolve_weights, restore_params
@@ -35,8 +33,8 @@ from hps import (UserError, add_vae_arguments, at_least, check_in_range, check_r
                  Hyperparams, int_list, parse_args_and_update_hparams)
 from evaluation import block_resolutions, run_encode, run_iwae, run_kl_stats
 from pictures import REST_TEMPERATURE, run_interpolate, run_reconstruct, tile, write_image, write_kl_plot
-from utils import (Dist, barrier, check_writable, cleanup_distributed, configure_cpu,
-                   ieee_fp32, logger, progress_bar, run_main, setup_distributed)
+from utils import (barrier, check_writable, cleanup_distributed, configure_device, ieee_fp32, logger, progress_bar,
+                   run_main, setup_distributed)
 from vae import VAE, check_hparams, parse_layer_string
 
 MODES = ('n_importance', 'kl_stats', 'encode', 'reconstruct', 'interpolate')
@@ -162,12 +160,12 @@ def check_model_args(H, n_blocks):
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(H, d, path):
+def build_model(H, dist_info, path):
     model = VAE(H)
     restore_params(model, path, H)
     model.requires_grad_(False)
     model.eval()
-    model.to(d.device)
+    model.to(dist_info.device)
     if H.channels_last:
         model.set_channels_last(True)
     return model
@@ -206,34 +204,16 @@ def main(argv=None):
     check_model_args(H, len(parse_layer_string(H.dec_blocks)))
     H.out_dir = H.out_dir or H.run_dir
     check_writable(H.out_dir, 'pass --out_dir DIR somewhere writable (evaluation only reads the run)')
-    joined = not dist.is_initialized()
-    d = (setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout) if joined
-         else _existing_group())
-    threads = torch.get_num_threads()
-    if d.device.type == 'cpu':
-        configure_cpu(H.threads, keep_heap=joined, is_main=d.is_main)  # a caller's process keeps its malloc
-    elif joined:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
+    dist_info = setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout)
+    configure_device(dist_info.device, H.threads, is_main=dist_info.is_main)  # as train.py: CPU threads, cuDNN autotuner
     try:
-        with torch.random.fork_rng(devices=[d.device] if d.device.type == 'cuda' else []), ieee_fp32():
-            return _run(H, d, weights, notes)
+        with ieee_fp32():
+            return _run(H, dist_info, weights, notes)
     finally:
-        torch.set_num_threads(threads)
-        if joined:
-            cleanup_distributed()
+        cleanup_distributed()
 
 
-def _existing_group():
-    """The caller's process group (main() called from a program that joined one itself):
-    use it and leave it open, so several evaluations can share one launch."""
-    if dist.get_backend() == 'nccl':
-        local_rank = torch.cuda.current_device()
-        return Dist(dist.get_rank(), dist.get_world_size(), local_rank, torch.device('cuda', local_rank), 'caller')
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0)), torch.device('cpu'),
-                'caller')
-
-
-def _run(H, d, weights, notes):
+def _run(H, dist_info, weights, notes):
     source = images = names = None
     if H.mode in ('n_importance', 'kl_stats', 'encode'):
         source = getattr(data.load_data(H), H.split)
@@ -244,30 +224,31 @@ def _run(H, d, weights, notes):
             source = source.view(np.arange(H.n_images))
         if len(source) == 0:
             raise UserError(f"--split {H.split} of {H.dataset} holds no images")
-        todo = len(data.eval_shard(len(source), d.rank, d.world_size))
+        todo = len(data.eval_shard(len(source), dist_info.rank, dist_info.world_size))
     else:
         images, names = input_images(H)
         todo = len(images) if H.mode == 'reconstruct' else H.interp_steps * len(H.interp_list)
-    model = build_model(H, d, weights)
-    if d.is_main:
+    model = build_model(H, dist_info, weights)
+    if dist_info.is_main:
         os.makedirs(H.out_dir, exist_ok=True)
     barrier()
-    log = logger(os.path.join(H.out_dir, 'evaluate'), is_main=d.is_main)
+    log = logger(os.path.join(H.out_dir, 'evaluate'), is_main=dist_info.is_main)
     for note in notes:
         log(note)
-    log(f'{H.mode}: {model.num_params():,} parameters | {d.world_size} process(es) via {d.launcher} | '
-        f'device {d.device} | outputs in {H.out_dir}')
-    bar = progress_bar(is_main=d.is_main, off=H.no_progress, total=todo, desc=H.mode, unit='img', dynamic_ncols=True)
+    log(f'{H.mode}: {model.num_params():,} parameters | {dist_info.world_size} process(es) via {dist_info.launcher} | '
+        f'device {dist_info.device} | outputs in {H.out_dir}')
+    bar = progress_bar(is_main=dist_info.is_main, off=H.no_progress, total=todo, desc=H.mode, unit='img',
+                       dynamic_ncols=True)
     try:
-        return _dispatch(H, d, model, source, images, names, weights, bar, log)
+        return _dispatch(H, dist_info, model, source, images, names, weights, bar, log)
     finally:
         bar.close()
 
 
-def _dispatch(H, d, model, source, images, names, weights, bar, log):
+def _dispatch(H, dist_info, model, source, images, names, weights, bar, log):
     out = H.out_dir
     if H.mode == 'n_importance':
-        res = run_iwae(H, d, model, source, bar)
+        res = run_iwae(H, dist_info, model, source, bar)
         if res is None:
             return None
         summary, per_image = res
@@ -282,7 +263,7 @@ def _dispatch(H, d, model, source, images, names, weights, bar, log):
             f'(ELBO {summary["elbo_bits_per_dim"]:.5f} bits/dim)')
         return summary
     if H.mode == 'kl_stats':
-        stats = run_kl_stats(H, d, model, source, bar)
+        stats = run_kl_stats(H, dist_info, model, source, bar)
         if stats is None:
             return None
         stem = os.path.join(out, f'kl-{H.split}')
@@ -296,13 +277,13 @@ def _dispatch(H, d, model, source, images, names, weights, bar, log):
             f'{H.inactive_threshold:g} nats: {stats["inactive_blocks"]}')
         return stats
     if H.mode == 'encode':
-        summary = run_encode(H, d, model, source, os.path.join(out, f'latents-{H.split}.npz'), bar)
+        summary = run_encode(H, dist_info, model, source, os.path.join(out, f'latents-{H.split}.npz'), bar)
         if summary is not None:
             summary['weights'] = weights
             log(type='encode', **{k: v for k, v in summary.items() if k != 'mode'})
         return summary
     if H.mode == 'reconstruct':
-        grid = run_reconstruct(H, d, model, images, bar)
+        grid = run_reconstruct(H, dist_info, model, images, bar)
         if grid is None:
             return None
         stem = os.path.join(out, 'reconstructions')
@@ -313,7 +294,7 @@ def _dispatch(H, d, model, source, images, names, weights, bar, log):
         _write_json(summary, stem + '.json')
         log(f'reconstructions of {len(names)} images keeping k = {H.keep_list} latent layers -> {stem}.png')
         return summary
-    grid, alphas = run_interpolate(H, d, model, images, bar)
+    grid, alphas = run_interpolate(H, dist_info, model, images, bar)
     if grid is None:
         return None
     stem = os.path.join(out, 'interpolation')

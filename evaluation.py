@@ -32,7 +32,7 @@ LN2 = math.log(2)  # nats per bit: bits/dim = nats/dim / LN2
 # ----------------------------------------------------------------------------- the ELBO of a split
 
 @torch.no_grad()
-def evaluate(H, d, ema, source, desc='eval'):
+def evaluate(H, dist_info, ema, source, desc='eval'):
     """Exact per-image averages over every image of ``source`` (each visited once across
     ranks), in IEEE fp32 (no TF32, see utils.ieee_fp32).  The posterior noise of image i
     is keyed by (--seed, i, layer, element) (vae_helpers.KeyedNormal), so a checkpoint gets
@@ -40,11 +40,11 @@ def evaluate(H, d, ema, source, desc='eval'):
     RNG stream is not touched."""
     ema.eval()
     # n, elbo, distortion, rate, n_finite, finite elbo, elbo^2 (for the standard error)
-    sums = torch.zeros(7, dtype=torch.float64, device=d.device)
-    batches = eval_batches(H, d, source)
+    sums = torch.zeros(7, dtype=torch.float64, device=dist_info.device)
+    batches = eval_batches(H, dist_info, source)
     with ieee_fp32():
-        for positions, x in progress_bar(batches, is_main=d.is_main, off=H.no_progress, desc=desc, leave=False):
-            x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
+        for positions, x in progress_bar(batches, is_main=dist_info.is_main, off=H.no_progress, desc=desc, leave=False):
+            x_in, x_target = data.preprocess(H, x.to(dist_info.device, non_blocking=True))
             with ema.keyed_noise(KeyedNormal(H.seed, positions)):
                 out = ema.forward_per_image(x_in, x_target)
             elbo = out['elbo'].double()
@@ -61,16 +61,17 @@ def evaluate(H, d, ema, source, desc='eval'):
                 n_nonfinite=int(n - n_finite))
 
 
-def eval_batches(H, d, source):
-    """(positions in the split as an int64 tensor on d.device, uint8 batch) over this rank's
+def eval_batches(H, dist_info, source):
+    """(positions in the split as an int64 tensor on dist_info.device, uint8 batch) over this rank's
     contiguous shard of ``source``, --n_batch_eval images at a time (default 4 x --n_batch),
     prefetched by one worker (spawned under mpiexec, see data.worker_start_method)."""
     b = H.n_batch_eval or 4 * H.n_batch
-    shard = data.eval_shard(len(source), d.rank, d.world_size)
-    loader = data.eval_loader(source, b, rank=d.rank, world_size=d.world_size, num_workers=min(H.num_workers, 1),
-                              pin_memory=d.device.type == 'cuda', mp_context=data.worker_start_method(d.launcher))
+    shard = data.eval_shard(len(source), dist_info.rank, dist_info.world_size)
+    loader = data.eval_loader(source, b, rank=dist_info.rank, world_size=dist_info.world_size,
+                              num_workers=min(H.num_workers, 1), pin_memory=dist_info.device.type == 'cuda',
+                              mp_context=data.worker_start_method(dist_info.launcher))
     for i, x in enumerate(loader):
-        yield positions_on(shard[i * b:(i + 1) * b], d.device), x
+        yield positions_on(shard[i * b:(i + 1) * b], dist_info.device), x
 
 
 def positions_on(idx, device):
@@ -95,10 +96,10 @@ def _log_ratio_hook(module, inputs, output):
     """Forward hook on a DecBlock: replace the block's stats (z, q and p parameters, all
     (N, zdim, R, R)) by their per-sample log-densities, so K samples never hold every
     layer's parameters at once.  Densities in float64 (cheap next to the convolutions)."""
-    xs, st = output
-    z = st['z'].double()
-    log_q = gaussian_log_density(z, st['qm'].double(), st['qv'].double()).sum(dim=(1, 2, 3))
-    log_p = gaussian_log_density(z, st['pm'].double(), st['pv'].double()).sum(dim=(1, 2, 3))
+    xs, block_stats = output
+    z = block_stats['z'].double()
+    log_q = gaussian_log_density(z, block_stats['qm'].double(), block_stats['qv'].double()).sum(dim=(1, 2, 3))
+    log_p = gaussian_log_density(z, block_stats['pm'].double(), block_stats['pv'].double()).sum(dim=(1, 2, 3))
     return xs, dict(log_q=log_q, log_p=log_p)
 
 
@@ -160,25 +161,25 @@ def importance_weighted_bound(model, x_in, x_target, K, chunk, noise=None):
     return lse - math.log(K), total / K, torch.exp(2 * lse - lse2)
 
 
-def run_iwae(H, d, model, source, bar):
+def run_iwae(H, dist_info, model, source, bar):
     K = H.n_importance
     budget = H.iw_batch or H.n_batch_eval or 4 * H.n_batch
     chunk = min(K, budget)
     per_pass = max(1, budget // chunk)  # images sharing a pass when K is small
     ndims = H.image_size ** 2 * H.image_channels
-    shard = data.eval_shard(len(source), d.rank, d.world_size)
+    shard = data.eval_shard(len(source), dist_info.rank, dist_info.world_size)
     rows = []  # (B, 3) per pass on the device: bound, elbo, ess fraction; copied to the host once
     for s in range(0, len(shard), per_pass):
         idx = shard[s:s + per_pass]
-        x_in, x_target = data.preprocess(H, torch.from_numpy(source[idx]).to(d.device))
+        x_in, x_target = data.preprocess(H, torch.from_numpy(source[idx]).to(dist_info.device))
         bound, elbo, ess = importance_weighted_bound(model, x_in, x_target, K, chunk,
-                                                     noise=KeyedNormal(H.seed, positions_on(idx, d.device)))
+                                                     noise=KeyedNormal(H.seed, positions_on(idx, dist_info.device)))
         rows.append(torch.stack([-bound / ndims, -elbo / ndims, ess / K], 1))
         bar.update(len(idx))
     values = torch.cat(rows).cpu().numpy() if rows else np.zeros((0, 3))
     mine = np.concatenate([shard[:, None].astype(np.float64), values], 1)
     every = np.concatenate(gather_objects(mine))  # contiguous shards: rank order = split order
-    if not d.is_main:
+    if not dist_info.is_main:
         return None
     index, nll, elbo, ess = every.T
     ok = np.isfinite(nll) & np.isfinite(elbo)
@@ -211,14 +212,14 @@ def block_resolutions(H):
 
 
 @torch.no_grad()
-def run_kl_stats(H, d, model, source, bar):
+def run_kl_stats(H, dist_info, model, source, bar):
     res = block_resolutions(H)
     nb = len(res)
     ndims = H.image_size ** 2 * H.image_channels
     # n, distortion, rate, elbo, elbo^2, then kl and kl^2 per block: per-image sums
-    sums = torch.zeros(5 + 2 * nb, dtype=torch.float64, device=d.device)
-    for pos, x in eval_batches(H, d, source):
-        x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
+    sums = torch.zeros(5 + 2 * nb, dtype=torch.float64, device=dist_info.device)
+    for pos, x in eval_batches(H, dist_info, source):
+        x_in, x_target = data.preprocess(H, x.to(dist_info.device, non_blocking=True))
         with model.keyed_noise(KeyedNormal(H.seed, pos)):
             out = model.forward_per_image(x_in, x_target)
         kl = out['kl_per_block'].double()
@@ -228,7 +229,7 @@ def run_kl_stats(H, d, model, source, bar):
                            kl.sum(0), (kl ** 2).sum(0)])
         bar.update(len(x))
     sums = allreduce(sums).cpu().numpy()
-    if not d.is_main:
+    if not dist_info.is_main:
         return None
     n = sums[0]
     kl_mean = sums[5:5 + nb] / n
@@ -265,7 +266,7 @@ _STAT_KEY = {'z': 'z', 'qm': 'qm', 'qlogstd': 'qv'}
 
 
 @torch.no_grad()
-def run_encode(H, d, model, source, path, bar):
+def run_encode(H, dist_info, model, source, path, bar):
     """Stream per-block latents of ``source`` into ``path`` (.npz).
 
     Each rank appends its rows, batch by batch, to one raw float32 file per exported array
@@ -275,10 +276,10 @@ def run_encode(H, d, model, source, path, bar):
     one copy buffer, never the split."""
     res = block_resolutions(H)
     kinds = NPZ_NAMES[H.encode_what]
-    shard = data.eval_shard(len(source), d.rank, d.world_size)
+    shard = data.eval_shard(len(source), dist_info.rank, dist_info.world_size)
     tmp = f'{path}.parts'
-    rank_dir = os.path.join(tmp, f'rank{d.rank}')
-    if d.is_main and os.path.isdir(tmp):
+    rank_dir = os.path.join(tmp, f'rank{dist_info.rank}')
+    if dist_info.is_main and os.path.isdir(tmp):
         shutil.rmtree(tmp)
     barrier()
     os.makedirs(rank_dir, exist_ok=True)
@@ -286,8 +287,8 @@ def run_encode(H, d, model, source, path, bar):
     per_image = []  # (B, 2 + blocks) on the device per batch: distortion, rate, kl per block
     ndims = H.image_size ** 2 * H.image_channels
     try:
-        for pos, x in eval_batches(H, d, source):
-            x_in, x_target = data.preprocess(H, x.to(d.device, non_blocking=True))
+        for pos, x in eval_batches(H, dist_info, source):
+            x_in, x_target = data.preprocess(H, x.to(dist_info.device, non_blocking=True))
             with model.keyed_noise(KeyedNormal(H.seed, pos)):
                 distortion, stats = model.forward_with_dists(x_in, x_target)
             for (kind, i), f in files.items():  # rows of (zdim, R, R), C order; streamed to disk
@@ -303,14 +304,14 @@ def run_encode(H, d, model, source, path, bar):
     per_image = torch.cat(per_image).cpu().numpy() if per_image else np.zeros((0, 2 + len(res)), np.float32)
     small = dict(image_index=shard, distortion=per_image[:, 0], rate=per_image[:, 1], kl_per_block=per_image[:, 2:])
     everything = gather_objects(small)  # small per-image arrays only; also a barrier
-    if d.is_main:
+    if dist_info.is_main:
         try:
-            _pack_npz(H, path, tmp, d.world_size, kinds, res, everything)
+            _pack_npz(H, path, tmp, dist_info.world_size, kinds, res, everything)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     return dict(mode='encode', split=H.split, dataset=H.dataset, n_images=len(source), path=path,
-                encode_what=H.encode_what, blocks=H.encode_list, seed=H.seed) if d.is_main else None
+                encode_what=H.encode_what, blocks=H.encode_list, seed=H.seed) if dist_info.is_main else None
 
 
 def _pack_npz(H, path, tmp, world, kinds, res, everything):

@@ -135,30 +135,30 @@ def write_sample_grid(H, ema, images, device, path):
 # ----------------------------------------------------------------------------- evaluate.py's picture modes
 
 @torch.no_grad()
-def run_reconstruct(H, d, model, images, bar):
+def run_reconstruct(H, dist_info, model, images, bar):
     """Rows: originals, then per k in H.keep_list the reconstructions (``reconstruct``, at
     --rest_temperature), each process a shard of the images; the grid on rank 0, else None."""
     cells = {}
-    for j in data.eval_shard(len(images), d.rank, d.world_size):
-        cells[int(j)] = reconstruct(H, model, images[j], j, H.keep_list, d.device, H.rest_temperature)
+    for j in data.eval_shard(len(images), dist_info.rank, dist_info.world_size):
+        cells[int(j)] = reconstruct(H, model, images[j], j, H.keep_list, dist_info.device, H.rest_temperature)
         bar.update(1)
     gathered = {k: v for part in gather_objects(cells) for k, v in part.items()}
-    if not d.is_main:
+    if not dist_info.is_main:
         return None
     recon = np.stack([gathered[j] for j in range(len(images))], 1)  # (n_k, n_images, H, W, C)
     return np.concatenate([images[None], recon])
 
 
 @torch.no_grad()
-def run_interpolate(H, d, model, images, bar):
+def run_interpolate(H, dist_info, model, images, bar):
     """Rows: one per L; columns: image a, --interp_steps points z = (1-a) z_a + a z_b on the
     top L blocks' posterior latents (the rest from the prior at --rest_temperature, with
     the same noise along a row), image b."""
-    za, zb = (posterior_latents(H, model, images[j], j, d.device) for j in (0, 1))
+    za, zb = (posterior_latents(H, model, images[j], j, dist_info.device) for j in (0, 1))
     alphas = np.linspace(0, 1, H.interp_steps)
     jobs = [(r, c) for r in range(len(H.interp_list)) for c in range(len(alphas))]
     cells = {}
-    for j in data.eval_shard(len(jobs), d.rank, d.world_size):
+    for j in data.eval_shard(len(jobs), dist_info.rank, dist_info.world_size):
         r, c = jobs[j]
         n_top, a = H.interp_list[r], float(alphas[c])
         zs = [(1 - a) * za[i] + a * zb[i] for i in range(n_top)]
@@ -166,7 +166,7 @@ def run_interpolate(H, d, model, images, bar):
         cells[r, c] = model.forward_samples_set_latents(1, zs, t=H.rest_temperature)[0]
         bar.update(1)
     gathered = {k: v for part in gather_objects(cells) for k, v in part.items()}
-    if not d.is_main:
+    if not dist_info.is_main:
         return None, alphas
     rows = [np.stack([images[0]] + [gathered[r, c] for c in range(len(alphas))] + [images[1]])
             for r in range(len(H.interp_list))]

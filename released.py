@@ -228,22 +228,22 @@ def read_stamp(path, H):
     architecture; else None."""
     try:
         with open(_stamp_path(path)) as f:
-            st = json.load(f)
+            stamp = json.load(f)
     except (OSError, ValueError):
         return None
-    if not os.path.isfile(path) or st.get('size') != os.path.getsize(path) or st.get('arch') != _arch(H):
+    if not os.path.isfile(path) or stamp.get('size') != os.path.getsize(path) or stamp.get('arch') != _arch(H):
         return None
-    return st if st.get('sha256') == sha256_of(path) else None
+    return stamp if stamp.get('sha256') == sha256_of(path) else None
 
 
 def write_stamp(path, H, overrides, url):
-    st = dict(file=os.path.basename(path), size=os.path.getsize(path), sha256=sha256_of(path), arch=_arch(H),
+    stamp = dict(file=os.path.basename(path), size=os.path.getsize(path), sha256=sha256_of(path), arch=_arch(H),
               overrides=overrides, url=url, verified=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
     tmp = _stamp_path(path) + '.tmp'
     with open(tmp, 'w') as f:
-        json.dump(st, f, indent=1)
+        json.dump(stamp, f, indent=1)
     os.replace(tmp, _stamp_path(path))
-    return st
+    return stamp
 
 
 # ----------------------------------------------------------------------------- download
@@ -310,10 +310,10 @@ def fetch_file(rel, fname, folder, H, base_url=None, say=print):
     """Make ``folder/fname`` a verified copy of the released file; returns its stamp."""
     path = os.path.join(folder, fname)
     url = file_url(rel, fname, base_url)
-    st = read_stamp(path, H)
-    if st is not None:
-        say(f'{fname}: already downloaded and verified (sha256 {st["sha256"][:12]}...)')
-        return st
+    stamp = read_stamp(path, H)
+    if stamp is not None:
+        say(f'{fname}: already downloaded and verified (sha256 {stamp["sha256"][:12]}...)')
+        return stamp
     if os.path.exists(path):  # e.g. fetched by hand, cut short, or stamped for another architecture
         try:
             return _verified(path, H, url, say)
@@ -342,13 +342,13 @@ def _first_line(e):
 
 def _verified(path, H, url, say):
     overrides = verify_file(path, H, what=os.path.basename(path))
-    st = write_stamp(path, H, overrides, url)
+    stamp = write_stamp(path, H, overrides, url)
     note = f' with {" ".join(f"--{k} {v}" for k, v in overrides.items())}' if overrides else ''
-    say(f'{os.path.basename(path)}: verified{note} ({st["size"]:,} bytes, sha256 {st["sha256"][:12]}...)')
+    say(f'{os.path.basename(path)}: verified{note} ({stamp["size"]:,} bytes, sha256 {stamp["sha256"][:12]}...)')
     if overrides:
         say(f'  note: the file does not fit the {H.hparam_sets!r} preset\'s layer strings as they are; it fits'
             f'{note}, which reproduce.py passes on by itself')
-    return st
+    return stamp
 
 
 def fetch(preset, folder=DEFAULT_DIR, everything=False, base_url=None, argv=(), say=print):
@@ -359,10 +359,10 @@ def fetch(preset, folder=DEFAULT_DIR, everything=False, base_url=None, argv=(), 
     for rel in releases(preset):
         H_rel = H
         for fname in release_files(rel, everything):  # the EMA file first: its overrides apply to the rest
-            st = fetch_file(rel, fname, folder, H_rel, base_url, say)
+            stamp = fetch_file(rel, fname, folder, H_rel, base_url, say)
             if fname.endswith(EMA):
-                out.append((rel, os.path.join(folder, fname), st))
-                H_rel = Hyperparams(H, **st['overrides'])
+                out.append((rel, os.path.join(folder, fname), stamp))
+                H_rel = Hyperparams(H, **stamp['overrides'])
     if everything and not any(rel.bundle for rel in releases(preset)):
         say(f'note: the release has only EMA weights for {preset}')
     return out
@@ -377,8 +377,8 @@ def verify(preset, folder=DEFAULT_DIR, argv=(), say=print):
         for fname in release_files(rel, everything=True):
             path = os.path.join(folder, fname)
             if os.path.exists(path):
-                st = _verified(path, H_rel, file_url(rel, fname), say)
-                H_rel = Hyperparams(H, **st['overrides']) if fname.endswith(EMA) else H_rel
+                stamp = _verified(path, H_rel, file_url(rel, fname), say)
+                H_rel = Hyperparams(H, **stamp['overrides']) if fname.endswith(EMA) else H_rel
                 found += 1
     if not found:
         raise UserError(f"no {preset} checkpoint files in {folder}; fetch them with ./setup_checkpoints.sh {preset} "

@@ -139,15 +139,15 @@ def unconditional(H, model, n, temperatures):
 
 def main(argv=None):
     H = parse(argv)
-    d = setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout)
-    if d.device.type == 'cuda':
+    dist_info = setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout)
+    if dist_info.device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     with ieee_fp32():  # the release's numbers on any GPU: no TF32 convolutions
-        return draw(H, d)
+        return draw(H, dist_info)
 
 
-def draw(H, d):
-    model = load_model(H, d.device)
+def draw(H, dist_info):
+    model = load_model(H, dist_info.device)
     torch.manual_seed(H.seed)
     out = H.out_path
     if H.mode == 'uncond':
@@ -157,10 +157,10 @@ def draw(H, d):
         ks = H.keep or grid_keeps(n_blocks, 6)
         check_in_range(ks, '--keep', 0, n_blocks,
                        f'the decoder has {n_blocks} latent layers, so k must be in 0..{n_blocks}')
-        im = tile(reconstructions(H, model, input_images(H), ks, d.device))  # the rule of pictures.py
+        im = tile(reconstructions(H, model, input_images(H), ks, dist_info.device))  # the rule of pictures.py
     else:
         source = getattr(data.load_data(H), H.split)
-        im = sample_grid(H, model, visualization_batch(H, source), d.device)
+        im = sample_grid(H, model, visualization_batch(H, source), dist_info.device)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_image(im, out, format=H.out_format)
     print(f'wrote {out} ({im.shape[1]}x{im.shape[0]})', flush=True)

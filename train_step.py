@@ -37,28 +37,28 @@ def precision_context(H, device):
     return torch.autocast(device.type, dtype=dtype, cache_enabled=not H.cuda_graphs)
 
 
-def build_models(H, d):
-    """Training model (DDP-wrapped when distributed) and its EMA copy, both on d.device."""
+def build_models(H, dist_info):
+    """Training model (DDP-wrapped when distributed) and its EMA copy, both on dist_info.device."""
     torch.manual_seed(H.seed)  # identical initialisation on every rank
     model = VAE(H)
     ema = VAE(H)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
-    model.to(d.device)
-    ema.to(d.device)
+    model.to(dist_info.device)
+    ema.to(dist_info.device)
     if H.channels_last:
         model.set_channels_last(True)
         ema.set_channels_last(True)
     if H.grad_checkpoint:
         model.set_grad_checkpoint(True)
     if H.rank_invariant_noise:
-        model.set_noise_slice(d.rank, d.world_size)
+        model.set_noise_slice(dist_info.rank, dist_info.world_size)
     # posterior noise: offset by rank unless every rank draws the global batch's noise
-    torch.manual_seed(H.seed if H.rank_invariant_noise else H.seed + d.rank)
+    torch.manual_seed(H.seed if H.rank_invariant_noise else H.seed + dist_info.rank)
     return model, ema
 
 
-def wrap_for_training(H, model, d):
+def wrap_for_training(H, model, dist_info):
     """The module the training step calls: DDP when distributed, and with --compile either
     torch.compile of the whole (DDP-wrapped) model or, --compile_scope blocks, of each
     residual block and the DMoL loss inside ``model`` (VAE.compile_blocks).  The EMA model
@@ -67,10 +67,10 @@ def wrap_for_training(H, model, d):
     if H.compile and H.compile_scope == 'blocks':
         model.compile_blocks(**kw)
     net = model
-    if d.world_size > 1:
+    if dist_info.world_size > 1:
         # the GPU this process computes on (utils.cuda_device): cuda:0 when a launcher gives each
         # process its own GPU, whatever its local rank
-        net = DistributedDataParallel(model, device_ids=[d.device] if d.device.type == 'cuda' else None)
+        net = DistributedDataParallel(model, device_ids=[dist_info.device] if dist_info.device.type == 'cuda' else None)
     if H.compile and H.compile_scope == 'model':
         net = torch.compile(net, **kw)
     return net
@@ -89,13 +89,13 @@ def make_optimizer(H, model, device):
                              eps=1e-8, **kw)
 
 
-def check_cuda_graphs(H, d):
+def check_cuda_graphs(H, dist_info):
     """--cuda_graphs needs one CUDA device and a step without host decisions."""
     if not H.cuda_graphs:
         return
-    if d.device.type != 'cuda':
+    if dist_info.device.type != 'cuda':
         raise UserError("--cuda_graphs needs a CUDA GPU (it captures the step in a CUDA graph); drop it on the CPU")
-    if d.world_size > 1:
+    if dist_info.world_size > 1:
         raise UserError("--cuda_graphs runs in one process for now; drop it under torchrun/mpiexec")
     if H.precision == 'fp16' or H.compile:
         raise UserError("--cuda_graphs works with --precision fp32 or bf16 and without --compile "

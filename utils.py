@@ -3,7 +3,6 @@ srun), CPU and device set-up, the IEEE-fp32 context, rank-0 logging (jsonl + txt
 release's format), all-reduce of statistics, the one atomic file writer, and the entry
 points' error handling (one line for a user error, every process ended after any error).
 """
-import collections
 import contextlib
 import ctypes
 import datetime
@@ -11,7 +10,6 @@ import errno
 import json
 import os
 import re
-import signal
 import socket
 import sys
 import time
@@ -477,27 +475,9 @@ def atomic_write(path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _crash_point(path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-# Crash testing: VDVAE_KILL_AFTER_RENAME=NAME:K makes the process SIGKILL itself right
-# after the K-th rename onto a file called NAME (e.g. latest-opt.th:3), as a power cut
-# between the renames of a checkpoint save would.
-_renames = collections.Counter()
-
-
-def _crash_point(path):
-    spec = os.environ.get('VDVAE_KILL_AFTER_RENAME')
-    if not spec:
-        return
-    name, k = spec.rsplit(':', 1)
-    if os.path.basename(path) == name:
-        _renames[name] += 1
-        if _renames[name] == int(k):
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def remove_stale_temporaries(folder):

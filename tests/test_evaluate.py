@@ -282,7 +282,7 @@ def test_run_folder_checkpoint_brings_its_architecture(trained, fm_root, tmp_pat
     os.makedirs(H.run_dir)
     checkpoints.save_checkpoint(H, Dist(), 'latest', model, model, torch.optim.AdamW(model.parameters()), None,
                           logger(os.path.join(H.run_dir, 'log')),
-                          dict(step=100, epoch=0, batch=0, best_eval=float('inf')))
+                          checkpoints.Progress(step=100, epoch=0, batch=0, best_eval=float('inf')))
     st = evaluate.main(['--save_dir', str(tmp_path), '--desc', 'run', '--data_root', fm_root, '--kl_stats',
                         '--n_images', '4', '--threads', '1', '--num_workers', '0', '--no_progress'])
     assert os.path.dirname(st['json']) == H.run_dir and st['weights'].endswith('latest-model-ema.th')
@@ -295,18 +295,12 @@ def test_two_processes_give_the_single_process_results(run, trained, fm_root, tm
     common = ['--hps', 'fashion_mnist', *[f'--{k}={v}' for k, v in ARCH.items()], '--data_root', fm_root,
               '--restore_ema_path', trained[2], '--out_dir', str(tmp_path / 'dist'), '--threads', '1',
               '--num_workers', '0', '--no_progress', '--n_images', '7']
-    driver = tmp_path / 'driver.py'
-    # one launch, two evaluations in the process group the driver joined (main() reuses it)
-    driver.write_text(f'import sys; sys.path.insert(0, {ROOT!r})\nimport evaluate, utils\n'
-                      f'utils.setup_distributed(device="cpu")\n'
-                      f'evaluate.main({common + ["--n_importance", "4", "--iw_batch", "4"]!r})\n'
-                      f'evaluate.main({common + ["--encode", "--encode_what", "both", "--n_batch_eval", "1"]!r})\n'
-                      f'utils.cleanup_distributed()\n')
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
-                        str(_free_port()), str(driver)],
-                       capture_output=True, text=True, env=env, timeout=240, cwd=str(tmp_path))
-    assert p.returncode == 0, p.stderr[-3000:]
+    for mode in (['--n_importance', '4', '--iw_batch', '4'], ['--encode', '--encode_what', 'both', '--n_batch_eval', '1']):
+        p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
+                            str(_free_port()), os.path.join(ROOT, 'evaluate.py'), *common, *mode],
+                           capture_output=True, text=True, env=env, timeout=240, cwd=str(tmp_path))
+        assert p.returncode == 0, p.stderr[-3000:]
     one = run('--n_importance', 4, '--iw_batch', 4, '--n_images', 7)
     two = np.load(tmp_path / 'dist' / 'iwae-test-k4.npz')
     for k in ('image_index', 'iw_nll_nats_per_dim', 'elbo_nats_per_dim'):

@@ -26,9 +26,9 @@ FAKE_SRUN = os.path.join(ROOT, 'tests', 'fake_srun.py')
 WRAPPER = f'''
 import builtins, os, sys
 sys.path.insert(0, {ROOT!r})
-import train, utils
+import train, train_loop, utils
 
-real_learning_rate, saves = train.learning_rate, []
+real_learning_rate, saves = train_loop.learning_rate, []
 
 
 def failing_learning_rate(H, it):
@@ -46,7 +46,7 @@ def full_disk_open(path, mode='r', *a, **k):
     return builtins.open(path, mode, *a, **k)
 
 
-train.learning_rate, utils.open = failing_learning_rate, full_disk_open
+train_loop.learning_rate, utils.open = failing_learning_rate, full_disk_open
 if __name__ == '__main__':
     utils.run_main(train.main)
 '''

@@ -113,17 +113,17 @@ def _restore(kind, H, model, ema, opt, tmp_path):
         _one_update(saved_model, saved_opt)
         saved_H.run_dir = str(tmp_path / 'run')
         (tmp_path / 'run').mkdir()
-        progress = dict(step=3, epoch=0, batch=3, best_eval=float('inf'), skipped=0)
+        progress = checkpoints.Progress(step=3, epoch=0, batch=3, best_eval=float('inf'), skipped=0)
         log = utils.logger(str(tmp_path / 'run' / 'log'))
         log('a run log for the checkpoint to copy')
         checkpoints.save_checkpoint(saved_H, Dist(), 'latest', saved_model, saved_ema, saved_opt, None, log, progress)
         H.run_dir = saved_H.run_dir
-        assert checkpoints.restore(H, d, model, ema, opt, None, log)['step'] == 3
+        assert checkpoints.restore(H, d, model, ema, opt, None, log).step == 3
     else:  # the release's four restore flags on its bundle (an apex FusedAdam optimizer file)
         b = ref('tiny32', 'tiny32-iter-10-')
         H.update(run_dir=str(tmp_path / 'bundle'), restore_path=b + 'model.th', restore_ema_path=b + 'model-ema.th',
                  restore_optimizer_path=b + 'opt.th', restore_log_path=b + 'log.jsonl')
-        assert checkpoints.restore(H, d, model, ema, opt, None, log)['step'] == 10
+        assert checkpoints.restore(H, d, model, ema, opt, None, log).step == 10
 
 
 KINDS = ['plain_run_file', 'graphs_run_file', 'apex_file', 'resume', 'release_bundle']

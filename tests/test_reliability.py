@@ -17,6 +17,8 @@ import checkpoints
 
 from test_train import ROOT, TINY, fmnist_root, log_lines, run, state_dict, train_losses  # noqa: F401 (fixture)
 
+KILL_AFTER_RENAME = os.path.join(ROOT, 'tests', 'kill_after_rename')
+
 COMMON = TINY + ['--iters_per_print', '1', '--n_batch', '4', '--warmup_iters', '3', '--lr', '0.003',
                  '--iters_per_save', '2']
 
@@ -59,7 +61,10 @@ def test_kill_between_renames_of_a_save_resumes_from_the_previous_set(fmnist_roo
     """SIGKILL right after latest-opt.th of the step-6 save was renamed into place: latest
     is a mix of steps 6 and 4.  The same command continues from `previous` (step 4)."""
     a = args(fmnist_root, tmp_path, 'crash', 8)
-    p = run(a, check=False, env={'VDVAE_KILL_AFTER_RENAME': 'latest-opt.th:3'})  # saves at 2, 4, 6
+    # the kill after the rename, patched into os.replace at start-up (tests/kill_after_rename/sitecustomize.py)
+    path = os.pathsep.join(filter(None, [KILL_AFTER_RENAME, os.environ.get('PYTHONPATH')]))
+    kill = {'PYTHONPATH': path, 'KILL_AFTER_RENAME': 'latest-opt.th:3'}
+    p = run(a, check=False, env=kill)  # saves at 2, 4, 6
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     rd = tmp_path / 'crash'
     assert torch.load(rd / 'latest-state.th', weights_only=True)['step'] == 4  # torn: state still of step 4
@@ -119,7 +124,8 @@ def test_previous_generation_is_the_last_complete_latest(fmnist_root, tmp_path):
     model, ema = train_step.build_models(H, d)
     opt = train_step.make_optimizer(H, model, d.device)
     for step in (1, 2):
-        checkpoints.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=step, epoch=0, batch=step))
+        checkpoints.save_checkpoint(H, d, 'latest', model, ema, opt, None, log,
+                                    checkpoints.Progress(step=step, epoch=0, batch=step))
     assert checkpoints.checkpoint_state(os.path.join(H.run_dir, 'previous'))['step'] == 1
     checkpoints.keep_previous(H.run_dir)
     checkpoints.keep_previous(H.run_dir)  # again, before latest changed
@@ -129,7 +135,8 @@ def test_previous_generation_is_the_last_complete_latest(fmnist_root, tmp_path):
     with open(torn + '.new', 'wb') as f:
         f.write(b'not the model the state file describes')
     os.replace(torn + '.new', torn)  # a torn latest (replaced, as a save does; previous keeps its own file)
-    checkpoints.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=3, epoch=0, batch=3))
+    checkpoints.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, checkpoints.Progress(step=3, epoch=0,
+                                                                                             batch=3))
     assert checkpoints.checkpoint_state(os.path.join(H.run_dir, 'previous'))['step'] == 2
     assert checkpoints.find_checkpoint(H.run_dir)[1]['step'] == 3
 
@@ -291,7 +298,7 @@ def test_signal_to_torchrun_group_with_workers_stops_cleanly(fmnist_root, tmp_pa
 def test_a_repeated_signal_within_the_grace_time_is_the_same_request():
     """Ctrl-C under torchrun reaches each process twice (from the terminal and forwarded):
     that must not abort; a second Ctrl-C after the grace time does."""
-    from train import StopSignal
+    from train_loop import StopSignal
     saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         stop = StopSignal(is_main=False, grace=0.5)

@@ -261,8 +261,8 @@ def test_crash_during_checkpoint_write_keeps_previous(fmnist_root, tmp_path, mon
     model, ema = train_step.build_models(H, d)
     opt = train_step.make_optimizer(H, model, d.device)
     with pytest.raises(KeyboardInterrupt):
-        checkpoints.save_checkpoint(H, d, 'latest', model, ema, opt, None, log, dict(step=99, epoch=0, batch=0,
-                                                                               best_eval=1.0))
+        checkpoints.save_checkpoint(H, d, 'latest', model, ema, opt, None, log,
+                                    checkpoints.Progress(step=99, epoch=0, batch=0, best_eval=1.0))
     after = {f: open(os.path.join(rd, f), 'rb').read() for f in os.listdir(rd) if f.startswith('latest-')}
     assert after == before  # nothing torn, no temporary left behind
     prefix, st = checkpoints.find_checkpoint(rd)
@@ -477,7 +477,7 @@ def test_step_outcome_counts_overflow_apart():
 def test_overflow_steps_do_not_make_a_stall():
     """The stall warning counts consecutive skipped updates: fp16 overflow steps neither add
     to the streak nor end it; an applied update ends it."""
-    from train import skip_streak
+    from train_loop import skip_streak
     steps = [(1, 0), (0, 1), (0, 1), (1, 0), (0, 0), (0, 1), (1, 0)]  # (skipped, overflow)
     streak, streaks = 0, []
     for skipped, overflow in steps:
@@ -626,7 +626,7 @@ def test_cuda_graphs_flag_refused_on_cpu(fmnist_root, tmp_path):
 
 def test_log_window_counts_are_integers_summed_over_the_window():
     """Skipped updates, NaN flags and fp16 overflow steps are counts of the print window."""
-    from train import accumulate_stats
+    from train_loop import accumulate_stats
     rows = [dict(elbo=3.0, distortion=2.5, rate=0.5, distortion_nans=0., rate_nans=0., grad_norm=g,
                  skipped_updates=s, overflow_steps=o, iter_time=0.1)
             for g, s, o in [(1.0, 0., 1.), (5.0, 1., 0.), (2.0, 0., 1.)]]
