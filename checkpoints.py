@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import data
-from hps import HPARAMS_REGISTRY, NOT_RUN_KEYS, UserError, apply_run_config, preset
+from hps import HPARAMS_REGISTRY, NOT_RUN_KEYS, SIZED_PRESETS, UserError, apply_run_config, preset
 from utils import (atomic_write, barrier, first_sentence, gather_objects, read_log, remove_stale_temporaries,
                    write_text)
 from vae import VAE, parse_layer_string
@@ -177,6 +177,8 @@ def guess_preset(sd):
     outline = (block_count(shapes, ENC_BLOCKS), block_count(shapes, DEC_BLOCKS), shapes.get(CONV_IN),
                shapes.get(CONV_OUT))
     for name in HPARAMS_REGISTRY:
+        if name in SIZED_PRESETS:  # an architecture fitted to a dataset's size: no one file's to compare with
+            continue
         H = preset(name)
         if _outline(H) == outline and model_shapes(H) == shapes:
             return name
@@ -582,12 +584,13 @@ def changed_hparams(old, new):
 
 
 def data_fingerprint(source):
-    """[number of images, CRC32 of 16 evenly spaced images] of a split: recorded in each
-    checkpoint, so that resuming on other data (the position in the epoch would point at
-    other images) is noticed."""
+    """[number of images, CRC32 of 16 evenly spaced images] of a split, and the source's origin
+    where it has one (prepared images: their manifest's sha256, which covers every source file's
+    content hash and the preparation's options): recorded in each checkpoint, so that resuming on
+    other data (the position in the epoch would point at other images) is noticed."""
     n = len(source)
     idx = np.unique(np.linspace(0, n - 1, min(n, 16)).astype(np.int64))
-    return [n, zlib.crc32(np.ascontiguousarray(source[idx]).tobytes())]
+    return [n, zlib.crc32(np.ascontiguousarray(source[idx]).tobytes())] + ([source.origin] if source.origin else [])
 
 
 def global_batch(n_batch, world_size):

@@ -9,6 +9,7 @@ Each dataset reads the files its ``setup_*.sh`` script puts under ``H.data_root`
     ffhq_256       ffhq-256.npy                                            ./setup_ffhq256.sh
     ffhq_1024      ffhq1024/train/0/*.png, ffhq1024/valid/0/*.png          ./setup_ffhq1024.sh PATH
     fashion_mnist  fashion_mnist/train-images-idx3-ubyte.gz, t10k-...     ./setup_fashion_mnist.sh
+    images         images/manifest.json, train/valid/test .npy or folders   ./setup_images.sh SRC DATA_ROOT
 
 Splits follow the release exactly (``split_indices``).  Unlike the release, which
 copies the permuted training set into RAM, ``.npy`` files stay memory-mapped and
@@ -35,7 +36,7 @@ import zlib
 
 import numpy as np
 
-from hps import HPARAMS_REGISTRY, IMAGE_SHAPE, NORMALIZATION, UserError
+from hps import HPARAMS_REGISTRY, IMAGE_SHAPE, NORMALIZATION, UserError, low_bit_targets
 
 # --- Split rules (the release's data.py). ---
 # Datasets whose validation set is the last `holdout` entries of
@@ -50,7 +51,6 @@ CIFAR10_HOLDOUT, CIFAR10_SPLIT_SEED = 5000, 11172018
 # Targets: (x + SHIFT_LOSS) * SCALE_LOSS, in [-1, 1]; ffhq_1024 works on [0, 1] floats.
 LOSS_NORMALIZATION = {'ffhq_1024': (-0.5, 2.0)}
 DEFAULT_LOSS_NORMALIZATION = (-127.5, 1. / 127.5)
-LOW_BIT_DATASETS = ('ffhq_256',)  # 5-bit targets: floor(x / 8) * 8 before normalising
 FFHQ1024_TRAIN = 65000  # images 00000..64999.png train, 65000..69999.png valid (release)
 
 Splits = collections.namedtuple('Splits', 'train valid test')
@@ -100,6 +100,8 @@ class ImageSource:
     uint8 (len(idx), H, W, C) in the order of idx.  A source may be a view of rows
     `rows` of a file (the release's train/valid split of one file).
     """
+
+    origin = None  # what identifies the data beyond its pixels (dataset images: its manifest's sha256)
 
     def __init__(self, path, image_shape, n_rows, rows=None):
         self.path, self.image_shape, self.n_rows, self.rows = path, tuple(image_shape), n_rows, rows
@@ -346,7 +348,7 @@ def _hint(dataset, data_root):
     script = {'cifar10': './setup_cifar10.sh', 'imagenet32': './setup_imagenet.sh imagenet32',
               'imagenet64': './setup_imagenet.sh imagenet64', 'ffhq_256': './setup_ffhq256.sh',
               'ffhq_1024': './setup_ffhq1024.sh /path/to/images1024x1024',
-              'fashion_mnist': './setup_fashion_mnist.sh'}[dataset]
+              'fashion_mnist': './setup_fashion_mnist.sh', 'images': './setup_images.sh SRC'}[dataset]
     return f"run `{script} {data_root}` first (README, \"Data\")"
 
 
@@ -400,6 +402,69 @@ def load_fashion_mnist(data_root):
     return Splits(*_split_file(train, 'fashion_mnist'), test)
 
 
+# --- Dataset images: a folder of pictures prepared by setup_images.sh (images_to_npy.py). ---
+IMAGES_FOLDER, MANIFEST = 'images', 'manifest.json'
+MANIFEST_FORMAT = 'vdvae-images-1'
+SPLIT_NAMES = ('train', 'valid', 'test')
+
+
+def read_manifest(data_root):
+    """The manifest of the images prepared under data_root (data_root/images/manifest.json, the
+    last file a preparation writes), as a dict; a UserError naming the file and the command to run
+    when it is missing or is not one."""
+    import json
+    path = os.path.join(data_root, IMAGES_FOLDER, MANIFEST)
+    hint = f"prepare a folder of images there first: ./setup_images.sh SRC {data_root} --size N (README, " \
+           "\"Train on your own images\")"
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found, so {data_root} holds no prepared images; {hint}")
+    try:
+        with open(path, encoding='utf-8') as f:
+            m = json.load(f)
+        if m.get('format') != MANIFEST_FORMAT:
+            raise ValueError(f"format {m.get('format')!r}, not {MANIFEST_FORMAT!r}")
+        m['image_shape'], m['bits'], m['normalization']['mean'], m['normalization']['std']  # noqa: B018 (present)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} is not a manifest of prepared images ({type(e).__name__}: {e}); {hint}") from None
+    return m
+
+
+def load_images(data_root, shape):
+    """Splits of the images prepared under data_root, whose manifest must say ``shape`` (size,
+    channels): each split a memory-mapped .npy (storage npy) or a folder of PNGs (storage png),
+    checked against the manifest's row counts.  Each source's ``origin`` is the manifest's sha256,
+    so that the run's data fingerprint sees a re-prepared dataset."""
+    import hashlib
+    m = read_manifest(data_root)
+    folder, (h, w, c) = os.path.join(data_root, IMAGES_FOLDER), m['image_shape']
+    if (h, c) != tuple(shape):
+        raise UserError(f"{folder} holds {h}x{w}x{c} images (its manifest), but the model takes {shape[0]}x{shape[0]}"
+                        f"x{shape[1]}: prepare the images again at --size {shape[0]} --channels {shape[1]} "
+                        f"(./setup_images.sh SRC DATA_ROOT --size {shape[0]} into another DATA_ROOT) and pass that "
+                        "--data_root, or train a model for these images")
+    with open(os.path.join(folder, MANIFEST), 'rb') as f:
+        origin = hashlib.sha256(f.read()).hexdigest()
+    hint = f"the dataset is incomplete: prepare it again with ./setup_images.sh SRC {data_root} ... --overwrite"
+    sources = []
+    for name in SPLIT_NAMES:
+        split, path = m['splits'][name], os.path.join(folder, m['splits'][name]['file'])
+        if m['storage'] == 'png':
+            source = PngFolderSource(path, (h, w, c), hint, wants=f'the images of {folder}')
+        else:
+            if not os.path.isfile(path):
+                raise UserError(f"{path} not found; {hint}")
+            array, mm, offset = _map_npy(path)
+            if array.shape[1:] != (h, w, c):
+                raise UserError(f"{path}: expected images of shape (N, {h}, {w}, {c}) (its manifest), found "
+                                f"{array.shape}; {hint}")
+            source = ArraySource(array, path, mm, offset)
+        if len(source) != split['n']:
+            raise UserError(f"{path} holds {len(source)} images, its manifest says {split['n']}; {hint}")
+        source.origin = origin
+        sources.append(source)
+    return Splits(*sources)
+
+
 LOADERS = {'cifar10': load_cifar10, 'imagenet32': lambda root: load_imagenet(root, 'imagenet32'),
            'imagenet64': lambda root: load_imagenet(root, 'imagenet64'), 'ffhq_256': load_ffhq256,
            'ffhq_1024': load_ffhq1024, 'fashion_mnist': load_fashion_mnist}
@@ -412,8 +477,10 @@ def load_data(H):
     disk.  Raises UserError, naming the file and the setup script, when data is
     missing or malformed.  No device moves, no global seeding.
     """
+    if H.dataset == 'images':
+        return load_images(H.data_root, (H.image_size, H.image_channels))
     if H.dataset not in LOADERS:
-        raise UserError(f"unknown dataset {H.dataset!r}; known: {', '.join(LOADERS)}")
+        raise UserError(f"unknown dataset {H.dataset!r}; known: {', '.join(LOADERS)}, images")
     size, channels = IMAGE_SHAPE[H.dataset]
     if (H.image_size, H.image_channels) != (size, channels):
         raise UserError(f"{H.dataset} images are {size}x{size}x{channels}, but image_size={H.image_size} and "
@@ -426,13 +493,19 @@ def load_data(H):
 _constant_cache = {}
 
 
-def _constants(dataset, device):
+def normalization(H):
+    """(shift, scale) of the inputs: NORMALIZATION's for the release's datasets; for dataset images
+    minus the mean and one over the std of its train split's pixels (the manifest's, in H)."""
+    return (-H.image_mean, 1. / H.image_std) if H.dataset == 'images' else NORMALIZATION[H.dataset]
+
+
+def _constants(H, device):
     """shift, scale, shift_loss, scale_loss as float32 (1,1,1,1) tensors on `device`,
     made once per device like the release's .cuda() constants."""
     import torch
-    key = (dataset, str(device))
+    values = normalization(H) + LOSS_NORMALIZATION.get(H.dataset, DEFAULT_LOSS_NORMALIZATION)
+    key = (H.dataset, values, str(device))
     if key not in _constant_cache:
-        values = NORMALIZATION[dataset] + LOSS_NORMALIZATION.get(dataset, DEFAULT_LOSS_NORMALIZATION)
         _constant_cache[key] = tuple(torch.tensor([v], device=device).view(1, 1, 1, 1) for v in values)
     return _constant_cache[key]
 
@@ -440,19 +513,20 @@ def _constants(dataset, device):
 def preprocess(H, batch):
     """uint8 (B, H, W, C) images on any device -> (x_in, x_target), float32 NHWC there.
 
-    x_in = (x + shift) * scale with H.dataset's NORMALIZATION (never quantised);
-    x_target = (x - 127.5) / 127.5 in [-1, 1], computed as (x + -127.5) * (1/127.5);
-    ffhq_256 quantises the target to 5 bits first: floor(x / 8) * 8.  ffhq_1024
+    x_in = (x + shift) * scale with H.dataset's NORMALIZATION (dataset images: its manifest's
+    mean and std; never quantised); x_target = (x - 127.5) / 127.5 in [-1, 1], computed as
+    (x + -127.5) * (1/127.5); ffhq_256 (and images prepared with --bits 5) quantises the target to
+    5 bits first: floor(x / 8) * 8.  ffhq_1024
     works on x = uint8 / 255 (torchvision's ToTensor): target (x - 0.5) * 2.
     """
     import torch
     if batch.dtype != torch.uint8 or batch.dim() != 4:
         raise ValueError(f"preprocess expects uint8 (B, H, W, C) images, got {batch.dtype} {tuple(batch.shape)}")
-    shift, scale, shift_loss, scale_loss = _constants(H.dataset, batch.device)
+    shift, scale, shift_loss, scale_loss = _constants(H, batch.device)
     x_in = batch.float().div(255) if H.dataset == 'ffhq_1024' else batch.float()
     x_target = x_in.clone()
     x_in.add_(shift).mul_(scale)
-    if H.dataset in LOW_BIT_DATASETS:
+    if low_bit_targets(H):
         x_target.mul_(1. / 8.).floor_().mul_(8.)
     x_target.add_(shift_loss).mul_(scale_loss)
     return x_in, x_target

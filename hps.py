@@ -8,6 +8,7 @@ right) < explicit command-line flags.  Every value ends up in one strict
 """
 import argparse
 import math
+import re
 
 HPARAMS_REGISTRY = {}
 DEFAULT_PRESET = 'fashion_mnist'
@@ -61,7 +62,7 @@ def _preset(name, parent=None, **kw):
     if parent is not None:
         hps.update(HPARAMS_REGISTRY[parent])
     hps.update(kw)
-    if 'dataset' in kw:
+    if kw.get('dataset') in IMAGE_SHAPE:  # (dataset images: the shape is its manifest's, see fit_images_dataset)
         hps.image_size, hps.image_channels = IMAGE_SHAPE[kw['dataset']]
     HPARAMS_REGISTRY[name] = hps
     return hps
@@ -112,6 +113,119 @@ _preset('fashion_mnist_quick', 'fashion_mnist', width=32, zdim=8, lr=0.001, n_ba
         max_iters=2000)
 
 
+# --- Your own images (setup_images.sh): dataset 'images', its shape read from the dataset's manifest. ---
+# The architecture depends on the images' size, so these two presets are completed by a function of
+# the size (SIZED_PRESETS) when --hps names them: 'images' takes the release's network of that
+# resolution (images_preset), 'images_quick' a CPU-sized one (images_quick_preset).
+_preset('images', dataset='images')
+_preset('images_quick', 'fashion_mnist_quick', dataset='images')
+
+# Blocks per resolution of the release's networks: {image size: (preset, encoder, decoder)}, each
+# {resolution: blocks there}.  Encoder: the RxN blocks plus the RdK block that leaves R; decoder:
+# the RmS block that enters R plus the RxN blocks after it (block_strings writes the strings).
+RELEASE_BLOCKS = {
+    32: ('cifar10', {32: 12, 16: 7, 8: 7, 4: 4, 1: 3}, {1: 1, 4: 3, 8: 6, 16: 11, 32: 22}),
+    64: ('imagenet64', {64: 12, 32: 21, 16: 10, 8: 9, 4: 8, 1: 5}, {1: 2, 4: 4, 8: 8, 16: 16, 32: 32, 64: 13}),
+    256: ('ffhq256', {256: 4, 128: 9, 64: 13, 32: 18, 16: 8, 8: 6, 4: 6, 1: 4},
+          {1: 2, 4: 4, 8: 5, 16: 10, 32: 22, 64: 14, 128: 8, 256: 1}),
+    1024: ('ffhq1024', {1024: 2, 512: 4, 256: 6, 128: 8, 64: 11, 32: 15, 16: 8, 8: 6, 4: 6, 1: 4},
+           {1: 2, 4: 4, 8: 5, 16: 10, 32: 21, 64: 15, 128: 8, 256: 3, 512: 1, 1024: 1}),
+}
+
+
+def block_strings(enc, dec):
+    """Layer strings from blocks per resolution ({resolution: count}), the way the release writes
+    them: the encoder from the top resolution down, each resolution's RxN blocks then one RdK down to
+    the next resolution (K = R / next), the lowest resolution RxN only; the decoder from the lowest
+    up, each resolution entered by an RmS block from the one below, then RxN.
+    block_strings({32: 12, 16: 7, 8: 7, 4: 4, 1: 3}, {1: 1, 4: 3, ...}) -> ('32x11,32d2,...,1x3', '1x1,4m1,4x2,...')."""
+    res = sorted(enc, reverse=True)
+    e = []
+    for r, nxt in zip(res, res[1:] + [None]):
+        n = enc[r] - (nxt is not None)
+        e += [f'{r}x{n}'] * (n > 0) + ([f'{r}d{r // nxt}'] if nxt else [])
+    res = sorted(dec)
+    d = [f'{res[0]}x{dec[res[0]]}']
+    for below, r in zip(res, res[1:]):
+        d += [f'{r}m{below}'] + [f'{r}x{dec[r] - 1}'] * (dec[r] > 1)
+    return ','.join(e), ','.join(d)
+
+
+def images_blocks(size):
+    """The rule of --hps images: (release preset, encoder string, decoder string) for a power of two
+    16..1024.  At 32, 64, 256 and 1024 the release's own network (cifar10, imagenet64, ffhq256,
+    ffhq1024); at 16, 128 and 512 that of the next larger release resolution, cut at ``size``: its
+    blocks at resolutions <= size, with the same counts (the encoder starts and the decoder ends at
+    ``size``).  Anything else is a UserError saying what to do."""
+    fits = [s for s in sorted(RELEASE_BLOCKS) if s >= size]
+    if size < 16 or size > 1024 or size & (size - 1):
+        raise UserError(f"--hps images takes the release's architectures, made for image sizes that are powers of "
+                        f"two from 16 to 1024, but these images are {size}x{size}: prepare them again at --size "
+                        f"{min(max(16, 1 << (size - 1).bit_length()), 1024)} (./setup_images.sh SRC DATA_ROOT "
+                        "--size N into a new DATA_ROOT), or train --hps images_quick (any size divisible by 4)")
+    name, enc, dec = RELEASE_BLOCKS[fits[0]]
+    cut = lambda counts: {r: n for r, n in counts.items() if r <= size}  # noqa: E731
+    return (name,) + block_strings(cut(enc), cut(dec))
+
+
+def images_preset(size):
+    """--hps images at this image size: every value of the release preset images_blocks picks
+    (learning rate, batch, clipping, EMA, widths, ...), except its dataset and data_root, with the
+    layer strings of images_blocks; custom widths (ffhq1024's) keep the resolutions <= size, and
+    --width is the width at the image resolution (SPEC section 8)."""
+    name, enc, dec = images_blocks(size)
+    values = {k: v for k, v in HPARAMS_REGISTRY[name].items()
+              if k not in ('dataset', 'data_root', 'image_size', 'image_channels')}
+    values.update(enc_blocks=enc, dec_blocks=dec)
+    if values.get('custom_width_str'):
+        widths = dict(tuple(map(int, x.split(':'))) for x in values['custom_width_str'].split(','))
+        widths = {r: w for r, w in widths.items() if r <= size}
+        values['custom_width_str'] = ','.join(f'{r}:{w}' for r, w in widths.items())
+        values['width'] = widths.get(size, values['width'])
+    return values
+
+
+def images_quick_preset(size):
+    """--hps images_quick at this image size: fashion_mnist_quick's small network, for a CPU, at
+    any size divisible by 4 (S -> S/2 -> S/4 -> 1):
+    encoder 'Sd2,S/2x2,S/2d2,S/4x3,S/4dS/4,1x1', decoder '1x1,S/4m1,S/4x3,S/2mS/4,S/2x3,SmS/2'
+    (at 28 exactly fashion_mnist_quick's)."""
+    if size % 4 or size < 8:
+        raise UserError(f"--hps images_quick halves the image size twice, so it takes sizes divisible by 4 (8 or "
+                        f"more), but these images are {size}x{size}: prepare them again at --size "
+                        f"{max(8, size // 4 * 4)} (./setup_images.sh SRC DATA_ROOT --size N into a new DATA_ROOT)")
+    a, b = size // 2, size // 4
+    return dict(enc_blocks=f'{size}d2,{a}x2,{a}d2,{b}x3,{b}d{b},1x1',
+                dec_blocks=f'1x1,{b}m1,{b}x3,{a}m{b},{a}x3,{size}m{a}')
+
+
+SIZED_PRESETS = {'images': images_preset, 'images_quick': images_quick_preset}
+
+
+def low_bit_targets(H):
+    """Whether targets and the DMoL's bins are 5-bit: ffhq256 (the release), and a folder of images
+    prepared with --bits 5."""
+    return H.dataset == 'ffhq_256' or (H.dataset == 'images' and H.image_bits == 5)
+
+
+def fit_images_dataset(H, explicit):
+    """Dataset images: its shape, bits and normalisation come from the manifest of --data_root
+    (data.read_manifest).  Refuses, in one line saying what to do, an architecture given on the
+    command line (or by a preset of another dataset) that starts at another size than the images'."""
+    from data import read_manifest  # the data module reads the dataset; it imports this one
+    m = read_manifest(H.data_root)
+    size, _, channels = m['image_shape']
+    H.update(image_size=size, image_channels=channels, image_bits=m['bits'],
+             image_mean=m['normalization']['mean'], image_std=m['normalization']['std'])
+    top = re.match(r'\s*(\d*)', H.enc_blocks or '').group(1)  # the encoder starts at the image resolution
+    if top and int(top) != size:
+        given = '--enc_blocks' if 'enc_blocks' in explicit else f"--hps {H.hparam_sets}"
+        raise UserError(f"{H.data_root} holds {size}x{size} images (its manifest, images/manifest.json), but the "
+                        f"architecture of {given} starts at {top}x{top}: prepare the images again at --size {top} "
+                        "(./setup_images.sh SRC DATA_ROOT --size N into a new DATA_ROOT), or train --hps images or "
+                        "images_quick, which fit the architecture to the data")
+
+
 def add_vae_arguments(parser):
     """Every flag of the release (dead ones removed or made to work) plus ours."""
     a = parser.add_argument
@@ -142,6 +256,12 @@ def add_vae_arguments(parser):
     a('--dataset', type=str, default='fashion_mnist', help='dataset name (set by the presets)')
     a('--image_size', type=int, default=28, help='image height and width (set by the presets)')
     a('--image_channels', type=int, default=1, help='1 (grayscale) or 3 (RGB) (set by the presets)')
+    a('--image_bits', type=int, default=8,
+      help='dataset images: 8- or 5-bit targets (set from the dataset\'s manifest, as setup_images.sh --bits made it)')
+    a('--image_mean', type=float, default=None,
+      help='dataset images: pixel mean of its train split; inputs are (x - mean) / std (set from the manifest)')
+    a('--image_std', type=float, default=None, help='dataset images: pixel standard deviation of its train split '
+                                                    '(set from the manifest)')
     a('--ema_rate', type=float, default=0.999, help='EMA decay of the evaluation model')
     a('--enc_blocks', type=str, default=None, help='encoder layer string, e.g. 32x11,32d2,...')
     a('--dec_blocks', type=str, default=None, help='decoder layer string, e.g. 1x1,4m1,...')
@@ -224,6 +344,9 @@ RANGES = {
     'dist_timeout': (_positive, '> 0 (seconds)'),
     'image_size': (at_least(1), '>= 1'),
     'image_channels': (lambda v: v in (1, 3), '1 (grayscale) or 3 (RGB)'),
+    'image_bits': (lambda v: v in (8, 5), '8 or 5'),
+    'image_mean': (math.isfinite, 'a finite number'),
+    'image_std': (_positive, '> 0'),
     'ema_rate': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'zdim': (at_least(1), '>= 1'),
     'width': (at_least(1), '>= 1'),
@@ -332,9 +455,16 @@ def parse_args_and_update_hparams(H, parser, s=None):
         if unknown:
             raise UserError(f"preset {name!r} sets {unknown}, which are not arguments; "
                          f"valid keys: {', '.join(sorted(valid_args))}")
-        parser.set_defaults(**HPARAMS_REGISTRY[name])
+        values = HPARAMS_REGISTRY[name]
+        if name in SIZED_PRESETS:  # its architecture fits the size of the images under --data_root
+            from data import read_manifest
+            size = read_manifest(parser.parse_args(s).data_root)['image_shape'][0]
+            values = dict(values, **SIZED_PRESETS[name](size))
+        parser.set_defaults(**values)
     H.update(vars(parser.parse_args(s)))
     H.hparam_sets = ','.join(names)
+    if H.dataset == 'images':
+        fit_images_dataset(H, explicit_flags(parser, s))
     check_ranges(H)
     return H
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fashion-MNIST for the fashion_mnist presets (the dataset to train on first).
 #
-# Usage: ./setup_fashion_mnist.sh [DATA_ROOT]        (DATA_ROOT defaults to ., the presets' data_root)
+# Usage: ./setup_fashion_mnist.sh [DATA_ROOT] [--png OUT]   (DATA_ROOT defaults to ., the presets' data_root)
 #
 # Makes DATA_ROOT/fashion_mnist/ with the four standard idx files:
 #   train-images-idx3-ubyte.gz  train-labels-idx1-ubyte.gz   (60000 images: 55000 train + 5000 valid)
@@ -14,9 +14,20 @@
 # Every file is verified: the md5 the Fashion-MNIST README publishes for the .gz file, or, for Debian's
 # copies (re-compressed, so their .gz bytes differ), the well-known md5 of the decompressed file.
 # Idempotent: files already in place and verified are left alone.  Each file appears atomically.
+# --png OUT also writes the images as 28x28 grayscale PNGs, OUT/train/ (55000), OUT/valid/ (5000) and
+# OUT/test/ (10000), the presets' split: a folder of pictures to try ./setup_images.sh on (README, "Train on
+# your own images").
 set -euo pipefail
 
 ROOT=${1:-.}
+PNG_OUT=
+if [ "${2:-}" = --png ]; then PNG_OUT=${3:?--png needs an OUT folder}; fi
+HERE=$(cd "$(dirname "$0")" && pwd)
+export_png() {  # the images as PNG folders, when --png OUT was given
+    [ -z "$PNG_OUT" ] && return 0
+    PY=${PYTHON:-$([ -x "$HERE/.venv/bin/python" ] && echo "$HERE/.venv/bin/python" || echo python3)}
+    "$PY" "$HERE/images_to_npy.py" export-fashion-mnist "$ROOT" "$PNG_OUT"
+}
 DEST=$ROOT/fashion_mnist
 SYSTEM_DIR=${FASHION_MNIST_SYSTEM_DIR:-/usr/share/datasets/fashion-mnist}
 URL=${FASHION_MNIST_URL:-http://fashion-mnist.s3-website.eu-central-1.amazonaws.com}
@@ -49,6 +60,7 @@ todo=()
 for f in "${FILES[@]}"; do verified "$f" "$DEST/$f.gz" || todo+=("$f"); done
 if [ ${#todo[@]} -eq 0 ]; then
     echo "Fashion-MNIST already set up in $DEST (4 files verified); nothing to do."
+    export_png
     exit 0
 fi
 mkdir -p "$DEST"
@@ -83,3 +95,4 @@ done
 echo "Fashion-MNIST ready in $DEST. Train with"
 echo "  python train.py --hps fashion_mnist_quick --data_root $ROOT   # CPU: a small model, minutes (./quickstart.sh)"
 echo "  python train.py --hps fashion_mnist --data_root $ROOT         # GPU: the full 36.6M-parameter model"
+export_png

@@ -17,15 +17,16 @@ latest and exits 0.  An error ends every process (workers included) with the ste
 and the newest complete checkpoint; a process whose peer died ends at its next collective (at
 the latest after --dist_timeout seconds).  The loop itself is train_loop.py; the step, train_step.py.
 """
+import argparse
 import os
 
 import torch
 
 import data
 from checkpoints import (check_restore_paths, data_fingerprint, find_checkpoint, load_for_evaluation, open_run_folder,
-                         restore)
+                         resolve_weights, restore)
 from evaluation import evaluate
-from hps import get_hparams
+from hps import UserError, explicit_flags, get_hparams
 from train_loop import train_loop
 from train_step import build_models, check_cuda_graphs, make_optimizer
 from utils import (check_writable, cleanup_distributed, configure_device, is_writable, logger, print_once, run_main,
@@ -37,7 +38,10 @@ from vae import check_hparams
 
 def set_up(argv=None):
     """Resolve H, join the process group, make the run folder and the logger."""
-    H = get_hparams(argv)
+    parser = argparse.ArgumentParser(description='VDVAE')
+    H = get_hparams(argv, parser)
+    if H.test_eval:
+        run_config_for_test_eval(H, parser, argv)
     check_hparams(H)  # the architecture, before any process group, file or data
     dist_info = setup_distributed(H.port, device=None if H.device == 'auto' else H.device, timeout=H.dist_timeout)
     configure_device(dist_info.device, H.threads, is_main=dist_info.is_main)
@@ -54,6 +58,21 @@ def set_up(argv=None):
     # lines reach the run folder only once the start succeeded (log.commit in main)
     log = logger(os.path.join(H.run_dir, 'log'), is_main=dist_info.is_main, write=write, hold=True)
     return H, dist_info, log
+
+
+def run_config_for_test_eval(H, parser, argv):
+    """--test_eval reads a run as sample.py and evaluate.py do: the saved configuration of the
+    weights it evaluates (checkpoints.resolve_weights: --restore_ema_path's -state.th, else the run
+    folder's newest) is the default of every flag not given, so --save_dir S --desc D is enough for
+    any dataset (the run's data_root, its images' shape and normalisation).  Without weights to read,
+    nothing changes (load_for_evaluation then says what to pass)."""
+    H.explicit = sorted(explicit_flags(parser, argv))
+    H.run_dir = os.path.join(H.save_dir, H.desc)
+    try:
+        resolve_weights(H)
+    except UserError:
+        pass  # no weights: load_for_evaluation's message says what to pass
+    del H['explicit']
 
 
 # ----------------------------------------------------------------------------- the jobs

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hps import low_bit_targets
+
 
 # ----------------------------------------------------------------------------- convs
 
@@ -394,7 +396,7 @@ class DmolNet(nn.Module):
         super().__init__()
         self.H = H
         self.channels = H.image_channels
-        self.low_bit = H.dataset in ['ffhq_256']  # 5-bit targets, as the release trains ffhq256
+        self.low_bit = low_bit_targets(H)  # 5-bit targets, as the release trains ffhq256
         self.out_conv = get_conv(H.width, H.num_mixtures * dmol_params_per_mixture(self.channels),
                                  kernel_size=1, stride=1, padding=0)
         self.loss_fn = discretized_mix_logistic_loss  # VAE.compile_blocks swaps in a compiled copy
