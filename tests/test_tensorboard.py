@@ -3,6 +3,7 @@ log.jsonl's records step for step, the grid is samples-N.png, the KL per block i
 a crash and a resume from an earlier checkpoint leave each step once, --no_tensorboard writes
 nothing and an unwritable event folder is one line.  (Two processes: test_train.py's
 _distributed_matches_single checks the one event stream of every launcher.)"""
+import collections
 import glob
 import json
 import os
@@ -17,24 +18,42 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 
 from test_train import ROOT, TINY, fmnist_root, log_lines, run  # noqa: F401
 
-# train.py whose step VDVAE_TEST_FAIL_STEP raises (an injected error, patched in from outside)
+# train.py whose step VDVAE_TEST_FAIL_STEP raises (an injected error, patched in from outside), on a
+# slow disk from the step before it on: each event record then takes 0.1 s to write, so the writer's
+# thread still holds the last window's events when the error ends the process
 FAILING_TRAIN = f'''
-import os, sys
+import os, sys, time
 sys.path.insert(0, {ROOT!r})
 import train, train_loop, utils
+from tensorboard.summary.writer import record_writer
 
-real_learning_rate = train_loop.learning_rate
+real_learning_rate, real_write, slow = train_loop.learning_rate, record_writer.RecordWriter.write, []
 
 
 def failing_learning_rate(H, it):
-    if it == int(os.environ['VDVAE_TEST_FAIL_STEP']):
+    fail = int(os.environ['VDVAE_TEST_FAIL_STEP'])
+    if it == fail:
         raise RuntimeError('injected failure')
+    if it == fail - 1:
+        slow.append(it)
     return real_learning_rate(H, it)
 
 
-train_loop.learning_rate = failing_learning_rate
+def slow_write(writer, data):
+    if slow:
+        time.sleep(0.1)
+    real_write(writer, data)
+
+
+train_loop.learning_rate, record_writer.RecordWriter.write = failing_learning_rate, slow_write
 utils.run_main(train.main)
 '''
+
+
+# the train_loss tags, in the order a print window writes them
+TRAIN_TAGS = ['train/elbo', 'train/distortion', 'train/rate', 'train/grad_norm', 'train/skipped_updates',
+              'train/overflow_steps', 'train/total_skipped', 'train/lr', 'train/elbo_bpd', 'train/distortion_bpd',
+              'train/rate_bpd', 'train/images_per_s']
 
 
 def events(run_dir):
@@ -87,8 +106,13 @@ def test_events_are_the_logs_once_per_step_across_a_crash_and_resume(fmnist_root
     assert p.returncode == 1 and 'RuntimeError: injected failure' in p.stderr, p.stderr[-3000:]
     rd = tmp_path / 'r'
     first, = glob.glob(str(rd / 'tensorboard' / 'events.out.tfevents.*'))
-    steps = {e.step for e in EventFileLoader(first).Load() for v in e.summary.value if v.tag == 'train/elbo'}
-    assert steps == set(range(1, 7))  # closed before the process ended: nothing of the failed start lost
+    steps = collections.defaultdict(set)
+    for e in EventFileLoader(first).Load():
+        for v in e.summary.value:
+            steps[v.tag].add(e.step)
+    # closed before the process ended: nothing of the failed start lost, its last window's last scalar included
+    assert [tag for tag in steps if tag.startswith('train/')] == TRAIN_TAGS
+    assert all(steps[tag] == set(range(1, 7)) for tag in TRAIN_TAGS), steps
     run(a)  # the same command: resumes from latest (step 4), re-trains steps 4 and 5
     run(a + ['--test_eval'])
     acc = events(rd)
