@@ -274,15 +274,23 @@ def check_recorded_checksum(path):
     return True
 
 
-def saved_run_config(path):
-    """The 'H' of the -state.th beside a checkpoint file (None where there is none)."""
+def saved_state(path):
+    """The record of the -state.th beside a checkpoint file (None where there is none, or it
+    is unreadable)."""
     _, state_path = _sibling_state(path)
     if state_path is None:
         return None
     try:
-        return safe_torch_load(state_path, 'training state').get('H')
-    except (UserError, AttributeError):
+        state = safe_torch_load(state_path, 'training state')
+    except UserError:
         return None
+    return state if isinstance(state, dict) else None
+
+
+def saved_run_config(path):
+    """The 'H' of the -state.th beside a checkpoint file (None where there is none)."""
+    state = saved_state(path)
+    return state.get('H') if state is not None else None
 
 
 # ----------------------------------------------------------------------------- loading weights, optimizer state and logs

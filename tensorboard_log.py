@@ -52,20 +52,27 @@ def check_event_folder(H):
         check_writable(event_folder(H), 'pass a --save_dir this process can write to, or --no_tensorboard')
 
 
-def open_board(H, dist_info, step, purge=True):
+def open_board(H, dist_info, step, training=True):
     """The run's Board on rank 0 (a Board that writes nothing elsewhere and with
-    --no_tensorboard).  ``purge``: hide every event past ``step`` (the updates done at the
-    checkpoint resumed) written by an earlier start (SummaryWriter's purge_step hides those at
-    or after step + 1), so a run resumed from an earlier checkpoint than it had reached shows
-    each step once; the grid and evaluation of step itself came before that checkpoint and
-    stay.  Off for --test_eval, which only adds to the run."""
+    --no_tensorboard).  ``training``, a training start at ``step`` (the updates done at the
+    checkpoint resumed): hide every event past it that an earlier start wrote (SummaryWriter's
+    purge_step hides those at or after step + 1), so a run resumed from an earlier checkpoint
+    than it had reached shows each step once (the grid and evaluation of step itself came
+    before that checkpoint and stay), and record the configuration.  Not training: a tool
+    that only adds its figures (--test_eval, evaluate.py)."""
     if not dist_info.is_main or H.no_tensorboard:
         return Board()
     folder = event_folder(H)
     from torch.utils.tensorboard import SummaryWriter  # ~0.15 s of imports: only where events are written
     with naming_file(folder):
-        writer = SummaryWriter(folder, purge_step=step + 1 if purge else None)
-    return Board(writer, H, dist_info.device)
+        writer = SummaryWriter(folder, purge_step=step + 1 if training else None)
+        board = Board(writer, H, dist_info.device)
+        if training:
+            writer.add_text('config', '```\n' + json.dumps(dict(H), indent=1, sort_keys=True, default=str) + '\n```',
+                            step)
+            for s in hparams_summaries(H, ['valid/elbo_bpd', 'train/elbo_bpd']):
+                writer.file_writer.add_summary(s)
+    return board
 
 
 def hparams_summaries(H, metrics):
@@ -82,17 +89,14 @@ class Board:
     the event folder (utils.naming_file), so a full disk is one line like every other output."""
 
     def __init__(self, writer=None, H=None, device=None):
-        self.writer, self.H, self.device = writer, H, device
-        if writer is None:
-            return
-        self.folder = writer.get_logdir()
-        self.resolutions = block_resolutions(H)
-        with naming_file(self.folder):
-            writer.add_text('config', '```\n' + json.dumps(dict(H), indent=1, sort_keys=True, default=str) + '\n```')
-            for s in hparams_summaries(H, ['valid/elbo_bpd', 'train/elbo_bpd']):
-                writer.file_writer.add_summary(s)
+        self.writer, self.device = writer, device
+        self.resolutions = block_resolutions(H) if H is not None else None
+        self.folder = writer.get_logdir() if writer is not None else None
 
-    def _scalars(self, values, step):
+    def scalars(self, values, step):
+        """{tag: number} at ``step``."""
+        if self.writer is None:
+            return
         with naming_file(self.folder):
             for tag, v in values.items():
                 self.writer.add_scalar(tag, v, step)
@@ -108,21 +112,21 @@ class Board:
         values['train/images_per_s'] = global_batch / record['iter_time']
         if self.device.type == 'cuda':  # the allocator's counter, read on the host: no device sync
             values['memory/peak_allocated_gib'] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-        self._scalars(values, record['step'] + 1)
+        self.scalars(values, record['step'] + 1)
 
     def evaluation(self, step, ev, split):
         """evaluation.evaluate's figures (all-reduced) under ``split``/; its KL per decoder
         block as kl_block/NN, kl_resolution/RxR and the kl_by_block histogram."""
         if self.writer is None:
             return
-        self._scalars({f'{split}/{k}': ev[k] for k in EVAL_KEYS}, step)
+        self.scalars({f'{split}/{k}': ev[k] for k in EVAL_KEYS}, step)
         if split != 'valid':
             return
         kl = np.asarray(ev['kl_per_block'], dtype=np.float64)
         values = {f'kl_block/{i:02d}': v for i, v in enumerate(kl)}
         for r in sorted(set(self.resolutions)):
             values[f'kl_resolution/{r}x{r}'] = sum(v for v, res in zip(kl, self.resolutions) if res == r)
-        self._scalars(values, step)
+        self.scalars(values, step)
         index = np.arange(len(kl), dtype=np.float64)
         with naming_file(self.folder):  # bucket i = [i - 0.5, i + 0.5): block i, its count the block's KL
             self.writer.add_histogram_raw('kl_by_block', min=0, max=len(kl) - 1, num=float(kl.sum()),

@@ -84,7 +84,7 @@ def main(argv=None):
             step = load_for_evaluation(H, ema, log) or 0  # the checkpoint's step (0: a file of unknown step)
             log.commit()
             if is_writable(event_folder(H)):  # evaluation only adds to the run's events: nothing purged
-                board = open_board(H, dist_info, step, purge=False)
+                board = open_board(H, dist_info, step, training=False)
             return run_test_eval(H, dist_info, splits, ema, log, board, step)
         data_id = data_fingerprint(splits.train)
         found = (None, None) if H.restart else find_checkpoint(H.run_dir)

@@ -95,7 +95,8 @@ def test_events_are_the_logs_once_per_step_across_a_crash_and_resume(fmnist_root
     """An injected error at step 6 (workers on), a resume from the step-4 checkpoint to step 8,
     then --test_eval: the scalars equal log.jsonl's records and each step appears once; the
     failed start's events were written before it exited; the grid is samples-8.png; the
-    validation and test figures are the records'; the KL per block is evaluate.py --kl_stats's."""
+    validation and test figures are the records'; the KL per block is evaluate.py --kl_stats's,
+    which adds its own figures to the run's events."""
     wrapper = tmp_path / 'failing_train.py'
     wrapper.write_text(FAILING_TRAIN)
     a = TINY + ['--data_root', fmnist_root, '--save_dir', str(tmp_path), '--desc', 'r', '--max_iters', '8',
@@ -115,6 +116,9 @@ def test_events_are_the_logs_once_per_step_across_a_crash_and_resume(fmnist_root
     assert all(steps[tag] == set(range(1, 7)) for tag in TRAIN_TAGS), steps
     run(a)  # the same command: resumes from latest (step 4), re-trains steps 4 and 5
     run(a + ['--test_eval'])
+    subprocess.run([sys.executable, 'evaluate.py', '--save_dir', str(tmp_path), '--desc', 'r', '--kl_stats',
+                    '--split', 'valid', '--n_images', '300', '--no_progress', '--num_workers', '0', '--threads', '1'],
+                   cwd=ROOT, check=True, capture_output=True, timeout=120)
     acc = events(rd)
     records = assert_train_scalars_are_the_log(acc, rd)
     assert sorted({z['step'] for z in records}) == list(range(8)) and len(records) > 8  # 4 and 5 logged twice
@@ -132,9 +136,6 @@ def test_events_are_the_logs_once_per_step_across_a_crash_and_resume(fmnist_root
     test, = log_lines(rd, 'test_loss')
     assert scalars(acc, 'test/elbo') == [(8, np.float32(test['elbo']))]  # at the evaluated checkpoint's step
 
-    subprocess.run([sys.executable, 'evaluate.py', '--save_dir', str(tmp_path), '--desc', 'r', '--kl_stats',
-                    '--split', 'valid', '--n_images', '300', '--no_progress', '--num_workers', '0', '--threads', '1'],
-                   cwd=ROOT, check=True, capture_output=True, timeout=120)
     kl = json.load(open(rd / 'kl-valid.json'))
     blocks = [b['kl_nats'] for b in kl['blocks']]
     assert len(blocks) == 4 and min(blocks) > 0
@@ -143,6 +144,8 @@ def test_events_are_the_logs_once_per_step_across_a_crash_and_resume(fmnist_root
     for r in kl['resolutions']:
         assert scalars(acc, f'kl_resolution/{r["resolution"]}x{r["resolution"]}') == \
             [(8, pytest.approx(r['kl_nats'], rel=1e-6))]
+    # evaluate.py --kl_stats of the run's checkpoint added its figures to the run's events, at its step
+    assert [scalars(acc, f'kl_stats_valid/block_{i:02d}') for i in range(4)] == got
     hist, = acc.Histograms('kl_by_block')
     assert hist.step == 8 and list(hist.histogram_value.bucket) == pytest.approx(blocks, rel=1e-12)
 
