@@ -52,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import train_step
 from hps import HPARAMS_REGISTRY, Hyperparams, UserError, at_least, check_ranges, get_hparams
-from utils import Dist, configure_device, cudnn_conv_precision, first_sentence, ieee_fp32, run_main
+from utils import Dist, configure_device, cudnn_conv_precision, first_sentence, ieee_fp32, run_main, write_text
 from vae import VAE
 
 # The reference tests' tiny32 model (width 32, 13 decoder blocks, 135,078 parameters), on one
@@ -611,8 +611,7 @@ def main(argv=None):
         print(f'{len(presets)} presets measured in {time.perf_counter() - t0:.0f} s')
         result = dict(presets=results, wall_s=time.perf_counter() - t0)
     if H.json:
-        with open(H.json, 'w') as f:
-            json.dump(result, f, indent=1, default=str)
+        write_text(H.json, json.dumps(result, indent=1, default=str))
         print(f'wrote {H.json}')
     return result
 

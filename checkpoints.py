@@ -3,14 +3,15 @@ set, finding the newest complete set, resuming from it (or from the release's fo
 flags), and the run folder's bookkeeping.
 
 A checkpoint set {run_dir}/{name}-* holds the release's four files (-model.th,
--model-ema.th, -opt.th, -log.jsonl) plus -state.th, written last, with the step, epoch,
-position in the epoch, every rank's RNG state, the configuration, a fingerprint of the
-training data and the size and CRC of the other four.  Before a new `latest` set is
-written the complete current one becomes `previous`, so a crash at any point of a save
-leaves one complete set behind.  Every file is read with torch.load(weights_only=True)
-(safe_torch_load), and a file that does not fit the model is one line saying why
-(describe_mismatch).  train.py calls these; sample.py and evaluate.py use resolve_weights
-to read a run, released.py the loaders and describe_mismatch.
+-model-ema.th, -opt.th, -log.jsonl) plus -state.th, written last, with where the run stands
+(Progress: the step, epoch, position in the epoch, best validation ELBO, skipped updates,
+a fingerprint of the training data), every rank's RNG state, the configuration and the
+size and CRC of the other four.  Before a new `latest` set is written the complete current
+one becomes `previous`, so a crash at any point of a save leaves one complete set behind.
+Every file is read with torch.load(weights_only=True) (safe_torch_load), and a file that does
+not fit the model is one line saying why (describe_mismatch).  train.py and train_loop.py
+call these; sample.py and evaluate.py use resolve_weights to read a run, released.py the
+loaders and describe_mismatch.
 """
 import json
 import os
@@ -27,7 +28,8 @@ import torch
 import data
 from hps import HPARAMS_REGISTRY, NOT_RUN_KEYS, UserError, apply_run_config, preset
 from tensorboard_log import FOLDER as EVENT_FOLDER
-from utils import atomic_write, barrier, first_sentence, gather_objects, read_log, remove_stale_temporaries
+from utils import (atomic_write, barrier, first_sentence, gather_objects, read_log, remove_stale_temporaries,
+                   write_text)
 from vae import VAE, parse_layer_string
 from vae_helpers import dmol_params_per_mixture
 
@@ -812,5 +814,4 @@ def open_run_folder(H, dist_info, progress, found, log):
         print(json.dumps(record), file=f, flush=True)
     path = os.path.join(H.run_dir, 'hparams.json')
     if not os.path.exists(path):
-        with atomic_write(path) as f:
-            f.write(json.dumps(dict(H), indent=1, sort_keys=True).encode())
+        write_text(path, json.dumps(dict(H), indent=1, sort_keys=True))

@@ -36,8 +36,8 @@ from hps import (UserError, add_vae_arguments, at_least, check_in_range, check_r
 from evaluation import block_resolutions, run_encode, run_iwae, run_kl_stats
 from pictures import REST_TEMPERATURE, run_interpolate, run_reconstruct, tile, write_image, write_kl_plot
 from tensorboard_log import event_folder, open_board
-from utils import (barrier, check_writable, cleanup_distributed, configure_device, ieee_fp32, is_writable, logger,
-                   progress_bar, run_main, setup_distributed)
+from utils import (atomic_write, barrier, check_writable, cleanup_distributed, configure_device, ieee_fp32, is_writable,
+                   logger, progress_bar, run_main, setup_distributed, write_text)
 from vae import VAE, check_hparams, parse_layer_string
 
 MODES = ('n_importance', 'kl_stats', 'encode', 'reconstruct', 'interpolate')
@@ -203,10 +203,7 @@ def add_to_run_events(H, dist_info, weights, values):
 
 
 def _write_json(obj, path):
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def main(argv=None):
@@ -270,7 +267,8 @@ def _dispatch(H, dist_info, model, source, images, names, weights, bar, log):
         stem = os.path.join(out, f'iwae-{H.split}-k{H.n_importance}')
         summary.update(weights=weights, json=stem + '.json', per_image=stem + '.npz')
         _write_json(summary, stem + '.json')
-        np.savez(stem + '.npz', **per_image)
+        with atomic_write(stem + '.npz') as f:
+            np.savez(f, **per_image)
         log(type='iwae', **{k: v for k, v in summary.items() if k != 'mode'})
         add_to_run_events(H, dist_info, weights, {f'iw_{H.split}/k{H.n_importance}/{k}': summary[k] for k in (
             'iw_nll_bits_per_dim', 'iw_nll_bits_per_dim_stderr', 'elbo_bits_per_dim', 'iw_gain_nats_per_dim',

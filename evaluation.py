@@ -22,7 +22,7 @@ import torch
 
 import data
 from hps import UserError
-from utils import allreduce, barrier, gather_objects, ieee_fp32, progress_bar
+from utils import allreduce, atomic_write, barrier, gather_objects, ieee_fp32, progress_bar, write_text
 from vae import parse_layer_string
 from vae_helpers import KeyedNormal, gaussian_log_density
 
@@ -303,8 +303,7 @@ def run_encode(H, dist_info, model, source, path, bar):
     finally:
         for f in files.values():
             f.close()
-    with open(os.path.join(rank_dir, 'done.json'), 'w') as f:
-        json.dump(dict(rows=len(shard)), f)
+    write_text(os.path.join(rank_dir, 'done.json'), json.dumps(dict(rows=len(shard))))
     per_image = torch.cat(per_image).cpu().numpy() if per_image else np.zeros((0, 2 + len(res)), np.float32)
     small = dict(image_index=shard, distortion=per_image[:, 0], rate=per_image[:, 1], kl_per_block=per_image[:, 2:])
     everything = gather_objects(small)  # small per-image arrays only; also a barrier
@@ -319,16 +318,15 @@ def run_encode(H, dist_info, model, source, path, bar):
 
 
 def _pack_npz(H, path, tmp, world, kinds, res, everything):
-    """The ranks' raw parts -> one .npz (written under a temporary name, then renamed)."""
+    """The ranks' raw parts -> one .npz (utils.atomic_write)."""
     rank_dirs = [os.path.join(tmp, f'rank{r}') for r in range(world)]
     for r, rd in enumerate(rank_dirs):
         if not os.path.exists(os.path.join(rd, 'done.json')):
             raise UserError(f"--encode: rank {r}'s part ({rd}) is not visible on rank 0; --out_dir must be on a "
                             "filesystem that every process shares")
     n = sum(json.load(open(os.path.join(rd, 'done.json')))['rows'] for rd in rank_dirs)
-    part = f'{path}.tmp-{os.getpid()}'
     descr = np.lib.format.dtype_to_descr(np.dtype(np.float32))
-    try:
+    with atomic_write(path) as part:
         with zipfile.ZipFile(part, 'w', compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
             for i in H.encode_list:
                 for kind in kinds:
@@ -346,7 +344,3 @@ def _pack_npz(H, path, tmp, world, kinds, res, everything):
             for k, v in meta.items():
                 with zf.open(f'{k}.npy', 'w', force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asarray(v), allow_pickle=False)
-        os.replace(part, path)
-    finally:
-        if os.path.exists(part):
-            os.remove(part)

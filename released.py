@@ -35,7 +35,7 @@ import torch
 from checkpoints import (ENC_BLOCKS, SHAPE_KEYS, block_count, describe_mismatch, load_state_dict_file, model_shapes,
                          safe_torch_load)
 from hps import Hyperparams, UserError, add_vae_arguments, parse_args_and_update_hparams
-from utils import read_log, run_main
+from utils import read_log, run_main, write_text
 from vae import VAE
 
 RELEASE_URL = 'https://openaipublic.blob.core.windows.net/very-deep-vaes-assets'
@@ -239,10 +239,7 @@ def read_stamp(path, H):
 def write_stamp(path, H, overrides, url):
     stamp = dict(file=os.path.basename(path), size=os.path.getsize(path), sha256=sha256_of(path), arch=_arch(H),
               overrides=overrides, url=url, verified=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
-    tmp = _stamp_path(path) + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(stamp, f, indent=1)
-    os.replace(tmp, _stamp_path(path))
+    write_text(_stamp_path(path), json.dumps(stamp, indent=1))
     return stamp
 
 

@@ -32,7 +32,7 @@ import torch
 
 import released
 from hps import UserError
-from utils import read_log, run_main
+from utils import read_log, run_main, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -204,13 +204,6 @@ def git_commit():
         return 'unknown'
 
 
-def write_atomic(path, text):
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
@@ -267,8 +260,8 @@ def main(argv=None):
                   commit=git_commit(), n_importance=args.n_importance, rule='|diff| <= 2 SE + half a unit in the '
                   'published figure\'s last digit', rows=rows)
     os.makedirs(args.out, exist_ok=True)
-    write_atomic(os.path.join(args.out, 'results.json'), json.dumps(report, indent=1) + '\n')
-    write_atomic(os.path.join(args.out, 'results.md'), markdown(report))
+    write_text(os.path.join(args.out, 'results.json'), json.dumps(report, indent=1) + '\n')
+    write_text(os.path.join(args.out, 'results.md'), markdown(report))
     print(f"\n{args.preset}: test-set negative ELBO against the published figures")
     for row in rows:
         print(describe(row))

@@ -6,7 +6,8 @@
     # per temperature wrap into a near-square block of rows of max(16, ceil(sqrt(n))) images)
     python sample.py --hps cifar10 --restore_ema_path cifar10-seed1-iter-1050000-model-ema.th \
         --mode uncond --n 16 --temperatures 1.0 0.9 0.8
-    # reconstructions of given images (files or test-set indices) keeping the first k latents
+    # reconstructions of given images (files or test-set indices) keeping the first k latents, by the
+    # one rule of pictures.py that the training grid and evaluate.py --reconstruct share (docs/evaluation.md)
     python sample.py --hps cifar10 --restore_ema_path ... --mode recon --images a.png b.png --keep 1 5 20
 
 Weights come from --restore_ema_path / --restore_path or, by default, the newest

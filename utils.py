@@ -480,6 +480,12 @@ def atomic_write(path):
             os.remove(tmp)
 
 
+def write_text(path, text):
+    """``text`` into ``path`` as UTF-8, atomically (atomic_write): JSON, markdown, stamps."""
+    with atomic_write(path) as f:
+        f.write(text.encode())
+
+
 def remove_stale_temporaries(folder):
     """Delete the ``*.tmp.PID`` files atomic_write left in ``folder`` when its process was
     killed (kill -9, power loss): those whose PID is no live process on this machine.

@@ -49,13 +49,14 @@ def test_one_reconstruction_rule_for_the_grid_sample_and_evaluate(tiny_run, tmp_
     """The training grid's reconstruction rows, sample.py --mode recon and evaluate.py
     --reconstruct draw the same pictures of the same images and k (pictures.reconstruct:
     keyed posterior noise, the rest from the prior at 0.1, seeded per picture)."""
+    import evaluate
+    import sample as sample_py
     root, save = tiny_run
-    run = ['--data_root', root, '--save_dir', save, '--desc', 'r']
-    sample(*run, '--mode', 'recon', '--split', 'valid', '--indices', '0,1', '--k', '1,3', '--out', str(tmp_path / 's.png'))
-    p = subprocess.run([sys.executable, 'evaluate.py', *run, '--reconstruct', '--split', 'valid', '--indices', '0', '1',
-                        '--keep', '1', '3', '--out_dir', str(tmp_path / 'e'), '--no_progress'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
+    run = ['--data_root', root, '--save_dir', save, '--desc', 'r', '--threads', '1']
+    sample_py.main(run + ['--mode', 'recon', '--split', 'valid', '--indices', '0,1', '--k', '1,3',
+                          '--out', str(tmp_path / 's.png')])  # in this process: no start-up of its own
+    evaluate.main(run + ['--reconstruct', '--split', 'valid', '--indices', '0', '1', '--keep', '1', '3',
+                         '--out_dir', str(tmp_path / 'e'), '--no_progress'])
     s = np.asarray(Image.open(tmp_path / 's.png'))
     e = np.asarray(Image.open(tmp_path / 'e' / 'reconstructions.png'))
     assert s.shape == e.shape == (3 * 28, 2 * 28)
@@ -64,7 +65,7 @@ def test_one_reconstruction_rule_for_the_grid_sample_and_evaluate(tiny_run, tmp_
     grid = np.asarray(Image.open(os.path.join(save, 'r', 'samples-2.png')))
     np.testing.assert_array_equal(grid[2 * 28:3 * 28, :2 * 28], s[28:2 * 28])  # k = 1
     np.testing.assert_array_equal(grid[6 * 28:7 * 28, :2 * 28], s[2 * 28:])  # k = 3
-    sample(*run, '--mode', 'grid', '--split', 'valid', '--out', str(tmp_path / 'g.png'))  # the same grid again
+    sample_py.main(run + ['--mode', 'grid', '--split', 'valid', '--out', str(tmp_path / 'g.png')])  # the grid again
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'g.png')), grid)
 
 
