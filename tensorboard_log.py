@@ -80,7 +80,8 @@ def hparams_summaries(H, metrics):
     into the run's own event file (SummaryWriter.add_hparams would make a sub-run per call).
     Values that are not numbers, strings or booleans are given as their JSON text."""
     from torch.utils.tensorboard.summary import hparams
-    values = {k: v if isinstance(v, (bool, int, float, str)) or v is None else json.dumps(v) for k, v in H.items()}
+    values = {k: v if isinstance(v, (bool, int, float, str)) or v is None else json.dumps(v, default=str)
+              for k, v in H.items()}
     return hparams(values, {m: float('nan') for m in metrics})
 
 
