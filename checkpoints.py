@@ -27,6 +27,7 @@ import torch
 
 import data
 from hps import HPARAMS_REGISTRY, NOT_RUN_KEYS, SIZED_PRESETS, UserError, apply_run_config, preset
+from tensorboard_log import FOLDER as EVENT_FOLDER
 from utils import (atomic_write, barrier, first_sentence, gather_objects, read_log, remove_stale_temporaries,
                    write_text)
 from vae import VAE, parse_layer_string
@@ -277,15 +278,23 @@ def check_recorded_checksum(path):
     return True
 
 
-def saved_run_config(path):
-    """The 'H' of the -state.th beside a checkpoint file (None where there is none)."""
+def saved_state(path):
+    """The record of the -state.th beside a checkpoint file (None where there is none, or it
+    is unreadable)."""
     _, state_path = _sibling_state(path)
     if state_path is None:
         return None
     try:
-        return safe_torch_load(state_path, 'training state').get('H')
-    except (UserError, AttributeError):
+        state = safe_torch_load(state_path, 'training state')
+    except UserError:
         return None
+    return state if isinstance(state, dict) else None
+
+
+def saved_run_config(path):
+    """The 'H' of the -state.th beside a checkpoint file (None where there is none)."""
+    state = saved_state(path)
+    return state.get('H') if state is not None else None
 
 
 # ----------------------------------------------------------------------------- loading weights, optimizer state and logs
@@ -554,10 +563,10 @@ def checkpoint_files(run_dir):
 
 
 def set_aside(run_dir):
-    """--restart: move everything in run_dir (files only) into run_dir/before-restart-TIME/,
-    so that a fresh start overwrites nothing.  Returns that folder, or None if run_dir
-    held no files."""
-    names = [f for f in os.listdir(run_dir) if os.path.isfile(os.path.join(run_dir, f))] \
+    """--restart: move everything in run_dir (files, and the TensorBoard event folder, which so
+    stays a run of its own) into run_dir/before-restart-TIME/, so that a fresh start
+    overwrites nothing.  Returns that folder, or None if run_dir held no files."""
+    names = [f for f in os.listdir(run_dir) if os.path.isfile(os.path.join(run_dir, f)) or f == EVENT_FOLDER] \
         if os.path.isdir(run_dir) else []
     if not names:
         return None
@@ -769,7 +778,8 @@ def position_in_epoch(H, dist_info, state, progress, data_id, log):
 
 def load_for_evaluation(H, ema, log):
     """Weights for --test_eval: an explicit file wins, else the EMA file of the run folder's
-    newest set whose EMA file is intact (its other files need not be)."""
+    newest set whose EMA file is intact (its other files need not be).  Returns the step of
+    that set (None for an explicit file)."""
     if H.restore_ema_path:
         restore_params(ema, H.restore_ema_path, H)
         log(f'evaluating EMA weights {H.restore_ema_path}')
@@ -784,6 +794,7 @@ def load_for_evaluation(H, ema, log):
                             f"run whose folder ({H.run_dir}) holds checkpoints")
         restore_params(ema, prefix + '-model-ema.th', H, verified=True)  # _find checked its size and CRC
         log(f'evaluating EMA weights {prefix}-model-ema.th (step {state["step"]})')
+        return state['step']
 
 
 def open_run_folder(H, dist_info, progress, found, log):

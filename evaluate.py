@@ -15,7 +15,9 @@ run's saved configuration (the 'H' of its -state.th, also beside an explicit wei
 the default for every setting: flags given on the command line win, everything else
 (architecture, data_root, ...) comes from the run.  List flags take values separated by
 spaces or commas.  Outputs go to --out_dir (default {save_dir}/{desc}), next to a log
-evaluate.jsonl/.txt; nothing else is written.  Evaluation runs in IEEE float32.
+evaluate.jsonl/.txt; nothing else is written, except that --n_importance and --kl_stats of a
+checkpoint of the run folder also add their summary figures to the run's TensorBoard events
+(tensorboard_log.py), at the checkpoint's step (not with --no_tensorboard).  Evaluation runs in IEEE float32.
 Posterior sample k of image i (its position in the split) uses noise keyed by (--seed, i, k,
 layer, element) (vae_helpers.KeyedNormal), the same as train.py's --test_eval: every
 figure is the same for any --n_batch_eval, --iw_batch, process count and device.  The
@@ -28,13 +30,14 @@ import os
 import numpy as np
 
 import data
-from checkpoints import resolve_weights, restore_params
+from checkpoints import resolve_weights, restore_params, saved_state
 from hps import (UserError, add_vae_arguments, at_least, check_in_range, check_ranges, explicit_flags,
                  Hyperparams, int_list, parse_args_and_update_hparams)
 from evaluation import block_resolutions, run_encode, run_iwae, run_kl_stats
 from pictures import REST_TEMPERATURE, run_interpolate, run_reconstruct, tile, write_image, write_kl_plot
-from utils import (atomic_write, barrier, check_writable, cleanup_distributed, configure_device, ieee_fp32, logger,
-                   progress_bar, run_main, setup_distributed, write_text)
+from tensorboard_log import event_folder, open_board
+from utils import (atomic_write, barrier, check_writable, cleanup_distributed, configure_device, ieee_fp32, is_writable,
+                   logger, progress_bar, run_main, setup_distributed, write_text)
 from vae import VAE, check_hparams, parse_layer_string
 
 MODES = ('n_importance', 'kl_stats', 'encode', 'reconstruct', 'interpolate')
@@ -187,6 +190,18 @@ def input_images(H):
 
 # ----------------------------------------------------------------------------- driver
 
+def add_to_run_events(H, dist_info, weights, values):
+    """{tag: number} into the run's TensorBoard events at the step of ``weights``, when they
+    are a checkpoint of the run folder (not weights from elsewhere) and the event folder can
+    be written (evaluation only reads the run: a read-only one gets nothing).  Rank 0."""
+    state = saved_state(weights) if os.path.abspath(os.path.dirname(weights)) == os.path.abspath(H.run_dir) else None
+    if state is None or 'step' not in state or not is_writable(event_folder(H)):
+        return
+    board = open_board(H, dist_info, state['step'], training=False)
+    board.scalars(values, state['step'])
+    board.close()
+
+
 def _write_json(obj, path):
     write_text(path, json.dumps(obj, indent=1))
 
@@ -255,6 +270,9 @@ def _dispatch(H, dist_info, model, source, images, names, weights, bar, log):
         with atomic_write(stem + '.npz') as f:
             np.savez(f, **per_image)
         log(type='iwae', **{k: v for k, v in summary.items() if k != 'mode'})
+        add_to_run_events(H, dist_info, weights, {f'iw_{H.split}/k{H.n_importance}/{k}': summary[k] for k in (
+            'iw_nll_bits_per_dim', 'iw_nll_bits_per_dim_stderr', 'elbo_bits_per_dim', 'iw_gain_nats_per_dim',
+            'mean_ess_fraction')})
         log(f'{H.split}: IW bound (K={H.n_importance}) {summary["iw_nll_nats_per_dim"]:.5f} '
             f'+- {summary["iw_nll_nats_per_dim_stderr"]:.5f} nats/dim = {summary["iw_nll_bits_per_dim"]:.5f} '
             f'+- {summary["iw_nll_bits_per_dim_stderr"]:.5f} bits/dim over {summary["n_images"]} images '
@@ -270,6 +288,10 @@ def _dispatch(H, dist_info, model, source, images, names, weights, bar, log):
         write_kl_plot(stats, stem + '.png')
         log(type='kl_stats', split=H.split, n_images=stats['n_images'], rate=stats['rate_nats_per_dim'],
             inactive_blocks=stats['inactive_blocks'], json=stats['json'])
+        add_to_run_events(H, dist_info, weights, {f'kl_stats_{H.split}/rate': stats['rate_nats_per_dim'],
+                                                  f'kl_stats_{H.split}/inactive_blocks': len(stats['inactive_blocks']),
+                                                  **{f'kl_stats_{H.split}/block_{b["index"]:02d}': b['kl_nats']
+                                                     for b in stats['blocks']}})
         log(f'{H.split}: rate {stats["rate_nats_per_dim"]:.5f} nats/dim over {stats["n_images"]} images; '
             f'{len(stats["inactive_blocks"])} of {len(stats["blocks"])} blocks below '
             f'{H.inactive_threshold:g} nats: {stats["inactive_blocks"]}')

@@ -37,10 +37,12 @@ def evaluate(H, dist_info, ema, source, desc='eval'):
     ranks), in IEEE fp32 (no TF32, see utils.ieee_fp32).  The posterior noise of image i
     is keyed by (--seed, i, layer, element) (vae_helpers.KeyedNormal), so a checkpoint gets
     the same number for any --n_batch_eval, process count and device, and the training
-    RNG stream is not touched."""
+    RNG stream is not touched.  ``kl_per_block``: the mean KL of each decoder block (nats
+    per image), summed in the same all-reduce: run_kl_stats's kl_nats for the same images."""
     ema.eval()
-    # n, elbo, distortion, rate, n_finite, finite elbo, elbo^2 (for the standard error)
-    sums = torch.zeros(7, dtype=torch.float64, device=dist_info.device)
+    # n, elbo, distortion, rate, n_finite, finite elbo, elbo^2 (for the standard error), then the KL per
+    # decoder block (nats per image; the KL that --kl_stats reports, from this same pass)
+    sums = torch.zeros(7 + len(ema.decoder.dec_blocks), dtype=torch.float64, device=dist_info.device)
     batches = eval_batches(H, dist_info, source)
     with ieee_fp32():
         for positions, x in progress_bar(batches, is_main=dist_info.is_main, off=H.no_progress, desc=desc, leave=False):
@@ -49,16 +51,18 @@ def evaluate(H, dist_info, ema, source, desc='eval'):
                 out = ema.forward_per_image(x_in, x_target)
             elbo = out['elbo'].double()
             finite = torch.isfinite(elbo)
-            sums += torch.stack([torch.full_like(elbo[0], len(elbo)), elbo.sum(), out['distortion'].double().sum(),
-                                 out['rate'].double().sum(), finite.double().sum(),
-                                 torch.where(finite, elbo, 0.).sum(), elbo.square().sum()])
-    n, elbo, distortion, rate, n_finite, finite_elbo, elbo_sq = allreduce(sums).tolist()
+            sums += torch.cat([torch.stack([torch.full_like(elbo[0], len(elbo)), elbo.sum(),
+                                            out['distortion'].double().sum(), out['rate'].double().sum(),
+                                            finite.double().sum(), torch.where(finite, elbo, 0.).sum(),
+                                            elbo.square().sum()]),
+                               out['kl_per_block'].double().sum(0)])
+    n, elbo, distortion, rate, n_finite, finite_elbo, elbo_sq, *kl = allreduce(sums).tolist()
     if n == 0:
         raise UserError(f"the evaluation split ({getattr(source, 'path', source)}) is empty")
     se = standard_error(n, elbo, elbo_sq)
     return dict(n_images=int(n), elbo=elbo / n, elbo_se=se, distortion=distortion / n, rate=rate / n,
                 elbo_bpd=elbo / n / LN2, elbo_bpd_se=se / LN2, filtered_elbo=finite_elbo / max(n_finite, 1),
-                n_nonfinite=int(n - n_finite))
+                n_nonfinite=int(n - n_finite), kl_per_block=[v / n for v in kl])
 
 
 def eval_batches(H, dist_info, source):

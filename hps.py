@@ -320,6 +320,8 @@ def add_vae_arguments(parser):
     a('--warn_skipped', type=int, default=50,
       help='warn when this many consecutive updates were skipped (grad norm >= skip_threshold)')
     a('--no_progress', action='store_true', help='no progress bars')
+    a('--no_tensorboard', action='store_true',
+      help='write no TensorBoard event files (by default training writes them to {save_dir}/{desc}/tensorboard/)')
     return parser
 
 
@@ -474,7 +476,7 @@ def parse_args_and_update_hparams(H, parser, s=None):
 # and the tools that read a run never take them from its saved configuration (apply_run_config).
 NOT_RUN_KEYS = ('desc', 'save_dir', 'run_dir', 'resume', 'restart', 'allow_changes', 'test_eval', 'restore_path',
                 'restore_ema_path', 'restore_log_path', 'restore_optimizer_path', 'port', 'dist_timeout',
-                'num_workers', 'threads', 'no_progress')
+                'num_workers', 'threads', 'no_progress', 'no_tensorboard')
 # How a process trains (device, precision, speed options) and the presets its own --hps named.  Part
 # of a run: a resume with other values logs them as changes (the numbers move).  But the tools that
 # read a run keep their own (evaluation and sampling run the EMA model eagerly, in IEEE fp32).

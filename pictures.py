@@ -126,10 +126,12 @@ def visualization_batch(H, source):
 
 def write_sample_grid(H, ema, images, device, path):
     """samples-N.png: the grid of ``images``, drawn from its own RNG stream seeded by --seed
-    (the caller's, training's, is untouched)."""
+    (the caller's, training's, is untouched).  Returns the grid (uint8 (rows*H, cols*W, C))."""
     with rng_kept(device):
         torch.manual_seed(H.seed)
-        write_image(sample_grid(H, ema, images, device), path)
+        im = sample_grid(H, ema, images, device)
+    write_image(im, path)
+    return im
 
 
 # ----------------------------------------------------------------------------- evaluate.py's picture modes

@@ -9,4 +9,4 @@ source env.sh requirements.txt
 bash setup_fashion_mnist.sh ./data
 python train.py --hps fashion_mnist_quick --data_root ./data --desc quickstart "$@"
 python train.py --hps fashion_mnist_quick --data_root ./data --desc quickstart --test_eval "$@"
-echo "outputs in ./saved_models/quickstart: log.txt, latest-*.th, samples-*.png, loss.png"
+echo "outputs in ./saved_models/quickstart: log.txt, latest-*.th, samples-*.png, loss.png, tensorboard/ (view: tensorboard --logdir saved_models)"

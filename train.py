@@ -9,7 +9,8 @@
 Everything of a run goes to {save_dir}/{desc}/: log.jsonl/log.txt, hparams.json (the first
 configuration) and hparams.jsonl (one line per start: step, changes, configuration),
 checkpoints (latest-*, previous-* and iter-N-*: -model.th, -model-ema.th, -opt.th,
--log.jsonl as released, plus -state.th for exact resume), samples-N.png and loss.png.
+-log.jsonl as released, plus -state.th for exact resume), samples-N.png, loss.png and
+TensorBoard's event files in tensorboard/ (tensorboard_log.py; not with --no_tensorboard).
 Re-running the same command continues from the newest complete checkpoint; a folder whose
 checkpoints are all damaged is refused (--restart begins afresh, keeping the old files).
 SIGTERM or Ctrl-C, to one process or the whole process group, finishes the step, writes
@@ -27,6 +28,7 @@ from checkpoints import (check_restore_paths, data_fingerprint, find_checkpoint,
                          resolve_weights, restore)
 from evaluation import evaluate
 from hps import UserError, explicit_flags, get_hparams
+from tensorboard_log import Board, check_event_folder, event_folder, open_board
 from train_loop import train_loop
 from train_step import build_models, check_cuda_graphs, make_optimizer
 from utils import (check_writable, cleanup_distributed, configure_device, is_writable, logger, print_once, run_main,
@@ -54,6 +56,7 @@ def set_up(argv=None):
             print_once(f'note: {H.run_dir} is read-only: the result is printed, not logged there', dist_info=dist_info)
     else:
         check_writable(H.run_dir, 'pass a --save_dir this process can write to')
+        check_event_folder(H)
         write = True
     # lines reach the run folder only once the start succeeded (log.commit in main)
     log = logger(os.path.join(H.run_dir, 'log'), is_main=dist_info.is_main, write=write, hold=True)
@@ -77,9 +80,10 @@ def run_config_for_test_eval(H, parser, argv):
 
 # ----------------------------------------------------------------------------- the jobs
 
-def run_test_eval(H, dist_info, splits, ema, log):
+def run_test_eval(H, dist_info, splits, ema, log, board, step):
     stats = evaluate(H, dist_info, ema, splits.test, desc='test')
     log(type='test_loss', **stats)
+    board.evaluation(step, stats, 'test')
     if dist_info.is_main:
         print(f'test elbo over {stats["n_images"]} images: {stats["elbo"]:.5f} ± {stats["elbo_se"]:.5f} nats/dim = '
               f'{stats["elbo_bpd"]:.5f} ± {stats["elbo_bpd_se"]:.5f} bits/dim (± one standard error of the mean '
@@ -89,20 +93,24 @@ def run_test_eval(H, dist_info, splits, ema, log):
 
 def main(argv=None):
     H, dist_info, log = set_up(argv)
+    board = Board()  # writes nothing until the run has started
     try:
         splits = data.load_data(H)
         model, ema = build_models(H, dist_info)
         optimizer = make_optimizer(H, model, dist_info.device)
         scaler = torch.amp.GradScaler(dist_info.device.type) if H.precision == 'fp16' else None
         if H.test_eval:
-            load_for_evaluation(H, ema, log)
+            step = load_for_evaluation(H, ema, log) or 0  # the checkpoint's step (0: a file of unknown step)
             log.commit()
-            return run_test_eval(H, dist_info, splits, ema, log)
+            if is_writable(event_folder(H)):  # evaluation only adds to the run's events: nothing purged
+                board = open_board(H, dist_info, step, training=False)
+            return run_test_eval(H, dist_info, splits, ema, log, board, step)
         data_id = data_fingerprint(splits.train)
         found = (None, None) if H.restart else find_checkpoint(H.run_dir)
         progress = restore(H, dist_info, model, ema, optimizer, scaler, log, found=found, data_id=data_id)
         progress.data = data_id
         open_run_folder(H, dist_info, progress, found, log)
+        board = open_board(H, dist_info, progress.step)  # hides the curves an earlier start drew past this step
         for k in sorted(H):
             log(type='hparam', key=k, value=H[k])
         n = model.num_params()
@@ -112,12 +120,14 @@ def main(argv=None):
             f'logs and checkpoints in {H.run_dir}')
         log('starting at epoch', progress.epoch, 'iterate', progress.step, 'eval loss', progress.best_eval)
         try:
-            train_loop(H, dist_info, splits, model, ema, optimizer, scaler, progress, log)
+            train_loop(H, dist_info, splits, model, ema, optimizer, scaler, progress, log, board)
         except Exception as e:
             e.add_note(stopped_note(H.run_dir, progress.step))  # utils.run_main prints it after the error
             raise
     finally:
         cleanup_distributed()
+        # here, not at exit: after an error a process of several ends with os._exit (utils.exit_process)
+        board.close()
 
 
 def stopped_note(run_dir, step):

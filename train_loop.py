@@ -5,7 +5,8 @@ of an epoch evaluate (the EMA model on the validation split).  Where the run sta
 small record, checkpoints.Progress, that the loop advances and every checkpoint stores.
 
     progress = checkpoints.restore(...)                      # or Progress() for a new run
-    train_loop(H, dist_info, splits, model, ema, optimizer, scaler, progress, log)
+    board = tensorboard_log.open_board(H, dist_info, progress.step)
+    train_loop(H, dist_info, splits, model, ema, optimizer, scaler, progress, log, board)
 
 A stop signal (SIGTERM, Ctrl-C) finishes the step, saves latest and returns; an error is
 raised with progress.step the step it stopped at.
@@ -212,17 +213,19 @@ def batches(loader, progress, n_batches, n_epochs):
         epoch, start = epoch + 1, 0
 
 
-def write_grid(H, dist_info, ema, images, log, step):
-    """samples-{step}.png: the grid of the EMA model after ``step`` updates (rank 0)."""
+def write_grid(H, dist_info, ema, images, log, step, board):
+    """samples-{step}.png: the grid of the EMA model after ``step`` updates (rank 0), also to
+    the run's TensorBoard."""
     path = os.path.join(H.run_dir, f'samples-{step}.png')
-    write_sample_grid(H, ema, images, dist_info.device, path)
+    board.image('samples', write_sample_grid(H, ema, images, dist_info.device, path), step)
     log(f'printing samples to {path}')
     return step
 
 
-def train_loop(H, dist_info, splits, model, ema, optimizer, scaler, progress, log):
+def train_loop(H, dist_info, splits, model, ema, optimizer, scaler, progress, log, board):
     """Train from ``progress`` (a checkpoints.Progress, advanced as the run goes) to
-    --max_iters / --num_epochs or a stop signal."""
+    --max_iters / --num_epochs or a stop signal; the print, evaluate, images and save gates
+    also write to ``board`` (tensorboard_log.Board)."""
     n_batches = data.train_batches_per_epoch(len(splits.train), H.n_batch, dist_info.world_size)
     if n_batches == 0:
         raise UserError(f"the training split has {len(splits.train)} images, fewer than one batch of "
@@ -262,21 +265,25 @@ def train_loop(H, dist_info, splits, model, ema, optimizer, scaler, progress, lo
         stop = vote.after(stop_vote)
         if print_due(H, it, steps_this_start):
             window = stats.summary()  # reads the pending steps: progress.skipped up to date
-            log(model=H.desc, type='train_loss', lr=learning_rate(H, it), epoch=epoch, step=it,
-                total_skipped=progress.skipped, **window,
-                **({'graph_replays': step.replays} if isinstance(step, GraphedStep) else {}))
+            record = dict(type='train_loss', lr=learning_rate(H, it), epoch=epoch, step=it,
+                          total_skipped=progress.skipped, **window,
+                          **({'graph_replays': step.replays} if isinstance(step, GraphedStep) else {}))
+            log(model=H.desc, **record)
+            board.train(record, H.n_batch * dist_info.world_size)
         progress.step, progress.epoch, progress.batch = it + 1, epoch, b + 1
         steps_this_start += 1
         bar.update(1)
         if dist_info.is_main and images_due(H, progress.step):
-            grid_step = write_grid(H, dist_info, ema, viz_batch, log, progress.step)
+            grid_step = write_grid(H, dist_info, ema, viz_batch, log, progress.step, board)
         done = bool(H.max_iters) and progress.step >= H.max_iters
         if (save_due(H, progress.step) or stop or done) and (stats.last_elbo_finite() or stop or done):
             log(model=H.desc, type='train_loss', epoch=epoch, step=progress.step, **stats.summary())
             save_checkpoint(H, dist_info, 'latest', *trained, log, progress)
+            board.flush()
         if checkpoint_due(H, progress.step):
             stats.read()  # progress.skipped up to date
             save_checkpoint(H, dist_info, f'iter-{progress.step}', *trained, log, progress)
+            board.flush()
         if stop or done:
             break
         if last_of_epoch:
@@ -285,11 +292,13 @@ def train_loop(H, dist_info, splits, model, ema, optimizer, scaler, progress, lo
                 ev = evaluate(H, dist_info, ema, valid, desc='valid')
                 progress.best_eval = min(progress.best_eval, ev['elbo'])
                 log(model=H.desc, type='eval_loss', epoch=epoch, step=progress.step, **ev)
+                board.evaluation(progress.step, ev, 'valid')
                 if dist_info.is_main:
                     write_loss_plot(log.jsonl_path, os.path.join(H.run_dir, 'loss.png'))
                 if epoch % H.epochs_per_eval_save == 0:
                     stats.read()
                     save_checkpoint(H, dist_info, 'latest', *trained, log, progress)
+                    board.flush()
     bar.close()
     # Close the loader's workers now, not whenever this frame is freed: a reference cycle that
     # holds a frame of this call (matplotlib makes such cycles while plotting) would keep them
@@ -306,9 +315,10 @@ def train_loop(H, dist_info, splits, model, ema, optimizer, scaler, progress, lo
             param_spread=spread)
     ev = evaluate(H, dist_info, ema, valid, desc='valid')
     log(model=H.desc, type='eval_loss', epoch=progress.epoch, step=progress.step, **ev)
+    board.evaluation(progress.step, ev, 'valid')
     if dist_info.is_main:
         if grid_step != progress.step:  # not drawn by the loop after this very update
-            write_grid(H, dist_info, ema, viz_batch, log, progress.step)
+            write_grid(H, dist_info, ema, viz_batch, log, progress.step, board)
         write_loss_plot(log.jsonl_path, os.path.join(H.run_dir, 'loss.png'))
     log(f'finished at step {progress.step}: valid elbo {ev["elbo"]:.4f} ± {ev["elbo_se"]:.4f} nats/dim = '
         f'{ev["elbo_bpd"]:.4f} ± {ev["elbo_bpd_se"]:.4f} bits/dim')

@@ -12,8 +12,8 @@ import pytest
 
 import checkpoints
 from test_reliability import _wait_for_step, args
-from test_train import (ROOT, _distributed_matches_single, _worker_pid, fmnist_root, free_port, run,  # noqa: F401
-                        single_run)
+from test_train import (ROOT, _distributed_matches_single, _worker_pid, event_scalars, fmnist_root, free_port,  # noqa: F401
+                        log_lines, run, single_run)
 
 WORKERS = ['--num_workers', '2']
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
@@ -125,6 +125,9 @@ def test_internal_error_on_one_torchrun_rank_ends_every_process(fmnist_root, tmp
     assert 'forcefully exiting' not in out, out[-3000:]
     assert rc != 0 and '[rank1]: RuntimeError: injected failure' in out, out[-3000:]
     assert 'error: another process of this run exited or stopped answering' in out, out[-3000:]
+    # rank 0 closed its event file before its os._exit: every logged window is there
+    logged = {z['step'] + 1 for z in log_lines(tmp_path / 'bug2', 'train_loss') if 'lr' in z}
+    assert logged and set(event_scalars(tmp_path / 'bug2', 'train/elbo')) == logged
 
 
 def test_full_disk_during_a_save_is_one_line_and_the_last_checkpoint_resumes(fmnist_root, tmp_path, wrapper):

@@ -53,6 +53,15 @@ def test_quick_preset_end_to_end(real_fmnist, tmp_path):
         im = Image.open(rd / name)
         im.load()
         assert im.size == (28 * H.num_images_visualize, 28 * rows) and im.mode == 'L'
+    # the TensorBoard events quickstart.sh leaves, read by TensorBoard's own reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(rd / 'tensorboard'))
+    acc.Reload()
+    windows = [z for z in map(json.loads, open(rd / 'log.jsonl')) if z.get('type') == 'train_loss' and 'lr' in z]
+    assert [(e.step, e.value) for e in acc.Scalars('train/elbo_bpd')] == \
+        [(z['step'] + 1, np.float32(z['elbo_bpd'])) for z in windows]
+    assert [e.step for e in acc.Images('samples')] == [1, 2, 3]
+    assert [(e.step, e.value) for e in acc.Scalars('test/elbo')] == [(3, np.float32(tests[0]['elbo']))] * 2
     plot = Image.open(rd / 'loss.png')
     plot.load()
     assert plot.size[0] >= 300 and plot.size[1] >= 200

@@ -1,5 +1,6 @@
 """End-to-end training on CPU: single process, torchrun and mpiexec, restore of the
 release's files, exact resume, crash safety, signals, skipped updates, bad input."""
+import glob
 import gzip
 import json
 import os
@@ -87,6 +88,16 @@ def train_losses(run_dir):
     return {z['step']: z['elbo'] for z in log_lines(run_dir, 'train_loss') if 'lr' in z}
 
 
+def event_scalars(run_dir, tag):
+    """{step: value} of a scalar tag in the run's event file, which must be the only one
+    (TensorBoard's own loader)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util.tensor_util import make_ndarray
+    stream, = glob.glob(os.path.join(run_dir, 'tensorboard', 'events.out.tfevents.*'))
+    return {e.step: make_ndarray(v.tensor).item() for e in EventFileLoader(stream).Load() for v in e.summary.value
+            if v.tag == tag}
+
+
 def state_dict(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
@@ -163,6 +174,11 @@ def _distributed_matches_single(single_run, fmnist_root, tmp_path, launcher, nam
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     la, lb = train_losses(single_run), train_losses(tmp_path / name)
     np.testing.assert_allclose([la[i] for i in range(4)], [lb[i] for i in range(4)], rtol=1e-5)
+    # one event stream (rank 0's) holding the logged, all-reduced figures: one process's with the whole batch
+    tb = event_scalars(tmp_path / name, 'train/elbo')
+    assert tb == {i + 1: np.float32(lb[i]) for i in range(4)}
+    single = event_scalars(single_run, 'train/elbo')
+    np.testing.assert_allclose([tb[i] for i in range(1, 5)], [single[i] for i in range(1, 5)], rtol=1e-5)
 
 
 def test_torchrun_two_processes_equal_one_process(single_run, fmnist_root, tmp_path):
