@@ -1,5 +1,5 @@
-"""bench.py: the --tiny run prints every column and writes the same figures as JSON;
-FLOP counting reproduces the release's flops.json."""
+"""bench.py and benchmark.py: the --tiny run prints every column and writes the same figures as
+JSON; FLOP counting reproduces the release's flops.json."""
 import json
 import os
 import subprocess
@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import bench
+import benchmark
 from conftest import ref
 from hps import HPARAMS_REGISTRY, UserError, preset
 
@@ -44,16 +45,16 @@ def test_tiny_compare_prints_every_column_and_json(tmp_path):
 
 def test_flop_count_matches_release_figures():
     want = json.load(open(ref('flops.json')))['cifar10']
-    fwd, bwd, sample = bench.count_flops(preset('cifar10'))
-    assert (fwd, bwd) == (want['forward_flops'], want['backward_flops']) == bench.RELEASE_FLOPS['cifar10']
+    fwd, bwd, sample = benchmark.count_flops(preset('cifar10'))
+    assert (fwd, bwd) == (want['forward_flops'], want['backward_flops']) == benchmark.RELEASE_FLOPS['cifar10']
     assert 0 < sample < fwd
 
 
 def test_release_presets_are_recognised():
-    assert bench.release_preset_of(preset('cifar10', n_batch=4, lr=1.0)) == 'cifar10'
-    assert bench.release_preset_of(preset('imagenet64')) == 'imagenet64'
-    assert bench.release_preset_of(preset('cifar10', width=128)) is None
-    assert bench.release_preset_of(bench.parse(['--tiny', '--device', 'cpu'])) is None
+    assert benchmark.release_preset_of(preset('cifar10', n_batch=4, lr=1.0)) == 'cifar10'
+    assert benchmark.release_preset_of(preset('imagenet64')) == 'imagenet64'
+    assert benchmark.release_preset_of(preset('cifar10', width=128)) is None
+    assert benchmark.release_preset_of(bench.parse(['--tiny', '--device', 'cpu'])) is None
 
 
 def test_tiny_excludes_hps():
@@ -109,14 +110,14 @@ def test_warm_up_covers_the_capture_of_a_graphed_step(monkeypatch, fake_cuda_gra
     H.cuda_graphs = True  # refused on the CPU by parse; its arithmetic runs there (test_graphed_step.py)
     torch.set_num_threads(1)
     at_timing = []
-    timed = bench.timed
+    timed = benchmark.timed
 
     def timed_after_warm_up(fn, n, device):
         if not at_timing:
             at_timing.append((list(fake_cuda_graphs.captures), fake_cuda_graphs.replays))
         return timed(fn, n, device)
-    monkeypatch.setattr(bench, 'timed', timed_after_warm_up)
-    out = bench.run_config(H, torch.device('cpu'), dict(forward=1, backward=1, sample=1))
+    monkeypatch.setattr(benchmark, 'timed', timed_after_warm_up)
+    out = benchmark.run_config(H, torch.device('cpu'), dict(forward=1, backward=1, sample=1))
     assert at_timing == [(['thread_local'], 2)]  # captured (its first replay) and replayed once before timing
     assert out['warmup_steps'] == 5 and fake_cuda_graphs.eager == 3
 

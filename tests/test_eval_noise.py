@@ -206,7 +206,7 @@ def test_a_keyed_draw_takes_few_operators():
     1.25 times the operators of one with the device's RNG (4.2 times before).  Counted at the
     dispatcher as bench.py counts a training step, on the meta device (no values needed).  A
     count, not a time: it cannot be noisy."""
-    from bench import count_aten_ops
+    from benchmark import count_aten_ops
     from hps import preset
     from vae import VAE
     noise = KeyedNormal(3, torch.arange(6))
