@@ -43,12 +43,9 @@ def evaluate(H, dist_info, ema, source, desc='eval'):
     # n, elbo, distortion, rate, n_finite, finite elbo, elbo^2 (for the standard error), then the KL per
     # decoder block (nats per image; the KL that --kl_stats reports, from this same pass)
     sums = torch.zeros(7 + len(ema.decoder.dec_blocks), dtype=torch.float64, device=dist_info.device)
-    batches = eval_batches(H, dist_info, source)
+    passes = keyed_passes(H, dist_info, ema, source)
     with ieee_fp32():
-        for positions, x in progress_bar(batches, is_main=dist_info.is_main, off=H.no_progress, desc=desc, leave=False):
-            x_in, x_target = data.preprocess(H, x.to(dist_info.device, non_blocking=True))
-            with ema.keyed_noise(KeyedNormal(H.seed, positions)):
-                out = ema.forward_per_image(x_in, x_target)
+        for _, out in progress_bar(passes, is_main=dist_info.is_main, off=H.no_progress, desc=desc, leave=False):
             elbo = out['elbo'].double()
             finite = torch.isfinite(elbo)
             sums += torch.cat([torch.stack([torch.full_like(elbo[0], len(elbo)), elbo.sum(),
@@ -76,6 +73,17 @@ def eval_batches(H, dist_info, source):
                               mp_context=data.worker_start_method(dist_info.launcher))
     for i, x in enumerate(loader):
         yield positions_on(shard[i * b:(i + 1) * b], dist_info.device), x
+
+
+def keyed_passes(H, dist_info, model, source, forward='forward_per_image'):
+    """(images in the batch, ``model.<forward>(x_in, x_target)``) for each batch of eval_batches,
+    the posterior noise keyed by (--seed, the images' positions) (vae_helpers.KeyedNormal): the
+    one pass of the ELBO, --kl_stats and --encode."""
+    for positions, x in eval_batches(H, dist_info, source):
+        x_in, x_target = data.preprocess(H, x.to(dist_info.device, non_blocking=True))
+        with model.keyed_noise(KeyedNormal(H.seed, positions)):
+            out = getattr(model, forward)(x_in, x_target)
+        yield len(x), out
 
 
 def positions_on(idx, device):
@@ -222,16 +230,13 @@ def run_kl_stats(H, dist_info, model, source, bar):
     ndims = H.image_size ** 2 * H.image_channels
     # n, distortion, rate, elbo, elbo^2, then kl and kl^2 per block: per-image sums
     sums = torch.zeros(5 + 2 * nb, dtype=torch.float64, device=dist_info.device)
-    for pos, x in eval_batches(H, dist_info, source):
-        x_in, x_target = data.preprocess(H, x.to(dist_info.device, non_blocking=True))
-        with model.keyed_noise(KeyedNormal(H.seed, pos)):
-            out = model.forward_per_image(x_in, x_target)
+    for n_images, out in keyed_passes(H, dist_info, model, source):
         kl = out['kl_per_block'].double()
         elbo = out['elbo'].double()
-        sums += torch.cat([torch.stack([torch.full_like(elbo[0], len(x)), out['distortion'].double().sum(),
+        sums += torch.cat([torch.stack([torch.full_like(elbo[0], n_images), out['distortion'].double().sum(),
                                         out['rate'].double().sum(), elbo.sum(), elbo.square().sum()]),
                            kl.sum(0), (kl ** 2).sum(0)])
-        bar.update(len(x))
+        bar.update(n_images)
     sums = allreduce(sums).cpu().numpy()
     if not dist_info.is_main:
         return None
@@ -291,15 +296,12 @@ def run_encode(H, dist_info, model, source, path, bar):
     per_image = []  # (B, 2 + blocks) on the device per batch: distortion, rate, kl per block
     ndims = H.image_size ** 2 * H.image_channels
     try:
-        for pos, x in eval_batches(H, dist_info, source):
-            x_in, x_target = data.preprocess(H, x.to(dist_info.device, non_blocking=True))
-            with model.keyed_noise(KeyedNormal(H.seed, pos)):
-                distortion, stats = model.forward_with_dists(x_in, x_target)
+        for n_images, (distortion, stats) in keyed_passes(H, dist_info, model, source, 'forward_with_dists'):
             for (kind, i), f in files.items():  # rows of (zdim, R, R), C order; streamed to disk
                 f.write(stats[i][_STAT_KEY[kind]].float().contiguous().cpu().numpy().tobytes())
             kl = torch.stack([s['kl'].float().sum(dim=(1, 2, 3)) for s in stats], 1)
             per_image.append(torch.cat([distortion.float()[:, None], (kl.sum(1) / ndims)[:, None], kl], 1))
-            bar.update(len(x))
+            bar.update(n_images)
     finally:
         for f in files.values():
             f.close()
