@@ -26,6 +26,7 @@ device; torch is imported where it is used, so the setup scripts' conversions
 """
 import atexit
 import collections
+import functools
 import gzip
 import mmap
 import os
@@ -411,16 +412,15 @@ SPLIT_NAMES = ('train', 'valid', 'test')
 def read_manifest(data_root):
     """The manifest of the images prepared under data_root (data_root/images/manifest.json, the
     last file a preparation writes), as a dict; a UserError naming the file and the command to run
-    when it is missing or is not one."""
-    import json
+    when it is missing or is not one.  Read once per version of the file (_parse_manifest), however
+    many times a start asks (the presets, the shape check, the loaders)."""
     path = os.path.join(data_root, IMAGES_FOLDER, MANIFEST)
     hint = f"prepare a folder of images there first: ./setup_images.sh SRC {data_root} --size N (README, " \
            "\"Train on your own images\")"
     if not os.path.isfile(path):
         raise UserError(f"{path} not found, so {data_root} holds no prepared images; {hint}")
     try:
-        with open(path, encoding='utf-8') as f:
-            m = json.load(f)
+        m, _ = _parse_manifest(path, *_version(path))
         if m.get('format') != MANIFEST_FORMAT:
             raise ValueError(f"format {m.get('format')!r}, not {MANIFEST_FORMAT!r}")
         m['image_shape'], m['bits'], m['normalization']['mean'], m['normalization']['std']  # noqa: B018 (present)
@@ -429,12 +429,27 @@ def read_manifest(data_root):
     return m
 
 
+def _version(path):
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_manifest(path, mtime_ns, size):
+    """(the manifest as a dict, the sha256 of its bytes) of this version (mtime, size) of the file:
+    one read for both.  The dict is shared by every caller: read it, never change it."""
+    import hashlib
+    import json
+    with open(path, 'rb') as f:
+        raw = f.read()
+    return json.loads(raw.decode('utf-8')), hashlib.sha256(raw).hexdigest()
+
+
 def load_images(data_root, shape):
     """Splits of the images prepared under data_root, whose manifest must say ``shape`` (size,
     channels): each split a memory-mapped .npy (storage npy) or a folder of PNGs (storage png),
     checked against the manifest's row counts.  Each source's ``origin`` is the manifest's sha256,
     so that the run's data fingerprint sees a re-prepared dataset."""
-    import hashlib
     m = read_manifest(data_root)
     folder, (h, w, c) = os.path.join(data_root, IMAGES_FOLDER), m['image_shape']
     if (h, c) != tuple(shape):
@@ -442,8 +457,8 @@ def load_images(data_root, shape):
                         f"x{shape[1]}: prepare the images again at --size {shape[0]} --channels {shape[1]} "
                         f"(./setup_images.sh SRC DATA_ROOT --size {shape[0]} into another DATA_ROOT) and pass that "
                         "--data_root, or train a model for these images")
-    with open(os.path.join(folder, MANIFEST), 'rb') as f:
-        origin = hashlib.sha256(f.read()).hexdigest()
+    manifest = os.path.join(folder, MANIFEST)
+    _, origin = _parse_manifest(manifest, *_version(manifest))  # the bytes read_manifest parsed
     hint = f"the dataset is incomplete: prepare it again with ./setup_images.sh SRC {data_root} ... --overwrite"
     sources = []
     for name in SPLIT_NAMES:
